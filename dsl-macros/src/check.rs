@@ -1,0 +1,544 @@
+//! Meaning: names, and shapes as far as the macro can see them.
+//!
+//! The macro knows the shape rules of the built-in layers (`Linear`, `LayerNorm`, activations,
+//! `Dropout`, `Flatten`, ...). It follows a symbolic shape through the layers and reports a
+//! mismatch in the user's terms. What it cannot see (a nested model, a user's own layer) it
+//! leaves to the type checker, through the generated per-layer traits of `expand.rs`, so that
+//! nothing is checked twice and nothing is missed.
+
+use crate::ast::{DimSpec, Field, Model, ShapeSpec};
+use proc_macro2::Span;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use syn::{Expr, GenericArgument, Ident, PathArguments, Type};
+
+/// Collects every error, so that one compile reports all mistakes (serde_derive's `Ctxt`).
+#[derive(Default)]
+pub struct Ctxt {
+    errors: Vec<syn::Error>,
+}
+
+impl Ctxt {
+    pub fn error(&mut self, span: Span, msg: impl fmt::Display) {
+        self.errors.push(syn::Error::new(span, msg));
+    }
+    pub fn into_result(self) -> Result<(), syn::Error> {
+        let mut it = self.errors.into_iter();
+        match it.next() {
+            None => Ok(()),
+            Some(mut first) => {
+                for e in it {
+                    first.combine(e);
+                }
+                Err(first)
+            }
+        }
+    }
+}
+
+/// A dimension as the macro sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sym {
+    /// A fixed size known now.
+    Lit(u128),
+    /// A const parameter of the model: fixed, known when the model is instantiated.
+    Param(String),
+    /// A size known only at run time (batch, sequence length).
+    Runtime(String),
+    /// Something the macro cannot evaluate (an outside constant); the compiler checks it.
+    Opaque(String),
+}
+
+impl fmt::Display for Sym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sym::Lit(n) => write!(f, "{n}"),
+            Sym::Param(s) | Sym::Runtime(s) | Sym::Opaque(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A shape as the macro sees it: all dimensions, or only the trailing ones (`[*, 128]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shp {
+    pub full: bool,
+    pub dims: Vec<Sym>,
+}
+
+/// The value of a variable or a layer output: a shape, not known, or several outputs.
+#[derive(Clone, Debug)]
+pub enum Val {
+    Known(Shp),
+    Unknown,
+    Tuple(Vec<Val>),
+}
+
+impl fmt::Display for Shp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if !self.full {
+            parts.push("*".into());
+        }
+        parts.extend(self.dims.iter().map(|d| d.to_string()));
+        write!(f, "[{}]", parts.join(", "))
+    }
+}
+
+/// Evaluates arithmetic on integer literals: `28 * 28`, `(32 - 4) / 2 + 1`.
+pub fn eval_const(e: &Expr) -> Option<u128> {
+    match e {
+        Expr::Lit(l) => match &l.lit {
+            syn::Lit::Int(i) => i.base10_parse().ok(),
+            _ => None,
+        },
+        Expr::Paren(p) => eval_const(&p.expr),
+        Expr::Group(g) => eval_const(&g.expr),
+        Expr::Block(b) if b.block.stmts.len() == 1 => match &b.block.stmts[0] {
+            syn::Stmt::Expr(e, None) => eval_const(e),
+            _ => None,
+        },
+        Expr::Binary(b) => {
+            let (l, r) = (eval_const(&b.left)?, eval_const(&b.right)?);
+            match b.op {
+                syn::BinOp::Add(_) => l.checked_add(r),
+                syn::BinOp::Sub(_) => l.checked_sub(r),
+                syn::BinOp::Mul(_) => l.checked_mul(r),
+                syn::BinOp::Div(_) => l.checked_div(r),
+                syn::BinOp::Rem(_) => l.checked_rem(r),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// What the macro learned about a model, for `expand.rs`.
+pub struct Analysis {
+    /// Per field: the layer type to build (a bare `Flatten` gets its size filled in).
+    pub layer_types: Vec<Type>,
+    /// Per field: the output shape for the summary (`None` if the macro could not tell).
+    pub outputs: Vec<Option<Shp>>,
+    /// Names of the runtime dimensions of the forward signature, in order of appearance.
+    pub runtime_dims: Vec<Ident>,
+}
+
+/// Names in scope while checking one model.
+pub struct Scope<'a> {
+    pub consts: HashSet<String>,
+    pub runtime: HashSet<String>,
+    pub fields: HashMap<String, &'a Field>,
+}
+
+impl Scope<'_> {
+    pub fn sym_of_dim(&self, d: &DimSpec) -> Sym {
+        match d {
+            DimSpec::Lit(n, _) => Sym::Lit(*n),
+            DimSpec::Ident(i) => {
+                let s = i.to_string();
+                if self.consts.contains(&s) {
+                    Sym::Param(s)
+                } else {
+                    Sym::Runtime(s)
+                }
+            }
+        }
+    }
+    pub fn shape_of(&self, s: &ShapeSpec) -> Shp {
+        Shp { full: true, dims: s.dims.iter().map(|d| self.sym_of_dim(d)).collect() }
+    }
+}
+
+/// A built-in layer, as far as its shape rule goes.
+enum Rule {
+    /// `[*, from] -> [*, to]`: Linear.
+    LastDim { from: Sym, to: Sym },
+    /// `[*, n] -> [*, n]`: LayerNorm.
+    KeepLast(Sym),
+    /// Any shape to itself: activations, dropout, residual wrappers.
+    Identity,
+    /// `[B, ...] -> [B, product]`, with the product given (`Flatten<N>`) or not (`Flatten`).
+    Flatten(Option<Sym>),
+}
+
+/// The layer's last path segment and its generic arguments as dimensions.
+fn layer_head(ty: &Type, scope: &Scope) -> Option<(String, Vec<(Sym, Span)>)> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    let mut args = Vec::new();
+    if let PathArguments::AngleBracketed(a) = &seg.arguments {
+        for arg in &a.args {
+            let span = syn::spanned::Spanned::span(arg);
+            let sym = match arg {
+                GenericArgument::Const(e) => match eval_const(e) {
+                    Some(n) => Sym::Lit(n),
+                    None => Sym::Opaque(quote::ToTokens::to_token_stream(e).to_string()),
+                },
+                GenericArgument::Type(Type::Path(tp)) if tp.path.get_ident().is_some() => {
+                    let s = tp.path.segments[0].ident.to_string();
+                    if scope.consts.contains(&s) {
+                        Sym::Param(s)
+                    } else if scope.runtime.contains(&s) {
+                        Sym::Runtime(s)
+                    } else {
+                        Sym::Opaque(s)
+                    }
+                }
+                other => Sym::Opaque(quote::ToTokens::to_token_stream(other).to_string()),
+            };
+            args.push((sym, span));
+        }
+    }
+    Some((seg.ident.to_string(), args))
+}
+
+fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<Rule> {
+    let (name, args) = layer_head(ty, scope)?;
+    for (a, span) in &args {
+        if let Sym::Runtime(r) = a {
+            cx.error(
+                *span,
+                format!(
+                    "layer `{field}`: `{r}` is a runtime size of `forward`, but layer sizes must be \
+                     fixed: use a number or a const parameter of the model"
+                ),
+            );
+            return None;
+        }
+    }
+    let arg = |i: usize| args.get(i).map(|a| a.0.clone());
+    match (name.as_str(), args.len()) {
+        ("Linear" | "LinearNoBias", 2) => Some(Rule::LastDim { from: arg(0)?, to: arg(1)? }),
+        ("LayerNorm", 1) => Some(Rule::KeepLast(arg(0)?)),
+        ("ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax", 0)
+        | ("Dropout", 1) => Some(Rule::Identity),
+        ("Flatten", 0) => Some(Rule::Flatten(None)),
+        ("Flatten", 1) => Some(Rule::Flatten(arg(0))),
+        _ => None,
+    }
+}
+
+/// Whether two dimensions are the same size for the type checker, or `None` if it is for the
+/// compiler to say (an opaque constant).
+fn same(a: &Sym, b: &Sym) -> Option<bool> {
+    match (a, b) {
+        (Sym::Opaque(_), _) | (_, Sym::Opaque(_)) => None,
+        _ => Some(a == b),
+    }
+}
+
+/// The producer of a value, for messages: "`fc1` produces" or "the input `x` is".
+pub struct Source(pub String);
+
+impl Source {
+    fn produces(&self) -> String {
+        if self.0.starts_with('`') {
+            format!("{} produces", self.0)
+        } else {
+            format!("{} is", self.0)
+        }
+    }
+}
+
+/// Applies a layer to a value: returns the output, and reports a mismatch on `span`.
+pub fn apply_layer(
+    field: &Field,
+    layer_ty: &Type,
+    input: &Val,
+    from: &Source,
+    scope: &Scope,
+    cx: &mut Ctxt,
+    span: Span,
+) -> (Val, Option<Type>) {
+    let name = field.name.to_string();
+    let Some(rule) = rule_of(layer_ty, scope, cx, &name) else {
+        return (Val::Unknown, None);
+    };
+    let input_shape = match input {
+        Val::Known(s) => Some(s.clone()),
+        Val::Tuple(_) => {
+            cx.error(span, format!("layer `{name}` takes one input, but {} several", from.produces()));
+            return (Val::Unknown, None);
+        }
+        Val::Unknown => None,
+    };
+    let mismatch = |cx: &mut Ctxt, expected: String, got: &Shp| {
+        cx.error(
+            span,
+            format!("layer `{name}` expects input `{expected}`, but {} `{got}`", from.produces()),
+        );
+    };
+    let check_last = |cx: &mut Ctxt, want: &Sym, s: &Shp| -> bool {
+        let expected = Shp { full: false, dims: vec![want.clone()] }.to_string();
+        match s.dims.last() {
+            None => {
+                mismatch(cx, expected, s);
+                false
+            }
+            Some(Sym::Runtime(r)) if !matches!(want, Sym::Runtime(_)) => {
+                cx.error(
+                    span,
+                    format!(
+                        "layer `{name}` expects input `{expected}`, but {} `{s}`: `{r}` is a \
+                         runtime size, and this layer needs it fixed; put the size (or a const \
+                         parameter) in the shape",
+                        from.produces()
+                    ),
+                );
+                false
+            }
+            Some(d) => {
+                if same(d, want) == Some(false) {
+                    mismatch(cx, expected, s);
+                    false
+                } else {
+                    true
+                }
+            }
+        }
+    };
+    match rule {
+        Rule::LastDim { from: i, to: o } => {
+            let out = match input_shape {
+                Some(mut s) => {
+                    check_last(cx, &i, &s);
+                    if let Some(last) = s.dims.last_mut() {
+                        *last = o;
+                    } else {
+                        s.dims.push(o);
+                    }
+                    s
+                }
+                None => Shp { full: false, dims: vec![o] },
+            };
+            (Val::Known(out), None)
+        }
+        Rule::KeepLast(m) => match input_shape {
+            Some(s) => {
+                check_last(cx, &m, &s);
+                (Val::Known(s), None)
+            }
+            None => (Val::Known(Shp { full: false, dims: vec![m] }), None),
+        },
+        Rule::Identity => (input.clone(), None),
+        Rule::Flatten(given) => flatten(&name, given, input_shape, from, cx, span),
+    }
+}
+
+fn flatten(
+    name: &str,
+    given: Option<Sym>,
+    input: Option<Shp>,
+    from: &Source,
+    cx: &mut Ctxt,
+    span: Span,
+) -> (Val, Option<Type>) {
+    let s = match input {
+        Some(s) if s.full && s.dims.len() >= 3 => s,
+        Some(s) if s.full => {
+            cx.error(
+                span,
+                format!(
+                    "layer `{name}` flattens `[B, d1, d2, ...]` (at least two dimensions after the \
+                     batch), but {} `{s}`",
+                    from.produces()
+                ),
+            );
+            return (Val::Unknown, None);
+        }
+        _ if given.is_some() => return (Val::Unknown, None),
+        _ => {
+            cx.error(
+                span,
+                format!(
+                    "layer `{name}`: `Flatten` needs to know the whole input shape to compute its \
+                     size; declare the input with `forward(x: [B, ...]) -> [...];` or write \
+                     `Flatten<N>`"
+                ),
+            );
+            return (Val::Unknown, None);
+        }
+    };
+    let mut product: Option<u128> = Some(1);
+    for d in &s.dims[1..] {
+        product = match (product, d) {
+            (Some(p), Sym::Lit(n)) => p.checked_mul(*n),
+            _ => None,
+        };
+    }
+    let out_dim = match (product, given) {
+        (Some(p), None) => Sym::Lit(p),
+        (Some(p), Some(Sym::Lit(n))) if n != p => {
+            cx.error(
+                span,
+                format!(
+                    "layer `{name}`: `Flatten<{n}>`, but {} `{s}`, which flattens to {p}",
+                    from.produces()
+                ),
+            );
+            Sym::Lit(n)
+        }
+        (_, Some(g)) => g,
+        (None, None) => {
+            cx.error(
+                span,
+                format!(
+                    "layer `{name}`: cannot compute the flattened size of `{s}` on stable Rust (it \
+                     involves a const parameter); write the size as `Flatten<N>`"
+                ),
+            );
+            return (Val::Unknown, None);
+        }
+    };
+    let ty = match &out_dim {
+        Sym::Lit(n) => {
+            let lit = proc_macro2::Literal::u128_unsuffixed(*n);
+            let ty: Type = syn::parse_quote_spanned!(span=> ::neural_arch::layers::Flatten<#lit>);
+            Some(ty)
+        }
+        _ => None,
+    };
+    (Val::Known(Shp { full: true, dims: vec![s.dims[0].clone(), out_dim] }), ty)
+}
+
+/// Checks the whole model; fills in what `expand.rs` needs.
+pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
+    let consts: HashSet<String> = model.consts.iter().map(|c| c.to_string()).collect();
+    let mut runtime_dims: Vec<Ident> = Vec::new();
+    if let Some(fwd) = &model.forward {
+        let mut seen = HashSet::new();
+        for shape in fwd.params.iter().map(|p| &p.1).chain(&fwd.outputs) {
+            for d in &shape.dims {
+                if let DimSpec::Ident(i) = d {
+                    let s = i.to_string();
+                    if !consts.contains(&s) && seen.insert(s) {
+                        runtime_dims.push(i.clone());
+                    }
+                }
+            }
+        }
+        for (name, _) in &fwd.params {
+            if model.fields.iter().any(|f| f.name == *name) {
+                cx.error(name.span(), format!("input `{name}` has the name of a layer; rename one"));
+            }
+        }
+        for o in fwd.outputs.iter() {
+            for d in &o.dims {
+                if let DimSpec::Ident(i) = d {
+                    let used_in_inputs = fwd.params.iter().any(|p| {
+                        p.1.dims.iter().any(|pd| matches!(pd, DimSpec::Ident(pi) if pi == i))
+                    });
+                    if !consts.contains(&i.to_string()) && !used_in_inputs {
+                        cx.error(
+                            i.span(),
+                            format!(
+                                "output size `{i}` is neither a const parameter of the model nor a \
+                                 size of an input; runtime sizes come from the inputs"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut fields = HashMap::new();
+    for f in &model.fields {
+        if fields.insert(f.name.to_string(), f).is_some() {
+            cx.error(f.name.span(), format!("duplicate layer name `{}`", f.name));
+        }
+        if let Some(n) = &f.repeat {
+            if eval_const(n) == Some(0) {
+                cx.error(f.span, format!("layer `{}` repeats its block 0 times", f.name));
+            }
+        }
+        if let Some(c) = model.consts.iter().find(|c| **c == f.name) {
+            cx.error(c.span(), format!("`{c}` names both a const parameter and a layer"));
+        }
+    }
+    if model.fields.is_empty() {
+        cx.error(model.name.span(), format!("model `{}` has no layers", model.name));
+    }
+    let scope = Scope {
+        consts,
+        runtime: runtime_dims.iter().map(|i| i.to_string()).collect(),
+        fields,
+    };
+    let mut layer_types: Vec<Type> = model.fields.iter().map(|f| f.layer.clone()).collect();
+    let mut outputs = vec![None; model.fields.len()];
+    match &model.forward {
+        Some(fwd) if fwd.body.is_some() => {
+            crate::graph::check_body(model, fwd, &scope, cx, &mut layer_types, &mut outputs);
+        }
+        _ => {
+            // A chain: each layer takes the previous one's output.
+            let mut val = match &model.forward {
+                Some(fwd) => {
+                    if fwd.params.len() != 1 || fwd.outputs.len() != 1 || fwd.tuple_output {
+                        cx.error(
+                            fwd.kw.span(),
+                            "a forward without a body runs the layers as a chain: it takes one \
+                             input and returns one output; write a body for anything else",
+                        );
+                    }
+                    Val::Known(scope.shape_of(&fwd.params[0].1))
+                }
+                None => Val::Unknown,
+            };
+            let mut source = match &model.forward {
+                Some(fwd) => Source(format!("the input `{}`", fwd.params[0].0)),
+                None => Source(String::new()),
+            };
+            for (i, f) in model.fields.iter().enumerate() {
+                let (out, ty) = chain_step(f, &val, &source, &scope, cx);
+                if let Some(ty) = ty {
+                    layer_types[i] = ty;
+                }
+                outputs[i] = match &out {
+                    Val::Known(s) => Some(s.clone()),
+                    _ => None,
+                };
+                val = out;
+                source = Source(format!("`{}`", f.name));
+            }
+            if let Some(fwd) = &model.forward {
+                check_output(&val, &scope.shape_of(&fwd.outputs[0]), fwd.outputs[0].span, &source, cx);
+            }
+        }
+    }
+    Analysis { layer_types, outputs, runtime_dims }
+}
+
+/// One layer of a chain, including `[Block; N]` repetition.
+pub fn chain_step(f: &Field, input: &Val, from: &Source, scope: &Scope, cx: &mut Ctxt) -> (Val, Option<Type>) {
+    let (out, ty) = apply_layer(f, &f.layer, input, from, scope, cx, f.span);
+    if f.repeat.is_some() {
+        if let (Val::Known(a), Val::Known(b)) = (input, &out) {
+            if a.full == b.full && a.dims.len() == b.dims.len() && a != b {
+                cx.error(
+                    f.span,
+                    format!(
+                        "layer `{}` repeats its block, so the block must keep its shape, but it \
+                         turns `{a}` into `{b}`",
+                        f.name
+                    ),
+                );
+            }
+        }
+        if ty.is_some() {
+            cx.error(f.span, "`Flatten` changes the shape, so it cannot be repeated");
+        }
+    }
+    (out, ty)
+}
+
+/// The declared output against what the layers produce.
+pub fn check_output(got: &Val, want: &Shp, span: Span, from: &Source, cx: &mut Ctxt) {
+    let Val::Known(g) = got else { return };
+    let n = g.dims.len().min(want.dims.len());
+    let tail_g = &g.dims[g.dims.len() - n..];
+    let tail_w = &want.dims[want.dims.len() - n..];
+    let rank_bad = if g.full { g.dims.len() != want.dims.len() } else { g.dims.len() > want.dims.len() };
+    let dim_bad = tail_g.iter().zip(tail_w).any(|(a, b)| same(a, b) == Some(false));
+    if rank_bad || dim_bad {
+        cx.error(span, format!("`forward` declares the output `{want}`, but {} `{g}`", from.produces()));
+    }
+}

@@ -1,0 +1,492 @@
+//! Code generation: the builder, the built struct, parameter traversal, forward passes,
+//! `PARAMS` and the summary.
+
+use crate::ast::{DimSpec, Forward, Model, ShapeSpec};
+use crate::check::{Analysis, Scope, Shp, Sym};
+use crate::graph::{emit_body, layer_trait};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::Ident;
+
+/// The name of the built struct: `Mlp` builds into `MlpModule`.
+pub fn module_name(name: &Ident) -> Ident {
+    format_ident!("{}Module", name)
+}
+
+fn camel(field: &Ident) -> Ident {
+    let s = field.to_string();
+    let mut out = String::new();
+    let mut up = true;
+    for c in s.trim_start_matches("r#").chars() {
+        if c == '_' {
+            up = true;
+        } else if up {
+            out.extend(c.to_uppercase());
+            up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    format_ident!("L{}", out, span = field.span())
+}
+
+/// `Linear < 784 , H >` -> `Linear<784, H>`, for summaries and docs.
+pub fn tidy(ty: &TokenStream) -> String {
+    ty.to_string()
+        .replace(" < ", "<")
+        .replace("< ", "<")
+        .replace(" <", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
+        .replace(" ;", ";")
+        .replace("[ ", "[")
+        .replace(" ]", "]")
+}
+
+/// A DSL shape as a dfdx shape type: `[B, 784]` -> `(B, Const<784>,)`.
+pub fn shape_type(s: &ShapeSpec, scope: &Scope) -> TokenStream {
+    let dims = s.dims.iter().map(|d| match d {
+        DimSpec::Lit(n, span) => {
+            let lit = proc_macro2::Literal::u128_unsuffixed(*n);
+            quote_spanned!(*span=> ::neural_arch::__private::Const<#lit>)
+        }
+        DimSpec::Ident(i) if scope.consts.contains(&i.to_string()) => {
+            quote_spanned!(i.span()=> ::neural_arch::__private::Const<#i>)
+        }
+        DimSpec::Ident(i) => quote!(#i),
+    });
+    quote!((#(#dims,)*))
+}
+
+/// Wraps the final value of a forward body so that a wrong output shape is reported in the
+/// DSL's words.
+pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenStream {
+    let check = |o: &ShapeSpec, v: TokenStream| {
+        let ty = shape_type(o, scope);
+        let span = o.span;
+        quote_spanned!(span=> <_ as __Output<#ty, _, _, _>>::__check(#v))
+    };
+    if fwd.tuple_output {
+        let names: Vec<Ident> = (0..fwd.outputs.len()).map(|i| format_ident!("__out{}", i)).collect();
+        let checks = fwd.outputs.iter().zip(&names).map(|(o, n)| check(o, quote!(#n)));
+        quote!({ let (#(#names,)*) = #tail; (#(#checks,)*) })
+    } else {
+        check(&fwd.outputs[0], tail)
+    }
+}
+
+fn shape_string(s: &Shp, consts: &[Ident]) -> TokenStream {
+    let mut fmt = String::from("[");
+    let mut args = Vec::new();
+    if !s.full {
+        fmt.push_str("*, ");
+    }
+    for (i, d) in s.dims.iter().enumerate() {
+        if i > 0 {
+            fmt.push_str(", ");
+        }
+        match d {
+            Sym::Param(p) => {
+                fmt.push_str("{}");
+                let id = consts.iter().find(|c| **c == p).cloned().unwrap_or_else(|| format_ident!("{}", p));
+                args.push(quote!(#id));
+            }
+            other => fmt.push_str(&other.to_string().replace('{', "{{").replace('}', "}}")),
+        }
+    }
+    fmt.push(']');
+    quote!(::neural_arch::__private::format!(#fmt #(, #args)*))
+}
+
+/// Everything for a model that passed the checks.
+pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream {
+    let Model { attrs, vis, name, consts, fields, forward } = model;
+    let module = module_name(name);
+    let p = quote!(::neural_arch::__private);
+    let layer_tys: Vec<TokenStream> = fields
+        .iter()
+        .zip(&analysis.layer_types)
+        .map(|(f, ty)| match &f.repeat {
+            Some(n) => quote!(#p::Repeated<#ty, {#n}>),
+            None => quote!(#ty),
+        })
+        .collect();
+    let field_names: Vec<&Ident> = fields.iter().map(|f| &f.name).collect();
+    let field_strs: Vec<String> = field_names.iter().map(|f| f.to_string()).collect();
+    let params: Vec<Ident> = fields.iter().map(|f| camel(&f.name)).collect();
+    let cparams = quote!(#(const #consts: usize),*);
+    let cargs = quote!(#(#consts),*);
+    let builder = quote!(#name<#cargs>);
+    let built_params = quote!(#(#p::Built<#layer_tys, __E, __Dev>),*);
+    let built = quote!(#module<#builder, #built_params>);
+
+    let field_docs = fields.iter().zip(&layer_tys).map(|(f, ty)| {
+        let docs: Vec<_> = f.attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+        if docs.is_empty() {
+            let text = format!(" Layer `{}`: `{}`.", f.name, tidy(ty));
+            quote!(#[doc = #text])
+        } else {
+            quote!(#(#docs)*)
+        }
+    });
+    let module_doc = format!(" The built form of [`{name}`]: its layers' parameters on a device.");
+
+    // Parameter traversal, in declaration order, as nested pairs (dfdx implements
+    // `ModuleFields` for small tuples only).
+    let mut visit = quote!(());
+    let mut pattern = quote!(());
+    for (f, s) in field_names.iter().zip(&field_strs).rev() {
+        visit = quote!((Self::module(#s, |s| &s.#f, |s| &mut s.#f), #visit));
+        pattern = quote!((#f, #pattern));
+    }
+
+    let summary_rows = fields.iter().zip(&layer_tys).zip(&analysis.outputs).map(|((f, ty), out)| {
+        let fname = f.name.to_string();
+        let tystr = match &f.repeat {
+            Some(n) => {
+                let inner = &f.layer;
+                format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n)))
+            }
+            None => tidy(ty),
+        };
+        let out = match out {
+            Some(s) => shape_string(s, consts),
+            None => quote!(#p::String::from("?")),
+        };
+        quote! {
+            rows.push(#p::SummaryRow {
+                depth,
+                name: #p::format!("{}{}", prefix, #fname),
+                layer: #p::String::from(#tystr),
+                output: #out,
+                params: <#ty as #p::LayerInfo>::PARAMS,
+            });
+            rows.extend(<#ty as #p::LayerInfo>::children(&#p::format!("{}{}", prefix, #fname), depth + 1));
+        }
+    });
+    let inputs_str = match forward {
+        Some(fwd) => fwd
+            .params
+            .iter()
+            .map(|(n, s)| format!("{n}: {}", scope.shape_of(s)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => String::new(),
+    };
+    let model_str = tidy(&quote!(#name<#cargs>));
+
+    let forward_impls = match forward {
+        Some(fwd) => graph_impls(model, fwd, analysis, scope, &built, &cparams),
+        None => chain_impls(model, &builder, &params, &cparams),
+    };
+    let struct_generics = quote!(__Model, #(#params),*);
+
+    quote! {
+        #(#attrs)*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #vis struct #name<#cparams>;
+
+        #[doc = #module_doc]
+        #[derive(Debug, Clone)]
+        #[allow(non_camel_case_types)]
+        #vis struct #module<#struct_generics> {
+            #( #field_docs pub #field_names: #params, )*
+            __model: ::core::marker::PhantomData<__Model>,
+        }
+
+        const _: () = {
+            impl<#cparams> #builder {
+                /// Trainable parameters of the model, computed at compile time.
+                pub const PARAMS: usize = 0 #(+ <#layer_tys as #p::LayerInfo>::PARAMS)*;
+
+                /// The layer table: names, output shapes and parameter counts.
+                pub fn summary() -> #p::Summary {
+                    #p::Summary {
+                        model: #p::String::from(#model_str),
+                        inputs: #p::String::from(#inputs_str),
+                        rows: <Self as #p::LayerInfo>::children("", 0),
+                        total_params: Self::PARAMS,
+                    }
+                }
+            }
+
+            impl<#cparams> #p::LayerInfo for #builder {
+                const PARAMS: usize = Self::PARAMS;
+                fn children(prefix: &str, depth: usize) -> #p::Vec<#p::SummaryRow> {
+                    let prefix = if prefix.is_empty() { #p::String::new() } else { #p::format!("{}.", prefix) };
+                    let mut rows = #p::Vec::new();
+                    #(#summary_rows)*
+                    rows
+                }
+            }
+
+            impl<#cparams, __E: #p::Elem, __Dev: #p::Device<__E>> #p::BuildOnDevice<__Dev, __E> for #builder
+            where
+                #( #layer_tys: #p::BuildOnDevice<__Dev, __E>, )*
+                #built: ::neural_arch::dfdx::nn::BuildModule<__Dev, __E>,
+            {
+                type Built = #built;
+            }
+
+            impl<#struct_generics, __E: #p::Dtype, __Dev: #p::Device<__E>> #p::TensorCollection<__E, __Dev>
+                for #module<#struct_generics>
+            where
+                #( #params: #p::TensorCollection<__E, __Dev>, )*
+            {
+                type To<__E2: #p::Dtype, __Dev2: #p::Device<__E2>> =
+                    #module<__Model, #(<#params as #p::TensorCollection<__E, __Dev>>::To<__E2, __Dev2>),*>;
+
+                fn iter_tensors<__V: #p::ModuleVisitor<Self, __E, __Dev>>(
+                    visitor: &mut __V,
+                ) -> ::core::result::Result<::core::option::Option<Self::To<__V::E2, __V::D2>>, __V::Err> {
+                    visitor.visit_fields(#visit, |#pattern| #module {
+                        #(#field_names,)*
+                        __model: ::core::marker::PhantomData,
+                    })
+                }
+            }
+
+            #forward_impls
+        };
+    }
+}
+
+/// A model without `forward`: the layers run in declaration order, for any input they accept.
+fn chain_impls(model: &Model, builder: &TokenStream, params: &[Ident], _cparams: &TokenStream) -> TokenStream {
+    let p = quote!(::neural_arch::__private);
+    let consts = &model.consts;
+    let module = module_name(&model.name);
+    let names: Vec<&Ident> = model.fields.iter().map(|f| &f.name).collect();
+    let mut impls = TokenStream::new();
+    for (tr, out, method, recv, call) in [
+        (quote!(#p::Module), quote!(#p::Out), quote!(try_forward), quote!(&self), quote!(try_forward)),
+        (quote!(#p::ModuleMut), quote!(#p::OutMut), quote!(try_forward_mut), quote!(&mut self), quote!(try_forward_mut)),
+    ] {
+        let mut bounds = Vec::new();
+        let mut x = quote!(__X);
+        let first = &params[0];
+        for (i, l) in params.iter().enumerate() {
+            if i == 0 {
+                bounds.push(quote!(#l: #tr<#x>));
+            } else {
+                bounds.push(quote!(#l: #tr<#x, Error = <#first as #tr<__X>>::Error>));
+            }
+            x = quote!(#out<#l, #x>);
+        }
+        let steps = names.iter().map(|n| quote!(let x = self.#n.#call(x)?;));
+        impls.extend(quote! {
+            impl<#(const #consts: usize,)* __X, #(#params),*> #tr<__X> for #module<#builder, #(#params),*>
+            where #(#bounds,)*
+            {
+                type Output = #x;
+                type Error = <#first as #tr<__X>>::Error;
+                fn #method(#recv, x: __X) -> ::core::result::Result<Self::Output, Self::Error> {
+                    #(#steps)*
+                    Ok(x)
+                }
+            }
+        });
+    }
+    impls
+}
+
+/// A model with `forward`: concrete impls for the declared input shapes, with per-layer check
+/// traits whose messages name the layer.
+fn graph_impls(
+    model: &Model,
+    fwd: &Forward,
+    analysis: &Analysis,
+    scope: &Scope,
+    built: &TokenStream,
+    cparams: &TokenStream,
+) -> TokenStream {
+    let p = quote!(::neural_arch::__private);
+    let synthesized;
+    let fwd = if fwd.body.is_some() {
+        fwd
+    } else {
+        synthesized = synthesize_chain(model, fwd);
+        &synthesized
+    };
+    let rt = &analysis.runtime_dims;
+    let in_tys: Vec<TokenStream> = fwd
+        .params
+        .iter()
+        .map(|(_, s)| {
+            let st = shape_type(s, scope);
+            quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+        })
+        .collect();
+    let in_names: Vec<&Ident> = fwd.params.iter().map(|(n, _)| n).collect();
+    let (in_ty, in_pat) = if in_tys.len() == 1 {
+        (in_tys[0].clone(), quote!(#(#in_names)*))
+    } else {
+        (quote!((#(#in_tys,)*)), quote!((#(#in_names,)*)))
+    };
+    let out_tys: Vec<TokenStream> = fwd
+        .outputs
+        .iter()
+        .map(|s| {
+            let st = shape_type(s, scope);
+            quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+        })
+        .collect();
+    let out_ty = if fwd.tuple_output { quote!((#(#out_tys,)*)) } else { out_tys[0].clone() };
+    let generics = quote!(#cparams, __E: #p::Elem, __Dev: #p::Device<__E>, #(#rt: #p::Dim,)* __Tp: #p::Tape<__E, __Dev> + ::neural_arch::dfdx::tensor::Merge<__Tp>);
+    let body = emit_body(model, fwd, analysis, scope, false);
+    let body_mut = emit_body(model, fwd, analysis, scope, true);
+
+    let traits = model.fields.iter().map(|f| {
+        let single = layer_trait(&f.name, false);
+        let tuple = layer_trait(&f.name, true);
+        let lname = f.name.to_string();
+        let inner = &f.layer;
+        let shown = match &f.repeat {
+            Some(n) => format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n))),
+            None => tidy(&quote!(#inner)),
+        };
+        let msg = format!("layer `{lname}` (`{shown}`) cannot take an input of shape `{{S}}`");
+        let label = format!("`{lname}` does not accept `{{S}}`");
+        let msg_t = format!("layer `{lname}` (`{shown}`) cannot take the inputs `{{X}}`");
+        quote! {
+            #[diagnostic::on_unimplemented(message = #msg, label = #label)]
+            #[allow(non_camel_case_types, dead_code)]
+            trait #single<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> {
+                type Out;
+                fn __call(&self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err>;
+                fn __call_mut(&mut self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err>;
+            }
+            impl<M, S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> #single<S, E, D, T> for M
+            where
+                M: #p::Module<#p::Tensor<S, E, D, T>, Error = D::Err>
+                    + #p::ModuleMut<#p::Tensor<S, E, D, T>, Error = D::Err, Output = <M as #p::Module<#p::Tensor<S, E, D, T>>>::Output>,
+            {
+                type Out = <M as #p::Module<#p::Tensor<S, E, D, T>>>::Output;
+                fn __call(&self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err> {
+                    #p::Module::try_forward(self, x)
+                }
+                fn __call_mut(&mut self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err> {
+                    #p::ModuleMut::try_forward_mut(self, x)
+                }
+            }
+            #[diagnostic::on_unimplemented(message = #msg_t)]
+            #[allow(non_camel_case_types, dead_code)]
+            trait #tuple<X, Er, A, B> {
+                type Out;
+                fn __call(&self, x: X) -> ::core::result::Result<Self::Out, Er>;
+                fn __call_mut(&mut self, x: X) -> ::core::result::Result<Self::Out, Er>;
+            }
+            impl<M, X, Er> #tuple<X, Er, (), ()> for M
+            where
+                M: #p::Module<X, Error = Er> + #p::ModuleMut<X, Error = Er, Output = <M as #p::Module<X>>::Output>,
+            {
+                type Out = <M as #p::Module<X>>::Output;
+                fn __call(&self, x: X) -> ::core::result::Result<Self::Out, Er> {
+                    #p::Module::try_forward(self, x)
+                }
+                fn __call_mut(&mut self, x: X) -> ::core::result::Result<Self::Out, Er> {
+                    #p::ModuleMut::try_forward_mut(self, x)
+                }
+            }
+        }
+    });
+
+    quote! {
+        #(#traits)*
+
+        #[diagnostic::on_unimplemented(
+            message = "element-wise `+`, `-` and `*` need tensors of the same shape, but got `{Self}` and `{S2}`",
+            label = "shapes differ"
+        )]
+        #[allow(non_camel_case_types, dead_code)]
+        trait __Elementwise<S2: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> : #p::Shape {
+            fn __add(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
+            fn __sub(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
+            fn __mul(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
+        }
+        impl<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T: #p::Tape<E, D> + ::neural_arch::dfdx::tensor::Merge<T>> __Elementwise<S, E, D, T> for S {
+            fn __add(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
+                #p::TryAdd::try_add(a, b)
+            }
+            fn __sub(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
+                #p::TrySub::try_sub(a, b)
+            }
+            fn __mul(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
+                #p::TryMul::try_mul(a, b)
+            }
+        }
+
+        #[diagnostic::on_unimplemented(
+            message = "`forward` declares an output of shape `{W}`, but the body returns `{Self}`",
+            label = "declared here"
+        )]
+        #[allow(non_camel_case_types, dead_code)]
+        trait __Output<W: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> : #p::Shape {
+            fn __check(t: #p::Tensor<Self, E, D, T>) -> #p::Tensor<W, E, D, T>;
+        }
+        impl<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> __Output<S, E, D, T> for S {
+            fn __check(t: #p::Tensor<S, E, D, T>) -> #p::Tensor<S, E, D, T> { t }
+        }
+
+        impl<#generics> #p::Module<#in_ty> for #built {
+            type Output = #out_ty;
+            type Error = #p::Err<__Dev>;
+            #[allow(unused_variables, clippy::let_and_return)]
+            fn try_forward(&self, __input: #in_ty) -> ::core::result::Result<Self::Output, Self::Error> {
+                let #in_pat = __input;
+                #body
+            }
+        }
+
+        impl<#generics> #p::ModuleMut<#in_ty> for #built {
+            type Output = #out_ty;
+            type Error = #p::Err<__Dev>;
+            #[allow(unused_variables, clippy::let_and_return)]
+            fn try_forward_mut(&mut self, __input: #in_ty) -> ::core::result::Result<Self::Output, Self::Error> {
+                let #in_pat = __input;
+                #body_mut
+            }
+        }
+    }
+}
+
+/// `forward(x: [..]) -> [..];` without a body: `{ let x = l1(x); let x = l2(x); x }`, with each
+/// call spanned on its layer's declaration.
+fn synthesize_chain(model: &Model, fwd: &Forward) -> Forward {
+    let x = &fwd.params[0].0;
+    let stmts = model.fields.iter().map(|f| {
+        let n = &f.name;
+        let span: Span = f.span;
+        let call = quote_spanned!(span=> #n(#x));
+        quote!(let #x = #call;)
+    });
+    let block: syn::Block = syn::parse_quote!({ #(#stmts)* #x });
+    Forward {
+        kw: fwd.kw.clone(),
+        params: fwd.params.clone(),
+        outputs: fwd.outputs.clone(),
+        tuple_output: fwd.tuple_output,
+        body: Some(block),
+    }
+}
+
+/// What a model with errors still defines, so that the code using it does not fail too.
+pub fn fallback(model: &Model) -> TokenStream {
+    let Model { attrs, vis, name, consts, .. } = model;
+    let p = quote!(::neural_arch::__private);
+    let docs: Vec<_> = attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+    quote! {
+        #(#docs)*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #vis struct #name<#(const #consts: usize),*>;
+        const _: () = {
+            impl<#(const #consts: usize),*> #name<#(#consts),*> {
+                /// Unknown: the declaration has errors.
+                pub const PARAMS: usize = 0;
+            }
+            impl<#(const #consts: usize,)* __E: #p::Elem, __Dev: #p::Device<__E>> #p::BuildOnDevice<__Dev, __E> for #name<#(#consts),*> {
+                type Built = #p::Fallback;
+            }
+        };
+    }
+}

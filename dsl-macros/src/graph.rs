@@ -1,0 +1,346 @@
+//! `forward` bodies: checking shapes through them, and translating them to Rust.
+//!
+//! A body is a list of `let` bindings and a final expression over: input and variable names,
+//! layer calls `name(x)` / `name(a, b)`, element-wise `+ - *`, tuples and parentheses.
+//! Tensors move in Rust; a variable used several times is handed out as a tape-less copy
+//! (`with_empty_tape`) at every use but its last, which takes the gradient tape. dfdx sorts tape
+//! operations by time when it merges them, so the gradient of every use reaches the variable.
+
+use crate::ast::{Forward, Model};
+use crate::check::{apply_layer, check_output, Analysis, Ctxt, Source, Scope, Shp, Val};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use std::collections::HashMap;
+use syn::spanned::Spanned;
+use syn::{BinOp, Expr, Pat, Stmt, Type};
+
+/// One pass over a body; the same walk checks, counts variable uses, and emits code, so that
+/// the three always agree on evaluation order.
+struct Walk<'a, 'm> {
+    scope: &'a Scope<'m>,
+    /// name -> (binding id, value)
+    vars: HashMap<String, (usize, Val)>,
+    next_id: usize,
+    /// binding id -> uses left (emit pass) or seen (count pass)
+    uses: HashMap<usize, usize>,
+    counting: bool,
+    train: bool,
+    layer_types: &'a mut Vec<Type>,
+    outputs: &'a mut Vec<Option<Shp>>,
+    field_index: HashMap<String, usize>,
+}
+
+impl Walk<'_, '_> {
+    fn bind(&mut self, name: &str, val: Val) {
+        self.vars.insert(name.to_string(), (self.next_id, val));
+        self.next_id += 1;
+    }
+
+    fn expr(&mut self, e: &Expr, cx: &mut Ctxt) -> (Val, TokenStream, Source) {
+        match e {
+            Expr::Paren(p) => self.expr(&p.expr, cx),
+            Expr::Group(g) => self.expr(&g.expr, cx),
+            Expr::Path(p) if p.path.get_ident().is_some() && p.qself.is_none() => {
+                let ident = &p.path.segments[0].ident;
+                let name = ident.to_string();
+                let Some((id, val)) = self.vars.get(&name).cloned() else {
+                    let what = if self.field_index.contains_key(&name) {
+                        format!("`{name}` is a layer: call it, `{name}(x)`")
+                    } else {
+                        format!("unknown variable `{name}`")
+                    };
+                    cx.error(ident.span(), what);
+                    return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+                };
+                let tokens = if self.counting {
+                    *self.uses.entry(id).or_default() += 1;
+                    quote!(#ident)
+                } else {
+                    let left = self.uses.entry(id).or_default();
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        quote!(#ident)
+                    } else {
+                        quote!(::neural_arch::__private::WithEmptyTape::with_empty_tape(&#ident))
+                    }
+                };
+                (val, tokens, Source(format!("`{name}`")))
+            }
+            Expr::Call(c) => self.call(c, cx),
+            Expr::Binary(b) => {
+                let (method, sym) = match b.op {
+                    BinOp::Add(_) => (format_ident!("__add"), "+"),
+                    BinOp::Sub(_) => (format_ident!("__sub"), "-"),
+                    BinOp::Mul(_) => (format_ident!("__mul"), "*"),
+                    _ => {
+                        cx.error(b.op.span(), "only `+`, `-` and `*` (element-wise) are allowed here");
+                        return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+                    }
+                };
+                let (lv, lt, ls) = self.expr(&b.left, cx);
+                let (rv, rt, rs) = self.expr(&b.right, cx);
+                let val = match (&lv, &rv) {
+                    (Val::Known(l), Val::Known(r)) => {
+                        let equal_rank = l.full && r.full && l.dims.len() != r.dims.len();
+                        let n = l.dims.len().min(r.dims.len());
+                        let differ = l.dims[l.dims.len() - n..]
+                            .iter()
+                            .zip(&r.dims[r.dims.len() - n..])
+                            .any(|(a, b)| a != b && !matches!((a, b), (crate::check::Sym::Opaque(_), _) | (_, crate::check::Sym::Opaque(_))));
+                        if equal_rank || differ {
+                            cx.error(
+                                b.op.span(),
+                                format!(
+                                    "`{sym}` needs two tensors of the same shape, but {} `{l}` and {} `{r}`",
+                                    describe(&ls), describe(&rs)
+                                ),
+                            );
+                        }
+                        if l.full { lv.clone() } else { rv.clone() }
+                    }
+                    (Val::Known(_), _) => lv.clone(),
+                    _ => rv.clone(),
+                };
+                let span = b.op.span();
+                let tokens = quote_spanned! {span=>
+                    <_ as __Elementwise<_, _, _, _>>::#method(#lt, #rt)?
+                };
+                (val, tokens, Source(format!("`{sym}`")))
+            }
+            Expr::Tuple(t) => {
+                let mut vals = Vec::new();
+                let mut toks = Vec::new();
+                for el in &t.elems {
+                    let (v, tk, _) = self.expr(el, cx);
+                    vals.push(v);
+                    toks.push(tk);
+                }
+                (Val::Tuple(vals), quote!((#(#toks,)*)), Source("the tuple".into()))
+            }
+            other => {
+                cx.error(
+                    other.span(),
+                    "a forward body may use: variables, layer calls `layer(x)`, `+`, `-`, `*`, \
+                     tuples and parentheses",
+                );
+                (Val::Unknown, quote!(unreachable!()), Source("this".into()))
+            }
+        }
+    }
+
+    fn call(&mut self, c: &syn::ExprCall, cx: &mut Ctxt) -> (Val, TokenStream, Source) {
+        let Expr::Path(p) = &*c.func else {
+            cx.error(c.func.span(), "call a layer by its name: `fc1(x)`");
+            return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+        };
+        let Some(ident) = p.path.get_ident() else {
+            cx.error(c.func.span(), "call a layer by its name: `fc1(x)`");
+            return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+        };
+        let name = ident.to_string();
+        let Some(&idx) = self.field_index.get(&name) else {
+            let mut layers: Vec<&String> = self.field_index.keys().collect();
+            layers.sort();
+            let list = layers.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ");
+            cx.error(ident.span(), format!("unknown layer `{name}`; the layers are {list}"));
+            for a in &c.args {
+                self.expr(a, cx);
+            }
+            return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+        };
+        let mut vals = Vec::new();
+        let mut toks = Vec::new();
+        let mut first_source = Source("the input".into());
+        for (i, a) in c.args.iter().enumerate() {
+            let (v, t, s) = self.expr(a, cx);
+            if i == 0 {
+                first_source = s;
+            }
+            vals.push(v);
+            toks.push(t);
+        }
+        if vals.is_empty() {
+            cx.error(c.span(), format!("layer `{name}` needs an input: `{name}(x)`"));
+            return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+        }
+        let field = self.scope.fields[&name];
+        let input = if vals.len() == 1 { vals[0].clone() } else { Val::Tuple(vals) };
+        let layer_ty = self.layer_types[idx].clone();
+        let (out, filled) = if self.counting {
+            (Val::Unknown, None)
+        } else {
+            let r = if field.repeat.is_some() {
+                crate::check::chain_step(field, &input, &first_source, self.scope, cx)
+            } else {
+                apply_layer(field, &layer_ty, &input, &first_source, self.scope, cx, ident.span())
+            };
+            r
+        };
+        if let Some(t) = filled {
+            self.layer_types[idx] = t;
+        }
+        if !self.counting {
+            if let Val::Known(s) = &out {
+                self.outputs[idx] = Some(s.clone());
+            }
+        }
+        let span = ident.span();
+        let field_ident = &field.name;
+        let arg = if toks.len() == 1 { toks.remove(0) } else { quote!((#(#toks,)*)) };
+        let trait_name = layer_trait(field_ident, toks.len() > 1 || c.args.len() > 1);
+        let tokens = if self.train {
+            quote_spanned! {span=> <_ as #trait_name<_, _, _, _>>::__call_mut(&mut self.#field_ident, #arg)? }
+        } else {
+            quote_spanned! {span=> <_ as #trait_name<_, _, _, _>>::__call(&self.#field_ident, #arg)? }
+        };
+        (out, tokens, Source(format!("`{name}`")))
+    }
+}
+
+fn describe(s: &Source) -> String {
+    if s.0.starts_with('`') && !s.0.starts_with("`+") && !s.0.starts_with("`-") && !s.0.starts_with("`*") {
+        format!("{} is", s.0)
+    } else {
+        format!("{} gives", s.0)
+    }
+}
+
+/// The name of the generated check trait of a layer (one per layer, and one for tuple inputs).
+pub fn layer_trait(field: &syn::Ident, tuple: bool) -> syn::Ident {
+    if tuple {
+        format_ident!("__LayerTuple_{}", field)
+    } else {
+        format_ident!("__Layer_{}", field)
+    }
+}
+
+fn walk_new<'a, 'm>(
+    model: &'m Model,
+    scope: &'a Scope<'m>,
+    layer_types: &'a mut Vec<Type>,
+    outputs: &'a mut Vec<Option<Shp>>,
+    counting: bool,
+    train: bool,
+) -> Walk<'a, 'm> {
+    Walk {
+        scope,
+        vars: HashMap::new(),
+        next_id: 0,
+        uses: HashMap::new(),
+        counting,
+        train,
+        layer_types,
+        outputs,
+        field_index: model.fields.iter().enumerate().map(|(i, f)| (f.name.to_string(), i)).collect(),
+    }
+}
+
+/// Runs the body: returns the emitted statements and the final expression.
+fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, TokenStream, Source, Span) {
+    for (name, shape) in &fwd.params {
+        w.bind(&name.to_string(), Val::Known(w.scope.shape_of(shape)));
+    }
+    let mut stmts = Vec::new();
+    let Some(body) = &fwd.body else {
+        return (stmts, Val::Unknown, quote!(), Source(String::new()), Span::call_site());
+    };
+    let n = body.stmts.len();
+    for (i, st) in body.stmts.iter().enumerate() {
+        match st {
+            Stmt::Local(local) => {
+                let Some(init) = &local.init else {
+                    cx.error(local.span(), "a `let` in a forward body needs a value");
+                    continue;
+                };
+                let (val, tokens, _) = w.expr(&init.expr, cx);
+                let pat = &local.pat;
+                let names: Vec<(syn::Ident, Val)> = match pat {
+                    Pat::Ident(pi) => vec![(pi.ident.clone(), val)],
+                    Pat::Tuple(t) => {
+                        let vals = match val {
+                            Val::Tuple(v) if v.len() == t.elems.len() => v,
+                            Val::Tuple(v) => {
+                                cx.error(t.span(), format!("this pattern takes {} values, but the expression gives {}", t.elems.len(), v.len()));
+                                vec![Val::Unknown; t.elems.len()]
+                            }
+                            _ => vec![Val::Unknown; t.elems.len()],
+                        };
+                        let mut out = Vec::new();
+                        for (p, v) in t.elems.iter().zip(vals) {
+                            match p {
+                                Pat::Ident(pi) => out.push((pi.ident.clone(), v)),
+                                Pat::Wild(_) => {}
+                                other => cx.error(other.span(), "bind names only: `let (a, b) = ...`"),
+                            }
+                        }
+                        out
+                    }
+                    other => {
+                        cx.error(other.span(), "bind a name or a tuple of names: `let (a, b) = ...`");
+                        Vec::new()
+                    }
+                };
+                for (ident, v) in names {
+                    if w.field_index.contains_key(&ident.to_string()) {
+                        cx.error(ident.span(), format!("`{ident}` is the name of a layer; pick another variable name"));
+                    }
+                    w.bind(&ident.to_string(), v);
+                }
+                stmts.push(quote!(let #pat = #tokens;));
+            }
+            Stmt::Expr(e, None) if i + 1 == n => {
+                let (val, tokens, src) = w.expr(e, cx);
+                return (stmts, val, tokens, src, e.span());
+            }
+            other => {
+                cx.error(other.span(), "a forward body is `let` statements and a final expression (no `;` after it)");
+            }
+        }
+    }
+    cx.error(body.brace_token.span.close(), "the forward body must end with the output expression (no `;` after it)");
+    (stmts, Val::Unknown, quote!(unreachable!()), Source(String::new()), Span::call_site())
+}
+
+/// Checks the body's shapes, reports problems, and fills in `Flatten` sizes and summary shapes.
+pub fn check_body(
+    model: &Model,
+    fwd: &Forward,
+    scope: &Scope,
+    cx: &mut Ctxt,
+    layer_types: &mut Vec<Type>,
+    outputs: &mut Vec<Option<Shp>>,
+) {
+    let mut w = walk_new(model, scope, layer_types, outputs, false, false);
+    let (_, val, _, src, span) = run(&mut w, fwd, cx);
+    let want: Vec<Shp> = fwd.outputs.iter().map(|o| scope.shape_of(o)).collect();
+    match (&val, fwd.tuple_output) {
+        (Val::Tuple(vals), true) if vals.len() == want.len() => {
+            for ((v, w), o) in vals.iter().zip(&want).zip(&fwd.outputs) {
+                check_output(v, w, o.span, &src, cx);
+            }
+        }
+        (Val::Tuple(vals), _) => cx.error(span, format!("`forward` declares {} output(s), but the body returns {}", want.len(), vals.len())),
+        (_, true) if want.len() != 1 => cx.error(span, format!("`forward` declares {} outputs, but the body returns one", want.len())),
+        (v, _) => check_output(v, &want[0], fwd.outputs[0].span, &src, cx),
+    }
+}
+
+/// Emits the body of `try_forward` (or `try_forward_mut` when `train`).
+pub fn emit_body(model: &Model, fwd: &Forward, analysis: &Analysis, scope: &Scope, train: bool) -> TokenStream {
+    let mut types = analysis.layer_types.clone();
+    let mut outs = analysis.outputs.clone();
+    // Errors were reported by `check_body`; the passes here only count and emit.
+    let mut scratch = Ctxt::default();
+    let mut counter = walk_new(model, scope, &mut types, &mut outs, true, train);
+    run(&mut counter, fwd, &mut scratch);
+    let uses = counter.uses;
+    let mut types = analysis.layer_types.clone();
+    let mut outs = analysis.outputs.clone();
+    let mut w = walk_new(model, scope, &mut types, &mut outs, false, train);
+    w.uses = uses;
+    let mut scratch = Ctxt::default();
+    let (stmts, _, tail, _, _) = run(&mut w, fwd, &mut scratch);
+    let _ = scratch.into_result();
+    let tail = crate::expand::check_outputs(fwd, scope, tail);
+    quote! { #(#stmts)* Ok(#tail) }
+}

@@ -1,0 +1,63 @@
+//! The layers that `model!` declarations are made of.
+//!
+//! Each layer is a *builder* type (a zero-sized description such as `Linear<784, 128>`) that
+//! builds, on a device and for an element type, into a dfdx module holding the parameters.
+//! Every layer implements [`LayerInfo`], which gives its compile-time parameter count.
+
+mod activation;
+mod dropout;
+mod flatten;
+mod layer_norm;
+mod linear;
+
+pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
+pub use dropout::Dropout;
+pub use flatten::Flatten;
+pub use layer_norm::{LayerNorm, LayerNormModule};
+pub use linear::{Linear, LinearNoBias};
+
+/// Dfdx's residual wrapper: `Residual<F>` computes `F(x) + x`; its parameters are keyed `0.*`.
+pub use dfdx::nn::builders::Residual;
+
+use crate::summary::SummaryRow;
+
+/// Compile-time facts about a layer builder, used by `model!` for `PARAMS` and summaries.
+pub trait LayerInfo {
+    /// Trainable parameters of one instance of the layer.
+    const PARAMS: usize;
+
+    /// Summary rows of the layer's children, named below `prefix` (empty for leaf layers).
+    fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
+        let _ = (prefix, depth);
+        Vec::new()
+    }
+}
+
+impl<L: LayerInfo> LayerInfo for Residual<L> {
+    const PARAMS: usize = L::PARAMS;
+    fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
+        L::children(&format!("{prefix}.0"), depth)
+    }
+}
+
+/// `N` identical layers run one after the other; the DSL writes it `[L; N]`.
+pub use dfdx::nn::builders::Repeated;
+
+impl<L: LayerInfo, const N: usize> LayerInfo for Repeated<L, N> {
+    const PARAMS: usize = N * L::PARAMS;
+    fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
+        // Listing all N copies would repeat the same table N times: show the first, as torchinfo
+        // does with `depth`, and let the parent row carry the total.
+        let mut rows = L::children(&format!("{prefix}.0"), depth);
+        if N > 1 {
+            rows.push(SummaryRow {
+                depth,
+                name: format!("{prefix}.1..{}", N - 1),
+                layer: format!("{} more, same as {prefix}.0", N - 1),
+                output: String::new(),
+                params: (N - 1) * L::PARAMS,
+            });
+        }
+        rows
+    }
+}
