@@ -114,7 +114,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
     let field_names: Vec<&Ident> = fields.iter().map(|f| &f.name).collect();
     let field_strs: Vec<String> = field_names.iter().map(|f| f.to_string()).collect();
     let params: Vec<Ident> = fields.iter().map(|f| camel(&f.name)).collect();
-    let cparams = quote!(#(const #consts: usize),*);
+    let cparams = quote!(#(const #consts: usize,)*);
     let cargs = quote!(#(#consts),*);
     let builder = quote!(#name<#cargs>);
     let built_params = quote!(#(#p::Built<#layer_tys, __E, __Dev>),*);
@@ -220,7 +220,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 }
             }
 
-            impl<#cparams, __E: #p::Elem, __Dev: #p::Device<__E>> #p::BuildOnDevice<__Dev, __E> for #builder
+            impl<#cparams __E: #p::Elem, __Dev: #p::Device<__E>> #p::BuildOnDevice<__Dev, __E> for #builder
             where
                 #( #layer_tys: #p::BuildOnDevice<__Dev, __E>, )*
                 #built: ::neural_arch::dfdx::nn::BuildModule<__Dev, __E>,
@@ -332,7 +332,7 @@ fn graph_impls(
         })
         .collect();
     let out_ty = if fwd.tuple_output { quote!((#(#out_tys,)*)) } else { out_tys[0].clone() };
-    let generics = quote!(#cparams, __E: #p::Elem, __Dev: #p::Device<__E>, #(#rt: #p::Dim,)* __Tp: #p::Tape<__E, __Dev> + ::neural_arch::dfdx::tensor::Merge<__Tp>);
+    let generics = quote!(#cparams __E: #p::Elem, __Dev: #p::Device<__E>, #(#rt: #p::Dim,)* __Tp: #p::Tape<__E, __Dev> + ::neural_arch::dfdx::tensor::Merge<__Tp>);
     let body = emit_body(model, fwd, analysis, scope, false);
     let body_mut = emit_body(model, fwd, analysis, scope, true);
 

@@ -1,0 +1,269 @@
+//! A `model!` network with a residual, a repeated block and a nested model: gradients against
+//! central finite differences in f64, safetensors round trip, `PARAMS`.
+
+use neural_arch::prelude::*;
+
+model! {
+    /// A pre-norm MLP block with a residual connection, written as a graph.
+    pub struct Block<const D: usize, const F: usize> {
+        ln: LayerNorm<D>,
+        up: Linear<D, F>,
+        act: GeluTanh,
+        down: Linear<F, D>,
+    }
+    forward(x: [B, T, D]) -> [B, T, D] {
+        let h = down(act(up(ln(x))));
+        x + h
+    }
+}
+
+model! {
+    /// Embedding-free toy transformer trunk: nested blocks, repeated, then a head.
+    pub struct Net<const D: usize> {
+        proj: Linear<3, D>,
+        blocks: [Block<D, 8>; 2],
+        res: Residual<Block<D, 4>>,
+        ln_f: LayerNorm<D>,
+        head: LinearNoBias<D, 2>,
+    }
+}
+
+model! {
+    /// Two inputs, two outputs, a shared layer and a merge: the shape of CLIP's two towers.
+    pub struct TwoTower {
+        img: Linear<4, 3>,
+        txt: Linear<5, 3>,
+        shared: Linear<3, 3>,
+        drop: Dropout<0>,
+    }
+    forward(a: [B, 4], b: [B, 5]) -> ([B, 3], [B, 3]) {
+        let ea = shared(img(a));
+        let eb = shared(txt(b));
+        let both = drop(ea * eb);
+        (ea + both, eb - both)
+    }
+}
+
+type Dev = Cpu;
+
+fn loss_of(net: &Built<Net<6>, f64, Dev>, x: &Tensor<Rank3<2, 3, 3>, f64, Dev>) -> f64 {
+    let y = net.forward(x.clone());
+    // A loss that depends on every output element, non-linearly.
+    let v = y.as_vec();
+    v.iter().map(|a| a * a + a).sum()
+}
+
+#[test]
+fn params_const_equals_runtime_count() {
+    let dev = Dev::default();
+    let net = dev.build_module::<Net<6>, f64>();
+    assert_eq!(Net::<6>::PARAMS, net.num_trainable_params());
+    let block = dev.build_module::<Block<6, 8>, f32>();
+    assert_eq!(Block::<6, 8>::PARAMS, block.num_trainable_params());
+    let tt = dev.build_module::<TwoTower, f32>();
+    assert_eq!(TwoTower::PARAMS, tt.num_trainable_params());
+    // By hand: proj 3·6+6, block 2·6 + 6·8+8 + 8·6+6, res block with F = 4, ln_f 12, head 12.
+    let block = |f: usize| 12 + 6 * f + f + f * 6 + 6;
+    assert_eq!(Net::<6>::PARAMS, 24 + 2 * block(8) + block(4) + 12 + 12);
+}
+
+#[test]
+fn gradients_match_central_differences() {
+    let dev = Dev::seed_from_u64(7);
+    let mut net = dev.build_module::<Net<6>, f64>();
+    let x: Tensor<Rank3<2, 3, 3>, f64, Dev> = dev.sample_normal();
+
+    let y = net.forward(x.trace(net.alloc_grads()));
+    let loss = (y.with_empty_tape().square() + y).sum::<Rank0, _>();
+    let grads = loss.backward();
+
+    // Walk every parameter tensor by name, perturb each element, compare.
+    let mut names = Vec::new();
+    let mut max_err = 0.0f64;
+    let mut checked = 0usize;
+    let params: Vec<(String, Vec<f64>, Vec<f64>)> = {
+        let mut out = Vec::new();
+        collect(&net, &grads, &mut out);
+        out
+    };
+    let eps = 1e-6;
+    for (name, values, analytic) in &params {
+        names.push(name.clone());
+        for i in 0..values.len() {
+            let mut plus = values.clone();
+            plus[i] += eps;
+            set(&mut net, name, &plus);
+            let lp = loss_of(&net, &x);
+            let mut minus = values.clone();
+            minus[i] -= eps;
+            set(&mut net, name, &minus);
+            let lm = loss_of(&net, &x);
+            set(&mut net, name, values);
+            let numeric = (lp - lm) / (2.0 * eps);
+            let err = (numeric - analytic[i]).abs();
+            max_err = max_err.max(err);
+            assert!(err <= 1e-6, "{name}[{i}]: analytic {} numeric {numeric} (|diff| {err:e})", analytic[i]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, Net::<6>::PARAMS, "every parameter was checked");
+    assert!(names.contains(&"blocks.1.up.weight".to_string()), "{names:?}");
+    assert!(names.contains(&"res.0.ln.bias".to_string()), "{names:?}");
+    eprintln!("max |analytic - numeric| over {checked} parameters: {max_err:e}");
+}
+
+/// Every parameter: dotted name, values, gradient, in dfdx's traversal order.
+fn collect(
+    net: &Built<Net<6>, f64, Dev>,
+    grads: &Gradients<f64, Dev>,
+    out: &mut Vec<(String, Vec<f64>, Vec<f64>)>,
+) {
+    let dir = tempdir();
+    let path = dir.join("all.safetensors");
+    net.save_safetensors(&path).unwrap();
+    let names = safetensor_names(&path);
+    // Gradients by name: save a model whose parameters are the gradients.
+    let mut g = net.clone();
+    copy_grads(&mut g, grads);
+    g.save_safetensors(dir.join("grads.safetensors")).unwrap();
+    let values = read_all(&path);
+    let gvalues = read_all(&dir.join("grads.safetensors"));
+    for n in names {
+        out.push((n.clone(), values[&n].clone(), gvalues[&n].clone()));
+    }
+}
+
+fn copy_grads(m: &mut Built<Net<6>, f64, Dev>, grads: &Gradients<f64, Dev>) {
+    use neural_arch::dfdx::nn::tensor_collection::{
+        RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut,
+    };
+    struct CopyGrads<'a>(&'a Gradients<f64, Dev>);
+    impl TensorVisitor<f64, Dev> for CopyGrads<'_> {
+        type Viewer = ViewTensorMut;
+        type Err = <Dev as HasErr>::Err;
+        type E2 = f64;
+        type D2 = Dev;
+        fn visit<S: Shape>(
+            &mut self,
+            _: TensorOptions<S, f64, Dev>,
+            t: &mut Tensor<S, f64, Dev>,
+        ) -> Result<Option<Tensor<S, f64, Dev>>, Self::Err> {
+            let g = self.0.get(&*t).as_vec();
+            t.copy_from(&g);
+            Ok(None)
+        }
+    }
+    <Built<Net<6>, f64, Dev> as TensorCollection<f64, Dev>>::iter_tensors(&mut RecursiveWalker {
+        m,
+        f: &mut CopyGrads(grads),
+    })
+    .unwrap();
+}
+
+fn set(net: &mut Built<Net<6>, f64, Dev>, name: &str, values: &[f64]) {
+    let dir = tempdir();
+    let path = dir.join("p.safetensors");
+    net.save_safetensors(&path).unwrap();
+    let mut all = read_all(&path);
+    all.insert(name.to_string(), values.to_vec());
+    write_all(&path, &all);
+    net.load_safetensors(&path).unwrap();
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("na-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn safetensor_names(path: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = read_all(path).keys().cloned().collect();
+    v.sort();
+    v
+}
+
+fn read_all(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let data = v.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+            (n, data)
+        })
+        .collect()
+}
+
+fn write_all(path: &std::path::Path, all: &std::collections::BTreeMap<String, Vec<f64>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    let raw: Vec<(String, Vec<u8>, Vec<usize>)> = all
+        .iter()
+        .map(|(n, v)| (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), shapes[n].clone()))
+        .collect();
+    let views: Vec<(String, ::safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, b, s)| (n.clone(), ::safetensors::tensor::TensorView::new(::safetensors::Dtype::F64, s.clone(), b).unwrap()))
+        .collect();
+    ::safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+#[test]
+fn safetensors_round_trip_uses_dotted_layer_names() {
+    let dev = Dev::seed_from_u64(1);
+    let net = dev.build_module::<Net<6>, f32>();
+    let dir = tempdir();
+    let path = dir.join("net.safetensors");
+    net.save_safetensors(&path).unwrap();
+    let keys = {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut k: Vec<String> = st.names().into_iter().cloned().collect();
+        k.sort();
+        k
+    };
+    let want = [
+        "blocks.0.down.bias", "blocks.0.down.weight", "blocks.0.ln.bias", "blocks.0.ln.weight",
+        "blocks.0.up.bias", "blocks.0.up.weight", "blocks.1.down.bias", "blocks.1.down.weight",
+        "blocks.1.ln.bias", "blocks.1.ln.weight", "blocks.1.up.bias", "blocks.1.up.weight",
+        "head.weight", "ln_f.bias", "ln_f.weight", "proj.bias", "proj.weight", "res.0.down.bias",
+        "res.0.down.weight", "res.0.ln.bias", "res.0.ln.weight", "res.0.up.bias", "res.0.up.weight",
+    ];
+    assert_eq!(keys, want);
+
+    let mut fresh = Dev::seed_from_u64(2).build_module::<Net<6>, f32>();
+    let x: Tensor<Rank3<2, 5, 3>, f32, Dev> = dev.sample_normal();
+    assert_ne!(fresh.forward(x.clone()).array(), net.forward(x.clone()).array());
+    fresh.load_safetensors(&path).unwrap();
+    assert_eq!(fresh.forward(x.clone()).array(), net.forward(x).array());
+}
+
+#[test]
+fn graph_with_two_inputs_and_outputs_backpropagates_to_every_layer() {
+    let dev = Dev::seed_from_u64(3);
+    let mut tt = dev.build_module::<TwoTower, f64>();
+    let a: Tensor<(usize, Const<4>), f64, Dev> = dev.sample_normal_like(&(5, Const));
+    let b: Tensor<(usize, Const<5>), f64, Dev> = dev.sample_normal_like(&(5, Const));
+    let grads = tt.alloc_grads();
+    let (ya, yb) = tt.forward_mut((a.trace(grads), b.retaped::<OwnedTape<f64, Dev>>()));
+    assert_eq!(ya.shape().0, 5);
+    let loss = (ya + yb).square().mean::<Rank0, _>();
+    let g = loss.backward();
+    for w in [g.get(&tt.img.weight).as_vec(), g.get(&tt.txt.weight).as_vec(), g.get(&tt.shared.weight).as_vec()] {
+        assert!(w.iter().any(|v| *v != 0.0));
+    }
+}
+
+#[test]
+fn summary_lists_layers_shapes_and_counts() {
+    let s = Block::<6, 8>::summary();
+    let text = s.to_string();
+    assert!(text.contains("up"), "{text}");
+    assert_eq!(s.rows[1].output, "[B, T, 8]", "{text}");
+    assert_eq!(s.rows[1].params, 6 * 8 + 8);
+    let n = Net::<6>::summary().to_string();
+    assert!(n.contains("blocks.0.up"), "{n}");
+    assert!(n.contains(&format!("{}", Net::<6>::PARAMS).chars().take(1).collect::<String>()));
+}
