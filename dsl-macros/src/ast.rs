@@ -26,8 +26,8 @@ pub struct Field {
     pub layer: Type,
     /// `Some(count)` for `name: [Layer; count]`.
     pub repeat: Option<Expr>,
-    /// The whole declaration `name: Layer`, for spans.
-    pub span: Span,
+    /// The whole declaration `name: Layer`, for error spans.
+    pub span: crate::check::Loc,
 }
 
 /// `forward(x: [B, 784], ...) -> [B, 10]` with an optional body.
@@ -63,8 +63,12 @@ impl Parse for Model {
         input.parse::<Token![struct]>()?;
         let name: Ident = input.parse()?;
         let generics: syn::Generics = input.parse()?;
-        if let Some(wc) = &generics.where_clause {
-            return Err(syn::Error::new_spanned(wc, "model! takes no where clause"));
+        if input.peek(Token![where]) {
+            let wc: syn::WhereClause = input.parse()?;
+            return Err(syn::Error::new_spanned(
+                wc,
+                "model! takes no where clause: its parameters are sizes, `const NAME: usize`",
+            ));
         }
         let mut consts = Vec::new();
         for p in &generics.params {
@@ -90,11 +94,22 @@ impl Parse for Model {
             }
             content.parse::<Token![,]>()?;
         }
-        let forward = if input.is_empty() { None } else { Some(input.parse::<Forward>()?) };
+        let forward = if input.is_empty() {
+            None
+        } else {
+            Some(input.parse::<Forward>()?)
+        };
         if !input.is_empty() {
             return Err(input.error("unexpected tokens after the forward declaration"));
         }
-        Ok(Model { attrs, vis, name, consts, fields, forward })
+        Ok(Model {
+            attrs,
+            vis,
+            name,
+            consts,
+            fields,
+            forward,
+        })
     }
 }
 
@@ -106,22 +121,31 @@ impl Parse for Field {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let attrs = input.call(Attribute::parse_outer)?;
         let name: Ident = input.parse()?;
-        let colon: Token![:] = input.parse()?;
+        input.parse::<Token![:]>()?;
         let ty: Type = input.parse()?;
-        let span = name.span().join(last_span(&ty)).unwrap_or_else(|| name.span());
-        let _ = colon;
+        let span = crate::check::Loc(name.span(), last_span(&ty));
         let (layer, repeat) = match ty {
             Type::Array(a) => (*a.elem, Some(a.len)),
             other => (other, None),
         };
-        Ok(Field { attrs, name, layer, repeat, span })
+        Ok(Field {
+            attrs,
+            name,
+            layer,
+            repeat,
+            span,
+        })
     }
 }
 
 /// The span of the last token of a type, so that field spans cover `name: Type<..>`.
 fn last_span(ty: &Type) -> Span {
     let tokens = quote::ToTokens::to_token_stream(ty);
-    tokens.into_iter().last().map(|t| t.span()).unwrap_or_else(Span::call_site)
+    tokens
+        .into_iter()
+        .last()
+        .map(|t| t.span())
+        .unwrap_or_else(Span::call_site)
 }
 
 impl Parse for Forward {
@@ -136,20 +160,24 @@ impl Parse for Forward {
         let content;
         parenthesized!(content in input);
         let mut params = Vec::new();
-        let list = Punctuated::<(Ident, ShapeSpec), Token![,]>::parse_terminated_with(
-            &content,
-            |p| {
+        let list =
+            Punctuated::<(Ident, ShapeSpec), Token![,]>::parse_terminated_with(&content, |p| {
                 let name: Ident = p.parse()?;
                 p.parse::<Token![:]>()?;
                 Ok((name, p.parse::<ShapeSpec>()?))
-            },
-        )?;
+            })?;
         params.extend(list);
         if params.is_empty() {
-            return Err(syn::Error::new(kw.span(), "`forward` needs at least one input"));
+            return Err(syn::Error::new(
+                kw.span(),
+                "`forward` needs at least one input",
+            ));
         }
         input.parse::<Token![->]>().map_err(|e| {
-            syn::Error::new(e.span(), "`forward` must declare its output shape: `-> [B, 10]`")
+            syn::Error::new(
+                e.span(),
+                "`forward` must declare its output shape: `-> [B, 10]`",
+            )
         })?;
         let (outputs, tuple_output) = if input.peek(syn::token::Paren) {
             let content;
@@ -165,7 +193,13 @@ impl Parse for Forward {
         } else {
             Some(input.parse::<Block>()?)
         };
-        Ok(Forward { kw, params, outputs, tuple_output, body })
+        Ok(Forward {
+            kw,
+            params,
+            outputs,
+            tuple_output,
+            body,
+        })
     }
 }
 
@@ -174,7 +208,10 @@ impl Parse for ShapeSpec {
         let content;
         let bracket = bracketed!(content in input);
         let dims = Punctuated::<DimSpec, Token![,]>::parse_terminated(&content)?;
-        Ok(ShapeSpec { dims: dims.into_iter().collect(), span: bracket.span.join() })
+        Ok(ShapeSpec {
+            dims: dims.into_iter().collect(),
+            span: bracket.span.open(),
+        })
     }
 }
 
@@ -197,7 +234,10 @@ impl Parse for DimSpec {
             };
         }
         let lit: syn::LitInt = input.parse().map_err(|e| {
-            syn::Error::new(e.span(), "a dimension is a number, a const parameter or a runtime size name")
+            syn::Error::new(
+                e.span(),
+                "a dimension is a number, a const parameter or a runtime size name",
+            )
         })?;
         Ok(DimSpec::Lit(lit.base10_parse()?, lit.span()))
     }

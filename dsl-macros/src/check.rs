@@ -16,11 +16,46 @@ use syn::{Expr, GenericArgument, Ident, PathArguments, Type};
 #[derive(Default)]
 pub struct Ctxt {
     errors: Vec<syn::Error>,
+    /// Rules on const parameters, asserted when the model is built.
+    pub checks: Vec<ConstCheck>,
+}
+
+/// Where an error points: from the first to the last token of, say, `fc2: Linear<256, 10>`.
+/// (`Span::join` is nightly-only; `syn::Error::new_spanned` keeps both ends instead.)
+#[derive(Clone, Copy)]
+pub struct Loc(pub Span, pub Span);
+
+impl From<Span> for Loc {
+    fn from(s: Span) -> Self {
+        Loc(s, s)
+    }
 }
 
 impl Ctxt {
-    pub fn error(&mut self, span: Span, msg: impl fmt::Display) {
-        self.errors.push(syn::Error::new(span, msg));
+    pub fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    pub fn error(&mut self, at: impl Into<Loc>, msg: impl fmt::Display) {
+        let Loc(start, end) = at.into();
+        let ends: proc_macro2::TokenStream = [
+            proc_macro2::TokenTree::Punct(proc_macro2::Punct::new(
+                '#',
+                proc_macro2::Spacing::Alone,
+            )),
+            proc_macro2::TokenTree::Punct(proc_macro2::Punct::new(
+                '#',
+                proc_macro2::Spacing::Alone,
+            )),
+        ]
+        .into_iter()
+        .zip([start, end])
+        .map(|(mut t, s)| {
+            t.set_span(s);
+            t
+        })
+        .collect();
+        self.errors.push(syn::Error::new_spanned(ends, msg));
     }
     pub fn into_result(self) -> Result<(), syn::Error> {
         let mut it = self.errors.into_iter();
@@ -120,6 +155,8 @@ pub struct Analysis {
     pub outputs: Vec<Option<Shp>>,
     /// Names of the runtime dimensions of the forward signature, in order of appearance.
     pub runtime_dims: Vec<Ident>,
+    /// Rules on const parameters, asserted when the model is built.
+    pub const_checks: Vec<ConstCheck>,
 }
 
 /// Names in scope while checking one model.
@@ -144,7 +181,10 @@ impl Scope<'_> {
         }
     }
     pub fn shape_of(&self, s: &ShapeSpec) -> Shp {
-        Shp { full: true, dims: s.dims.iter().map(|d| self.sym_of_dim(d)).collect() }
+        Shp {
+            full: true,
+            dims: s.dims.iter().map(|d| self.sym_of_dim(d)).collect(),
+        }
     }
 }
 
@@ -158,6 +198,17 @@ enum Rule {
     Identity,
     /// `[B, ...] -> [B, product]`, with the product given (`Flatten<N>`) or not (`Flatten`).
     Flatten(Option<Sym>),
+    /// `[*, S, M] -> [*, S, M]` for self-attention; several inputs for cross-attention.
+    Attention(Sym),
+}
+
+/// A divisibility rule the compiler must check once const parameters are known: emitted as a
+/// const assertion spanned on the layer, so the message still names it.
+pub struct ConstCheck {
+    pub span: Span,
+    pub lhs: Sym,
+    pub rhs: Sym,
+    pub message: String,
 }
 
 /// The layer's last path segment and its generic arguments as dimensions.
@@ -207,12 +258,62 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<Rule>
     }
     let arg = |i: usize| args.get(i).map(|a| a.0.clone());
     match (name.as_str(), args.len()) {
-        ("Linear" | "LinearNoBias", 2) => Some(Rule::LastDim { from: arg(0)?, to: arg(1)? }),
+        ("Linear" | "LinearNoBias", 2) => Some(Rule::LastDim {
+            from: arg(0)?,
+            to: arg(1)?,
+        }),
         ("LayerNorm", 1) => Some(Rule::KeepLast(arg(0)?)),
-        ("ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax", 0)
+        (
+            "ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax",
+            0,
+        )
         | ("Dropout", 1) => Some(Rule::Identity),
         ("Flatten", 0) => Some(Rule::Flatten(None)),
         ("Flatten", 1) => Some(Rule::Flatten(arg(0))),
+        ("MultiHeadAttention", 2 | 4) => {
+            let (m, h) = (arg(0)?, arg(1)?);
+            let k = arg(2).unwrap_or_else(|| m.clone());
+            let v = arg(3).unwrap_or_else(|| m.clone());
+            let span = args[1].1;
+            let kinds = if args.len() == 4 {
+                ["key width", "value width"]
+            } else {
+                ["width", "width"]
+            };
+            for (dim, what) in [(&k, kinds[0]), (&v, kinds[1])] {
+                let message = format!(
+                    "layer `{field}`: the number of heads `{h}` must divide the {what} `{dim}`"
+                );
+                match (dim, &h) {
+                    (_, Sym::Lit(0)) => {
+                        cx.error(span, format!("layer `{field}` needs at least one head"));
+                        return None;
+                    }
+                    (Sym::Lit(a), Sym::Lit(b)) if a % b != 0 => {
+                        cx.error(
+                            span,
+                            format!(
+                                "{message}, but {a} = {} × {b} + {}",
+                                a / (*b).max(1),
+                                a % (*b).max(1)
+                            ),
+                        );
+                        return None;
+                    }
+                    (Sym::Lit(_), Sym::Lit(_)) => {}
+                    _ => cx.checks.push(ConstCheck {
+                        span,
+                        lhs: dim.clone(),
+                        rhs: h.clone(),
+                        message,
+                    }),
+                }
+                if args.len() == 2 {
+                    break;
+                }
+            }
+            Some(Rule::Attention(m))
+        }
         _ => None,
     }
 }
@@ -230,7 +331,7 @@ fn same(a: &Sym, b: &Sym) -> Option<bool> {
 pub struct Source(pub String);
 
 impl Source {
-    fn produces(&self) -> String {
+    pub fn produces(&self) -> String {
         if self.0.starts_with('`') {
             format!("{} produces", self.0)
         } else {
@@ -247,7 +348,7 @@ pub fn apply_layer(
     from: &Source,
     scope: &Scope,
     cx: &mut Ctxt,
-    span: Span,
+    span: Loc,
 ) -> (Val, Option<Type>) {
     let name = field.name.to_string();
     let Some(rule) = rule_of(layer_ty, scope, cx, &name) else {
@@ -255,8 +356,12 @@ pub fn apply_layer(
     };
     let input_shape = match input {
         Val::Known(s) => Some(s.clone()),
-        Val::Tuple(_) => {
-            cx.error(span, format!("layer `{name}` takes one input, but {} several", from.produces()));
+        Val::Tuple(_) if matches!(rule, Rule::Attention(_)) => return (Val::Unknown, None),
+        Val::Tuple(v) => {
+            cx.error(
+                span,
+                format!("layer `{name}` takes one input, but is given {}", v.len()),
+            );
             return (Val::Unknown, None);
         }
         Val::Unknown => None,
@@ -264,11 +369,18 @@ pub fn apply_layer(
     let mismatch = |cx: &mut Ctxt, expected: String, got: &Shp| {
         cx.error(
             span,
-            format!("layer `{name}` expects input `{expected}`, but {} `{got}`", from.produces()),
+            format!(
+                "layer `{name}` expects input `{expected}`, but {} `{got}`",
+                from.produces()
+            ),
         );
     };
     let check_last = |cx: &mut Ctxt, want: &Sym, s: &Shp| -> bool {
-        let expected = Shp { full: false, dims: vec![want.clone()] }.to_string();
+        let expected = Shp {
+            full: false,
+            dims: vec![want.clone()],
+        }
+        .to_string();
         match s.dims.last() {
             None => {
                 mismatch(cx, expected, s);
@@ -308,16 +420,25 @@ pub fn apply_layer(
                     }
                     s
                 }
-                None => Shp { full: false, dims: vec![o] },
+                None => Shp {
+                    full: false,
+                    dims: vec![o],
+                },
             };
             (Val::Known(out), None)
         }
-        Rule::KeepLast(m) => match input_shape {
+        Rule::KeepLast(m) | Rule::Attention(m) => match input_shape {
             Some(s) => {
                 check_last(cx, &m, &s);
                 (Val::Known(s), None)
             }
-            None => (Val::Known(Shp { full: false, dims: vec![m] }), None),
+            None => (
+                Val::Known(Shp {
+                    full: false,
+                    dims: vec![m],
+                }),
+                None,
+            ),
         },
         Rule::Identity => (input.clone(), None),
         Rule::Flatten(given) => flatten(&name, given, input_shape, from, cx, span),
@@ -330,7 +451,7 @@ fn flatten(
     input: Option<Shp>,
     from: &Source,
     cx: &mut Ctxt,
-    span: Span,
+    span: Loc,
 ) -> (Val, Option<Type>) {
     let s = match input {
         Some(s) if s.full && s.dims.len() >= 3 => s,
@@ -375,35 +496,52 @@ fn flatten(
                     from.produces()
                 ),
             );
-            Sym::Lit(n)
+            // Neither size is a safe guess for the layers after this one.
+            return (Val::Unknown, None);
         }
         (_, Some(g)) => g,
         (None, None) => {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}`: cannot compute the flattened size of `{s}` on stable Rust (it \
-                     involves a const parameter); write the size as `Flatten<N>`"
+            let runtime = s.dims[1..].iter().find(|d| matches!(d, Sym::Runtime(_)));
+            let msg = match runtime {
+                Some(r) => format!(
+                    "layer `{name}`: `{r}` is a runtime size, but `Flatten` needs the sizes after \
+                     the batch fixed (numbers or const parameters); {} `{s}`",
+                    from.produces()
                 ),
-            );
+                None => format!(
+                    "layer `{name}`: cannot compute the flattened size of `{s}` on stable Rust \
+                     (it involves a const parameter); add a const parameter for it and write \
+                     `Flatten<N>`: the product is checked when the sizes are known"
+                ),
+            };
+            cx.error(span, msg);
             return (Val::Unknown, None);
         }
     };
     let ty = match &out_dim {
         Sym::Lit(n) => {
             let lit = proc_macro2::Literal::u128_unsuffixed(*n);
-            let ty: Type = syn::parse_quote_spanned!(span=> ::neural_arch::layers::Flatten<#lit>);
+            let sp = span.0;
+            let ty: Type = syn::parse_quote_spanned!(sp=> ::neural_arch::layers::Flatten<#lit>);
             Some(ty)
         }
         _ => None,
     };
-    (Val::Known(Shp { full: true, dims: vec![s.dims[0].clone(), out_dim] }), ty)
+    (
+        Val::Known(Shp {
+            full: true,
+            dims: vec![s.dims[0].clone(), out_dim],
+        }),
+        ty,
+    )
 }
 
 /// Checks the whole model; fills in what `expand.rs` needs.
 pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
     let consts: HashSet<String> = model.consts.iter().map(|c| c.to_string()).collect();
     let mut runtime_dims: Vec<Ident> = Vec::new();
+    // A declared output that is itself wrong is not compared with what the layers produce.
+    let mut outputs_ok = true;
     if let Some(fwd) = &model.forward {
         let mut seen = HashSet::new();
         for shape in fwd.params.iter().map(|p| &p.1).chain(&fwd.outputs) {
@@ -418,16 +556,22 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
         }
         for (name, _) in &fwd.params {
             if model.fields.iter().any(|f| f.name == *name) {
-                cx.error(name.span(), format!("input `{name}` has the name of a layer; rename one"));
+                cx.error(
+                    name.span(),
+                    format!("input `{name}` has the name of a layer; rename one"),
+                );
             }
         }
         for o in fwd.outputs.iter() {
             for d in &o.dims {
                 if let DimSpec::Ident(i) = d {
                     let used_in_inputs = fwd.params.iter().any(|p| {
-                        p.1.dims.iter().any(|pd| matches!(pd, DimSpec::Ident(pi) if pi == i))
+                        p.1.dims
+                            .iter()
+                            .any(|pd| matches!(pd, DimSpec::Ident(pi) if pi == i))
                     });
                     if !consts.contains(&i.to_string()) && !used_in_inputs {
+                        outputs_ok = false;
                         cx.error(
                             i.span(),
                             format!(
@@ -447,15 +591,24 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
         }
         if let Some(n) = &f.repeat {
             if eval_const(n) == Some(0) {
-                cx.error(f.span, format!("layer `{}` repeats its block 0 times", f.name));
+                cx.error(
+                    f.span,
+                    format!("layer `{}` repeats its block 0 times", f.name),
+                );
             }
         }
         if let Some(c) = model.consts.iter().find(|c| **c == f.name) {
-            cx.error(c.span(), format!("`{c}` names both a const parameter and a layer"));
+            cx.error(
+                c.span(),
+                format!("`{c}` names both a const parameter and a layer"),
+            );
         }
     }
     if model.fields.is_empty() {
-        cx.error(model.name.span(), format!("model `{}` has no layers", model.name));
+        cx.error(
+            model.name.span(),
+            format!("model `{}` has no layers", model.name),
+        );
     }
     let scope = Scope {
         consts,
@@ -466,7 +619,15 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
     let mut outputs = vec![None; model.fields.len()];
     match &model.forward {
         Some(fwd) if fwd.body.is_some() => {
-            crate::graph::check_body(model, fwd, &scope, cx, &mut layer_types, &mut outputs);
+            crate::graph::check_body(
+                model,
+                fwd,
+                &scope,
+                cx,
+                &mut layer_types,
+                &mut outputs,
+                outputs_ok,
+            );
         }
         _ => {
             // A chain: each layer takes the previous one's output.
@@ -499,33 +660,65 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
                 val = out;
                 source = Source(format!("`{}`", f.name));
             }
-            if let Some(fwd) = &model.forward {
-                check_output(&val, &scope.shape_of(&fwd.outputs[0]), fwd.outputs[0].span, &source, cx);
-            }
-        }
-    }
-    Analysis { layer_types, outputs, runtime_dims }
-}
-
-/// One layer of a chain, including `[Block; N]` repetition.
-pub fn chain_step(f: &Field, input: &Val, from: &Source, scope: &Scope, cx: &mut Ctxt) -> (Val, Option<Type>) {
-    let (out, ty) = apply_layer(f, &f.layer, input, from, scope, cx, f.span);
-    if f.repeat.is_some() {
-        if let (Val::Known(a), Val::Known(b)) = (input, &out) {
-            if a.full == b.full && a.dims.len() == b.dims.len() && a != b {
-                cx.error(
-                    f.span,
-                    format!(
-                        "layer `{}` repeats its block, so the block must keep its shape, but it \
-                         turns `{a}` into `{b}`",
-                        f.name
-                    ),
+            if let (Some(fwd), true) = (&model.forward, outputs_ok) {
+                check_output(
+                    &val,
+                    &scope.shape_of(&fwd.outputs[0]),
+                    fwd.outputs[0].span,
+                    &source,
+                    cx,
                 );
             }
         }
-        if ty.is_some() {
-            cx.error(f.span, "`Flatten` changes the shape, so it cannot be repeated");
-        }
+    }
+    Analysis {
+        layer_types,
+        outputs,
+        runtime_dims,
+        const_checks: std::mem::take(&mut cx.checks),
+    }
+}
+
+/// One layer of a chain, including `[Block; N]` repetition.
+pub fn chain_step(
+    f: &Field,
+    input: &Val,
+    from: &Source,
+    scope: &Scope,
+    cx: &mut Ctxt,
+) -> (Val, Option<Type>) {
+    let before = cx.error_count();
+    let (out, ty) = apply_layer(f, &f.layer, input, from, scope, cx, f.span);
+    // A block that did not take its input is reported once, not again as a shape change.
+    if f.repeat.is_none() || cx.error_count() > before {
+        return (out, ty);
+    }
+    if ty.is_some() {
+        cx.error(
+            f.span,
+            "`Flatten` changes the shape, so it cannot be repeated",
+        );
+        return (out, ty);
+    }
+    // The second copy takes the first one's output: if that does not fit, the block does not
+    // keep its shape (this also covers inputs the macro cannot see).
+    let mut scratch = Ctxt::default();
+    let (again, _) = apply_layer(f, &f.layer, &out, from, scope, &mut scratch, f.span);
+    let changes = scratch.into_result().is_err()
+        || matches!((&out, &again), (Val::Known(a), Val::Known(b)) if a != b);
+    if changes {
+        let msg = match (input, &out) {
+            (Val::Known(a), Val::Known(b)) => format!("but it turns `{a}` into `{b}`"),
+            (_, Val::Known(b)) => format!("but it produces `{b}`, which the next copy cannot take"),
+            _ => "but its output does not fit its own input".to_string(),
+        };
+        cx.error(
+            f.span,
+            format!(
+                "layer `{}` repeats its block, so the block must keep its shape, {msg}",
+                f.name
+            ),
+        );
     }
     (out, ty)
 }
@@ -536,9 +729,22 @@ pub fn check_output(got: &Val, want: &Shp, span: Span, from: &Source, cx: &mut C
     let n = g.dims.len().min(want.dims.len());
     let tail_g = &g.dims[g.dims.len() - n..];
     let tail_w = &want.dims[want.dims.len() - n..];
-    let rank_bad = if g.full { g.dims.len() != want.dims.len() } else { g.dims.len() > want.dims.len() };
-    let dim_bad = tail_g.iter().zip(tail_w).any(|(a, b)| same(a, b) == Some(false));
+    let rank_bad = if g.full {
+        g.dims.len() != want.dims.len()
+    } else {
+        g.dims.len() > want.dims.len()
+    };
+    let dim_bad = tail_g
+        .iter()
+        .zip(tail_w)
+        .any(|(a, b)| same(a, b) == Some(false));
     if rank_bad || dim_bad {
-        cx.error(span, format!("`forward` declares the output `{want}`, but {} `{g}`", from.produces()));
+        cx.error(
+            span,
+            format!(
+                "`forward` declares the output `{want}`, but {} `{g}`",
+                from.produces()
+            ),
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::ast::{DimSpec, Forward, Model, ShapeSpec};
 use crate::check::{Analysis, Scope, Shp, Sym};
-use crate::graph::{emit_body, layer_trait};
+use crate::graph::emit_body;
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::Ident;
@@ -43,6 +43,37 @@ pub fn tidy(ty: &TokenStream) -> String {
         .replace(" ]", "]")
 }
 
+/// A `format!` expression for a declared type, with the const parameters' values filled in:
+/// `Linear<64, H>` prints as `Linear<64, 128>` in the summary of `Mlp<128>`.
+fn with_values(text: &str, consts: &[Ident]) -> TokenStream {
+    let mut fmt = String::new();
+    let mut args = Vec::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, fmt: &mut String, args: &mut Vec<Ident>| {
+        if let Some(c) = consts.iter().find(|c| **c == word.as_str()) {
+            fmt.push_str("{}");
+            args.push(c.clone());
+        } else {
+            fmt.push_str(word);
+        }
+        word.clear();
+    };
+    for ch in text.chars() {
+        if ch.is_alphanumeric() || ch == '_' {
+            word.push(ch);
+            continue;
+        }
+        flush(&mut word, &mut fmt, &mut args);
+        match ch {
+            '{' => fmt.push_str("{{"),
+            '}' => fmt.push_str("}}"),
+            c => fmt.push(c),
+        }
+    }
+    flush(&mut word, &mut fmt, &mut args);
+    quote!(::neural_arch::__private::format!(#fmt #(, #args)*))
+}
+
 /// A DSL shape as a dfdx shape type: `[B, 784]` -> `(B, Const<784>,)`.
 pub fn shape_type(s: &ShapeSpec, scope: &Scope) -> TokenStream {
     let dims = s.dims.iter().map(|d| match d {
@@ -58,17 +89,43 @@ pub fn shape_type(s: &ShapeSpec, scope: &Scope) -> TokenStream {
     quote!((#(#dims,)*))
 }
 
+/// The same tokens, all spanned at `span`, so that an error on the expression points there.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let proc_macro2::TokenTree::Group(g) = &t {
+                let mut ng = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                ng.set_span(span);
+                t = proc_macro2::TokenTree::Group(ng);
+            } else {
+                t.set_span(span);
+            }
+            t
+        })
+        .collect()
+}
+
 /// Wraps the final value of a forward body so that a wrong output shape is reported in the
 /// DSL's words.
 pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenStream {
     let check = |o: &ShapeSpec, v: TokenStream| {
-        let ty = shape_type(o, scope);
+        let ty = respan(shape_type(o, scope), o.span);
         let span = o.span;
-        quote_spanned!(span=> <_ as __Output<#ty, _, _, _>>::__check(#v))
+        quote_spanned!(span=> {
+            let __value = #v;
+            ::neural_arch::__private::declared_output::<#ty, _, _, _, _>(__value)
+        })
     };
     if fwd.tuple_output {
-        let names: Vec<Ident> = (0..fwd.outputs.len()).map(|i| format_ident!("__out{}", i)).collect();
-        let checks = fwd.outputs.iter().zip(&names).map(|(o, n)| check(o, quote!(#n)));
+        let names: Vec<Ident> = (0..fwd.outputs.len())
+            .map(|i| format_ident!("__out{}", i))
+            .collect();
+        let checks = fwd
+            .outputs
+            .iter()
+            .zip(&names)
+            .map(|(o, n)| check(o, quote!(#n)));
         quote!({ let (#(#names,)*) = #tail; (#(#checks,)*) })
     } else {
         check(&fwd.outputs[0], tail)
@@ -88,7 +145,11 @@ fn shape_string(s: &Shp, consts: &[Ident]) -> TokenStream {
         match d {
             Sym::Param(p) => {
                 fmt.push_str("{}");
-                let id = consts.iter().find(|c| **c == p).cloned().unwrap_or_else(|| format_ident!("{}", p));
+                let id = consts
+                    .iter()
+                    .find(|c| **c == p)
+                    .cloned()
+                    .unwrap_or_else(|| format_ident!("{}", p));
                 args.push(quote!(#id));
             }
             other => fmt.push_str(&other.to_string().replace('{', "{{").replace('}', "}}")),
@@ -100,7 +161,14 @@ fn shape_string(s: &Shp, consts: &[Ident]) -> TokenStream {
 
 /// Everything for a model that passed the checks.
 pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream {
-    let Model { attrs, vis, name, consts, fields, forward } = model;
+    let Model {
+        attrs,
+        vis,
+        name,
+        consts,
+        fields,
+        forward,
+    } = model;
     let module = module_name(name);
     let p = quote!(::neural_arch::__private);
     let layer_tys: Vec<TokenStream> = fields
@@ -121,7 +189,11 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
     let built = quote!(#module<#builder, #built_params>);
 
     let field_docs = fields.iter().zip(&layer_tys).map(|(f, ty)| {
-        let docs: Vec<_> = f.attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+        let docs: Vec<_> = f
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("doc"))
+            .collect();
         if docs.is_empty() {
             let text = format!(" Layer `{}`: `{}`.", f.name, tidy(ty));
             quote!(#[doc = #text])
@@ -142,13 +214,13 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
 
     let summary_rows = fields.iter().zip(&layer_tys).zip(&analysis.outputs).map(|((f, ty), out)| {
         let fname = f.name.to_string();
-        let tystr = match &f.repeat {
+        let tystr = with_values(&match &f.repeat {
             Some(n) => {
                 let inner = &f.layer;
                 format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n)))
             }
             None => tidy(ty),
-        };
+        }, consts);
         let out = match out {
             Some(s) => shape_string(s, consts),
             None => quote!(#p::String::from("?")),
@@ -157,7 +229,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
             rows.push(#p::SummaryRow {
                 depth,
                 name: #p::format!("{}{}", prefix, #fname),
-                layer: #p::String::from(#tystr),
+                layer: #tystr,
                 output: #out,
                 params: <#ty as #p::LayerInfo>::PARAMS,
             });
@@ -173,7 +245,23 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
             .join(", "),
         None => String::new(),
     };
-    let model_str = tidy(&quote!(#name<#cargs>));
+    let model_str = with_values(&tidy(&quote!(#name<#cargs>)), consts);
+    let const_checks = analysis.const_checks.iter().map(|c| {
+        let dim = |s: &Sym| match s {
+            Sym::Lit(n) => {
+                let l = proc_macro2::Literal::u128_unsuffixed(*n);
+                quote!(#l)
+            }
+            other => {
+                let i = format_ident!("{}", other.to_string());
+                quote!(#i)
+            }
+        };
+        let (l, r) = (dim(&c.lhs), dim(&c.rhs));
+        let msg = &c.message;
+        let span = c.span;
+        quote_spanned!(span=> ::core::assert!(#r != 0 && #l % #r == 0, #msg);)
+    });
 
     let forward_impls = match forward {
         Some(fwd) => graph_impls(model, fwd, analysis, scope, &built, &cparams),
@@ -199,10 +287,13 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 /// Trainable parameters of the model, computed at compile time.
                 pub const PARAMS: usize = 0 #(+ <#layer_tys as #p::LayerInfo>::PARAMS)*;
 
+                #[doc(hidden)]
+                const __CONST_CHECKS: () = { #(#const_checks)* };
+
                 /// The layer table: names, output shapes and parameter counts.
                 pub fn summary() -> #p::Summary {
                     #p::Summary {
-                        model: #p::String::from(#model_str),
+                        model: #model_str,
                         inputs: #p::String::from(#inputs_str),
                         rows: <Self as #p::LayerInfo>::children("", 0),
                         total_params: Self::PARAMS,
@@ -226,6 +317,11 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 #built: ::neural_arch::dfdx::nn::BuildModule<__Dev, __E>,
             {
                 type Built = #built;
+                fn try_build_on_device(device: &__Dev) -> ::core::result::Result<Self::Built, <__Dev as ::neural_arch::dfdx::tensor::HasErr>::Err> {
+                    #[allow(clippy::let_unit_value)]
+                    let () = Self::__CONST_CHECKS;
+                    <Self::Built as ::neural_arch::dfdx::nn::BuildModule<__Dev, __E>>::try_build(device)
+                }
             }
 
             impl<#struct_generics, __E: #p::Dtype, __Dev: #p::Device<__E>> #p::TensorCollection<__E, __Dev>
@@ -252,15 +348,32 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
 }
 
 /// A model without `forward`: the layers run in declaration order, for any input they accept.
-fn chain_impls(model: &Model, builder: &TokenStream, params: &[Ident], _cparams: &TokenStream) -> TokenStream {
+fn chain_impls(
+    model: &Model,
+    builder: &TokenStream,
+    params: &[Ident],
+    _cparams: &TokenStream,
+) -> TokenStream {
     let p = quote!(::neural_arch::__private);
     let consts = &model.consts;
     let module = module_name(&model.name);
     let names: Vec<&Ident> = model.fields.iter().map(|f| &f.name).collect();
     let mut impls = TokenStream::new();
     for (tr, out, method, recv, call) in [
-        (quote!(#p::Module), quote!(#p::Out), quote!(try_forward), quote!(&self), quote!(try_forward)),
-        (quote!(#p::ModuleMut), quote!(#p::OutMut), quote!(try_forward_mut), quote!(&mut self), quote!(try_forward_mut)),
+        (
+            quote!(#p::Module),
+            quote!(#p::Out),
+            quote!(try_forward),
+            quote!(&self),
+            quote!(try_forward),
+        ),
+        (
+            quote!(#p::ModuleMut),
+            quote!(#p::OutMut),
+            quote!(try_forward_mut),
+            quote!(&mut self),
+            quote!(try_forward_mut),
+        ),
     ] {
         let mut bounds = Vec::new();
         let mut x = quote!(__X);
@@ -275,6 +388,7 @@ fn chain_impls(model: &Model, builder: &TokenStream, params: &[Ident], _cparams:
         }
         let steps = names.iter().map(|n| quote!(let x = self.#n.#call(x)?;));
         impls.extend(quote! {
+            #[diagnostic::do_not_recommend]
             impl<#(const #consts: usize,)* __X, #(#params),*> #tr<__X> for #module<#builder, #(#params),*>
             where #(#bounds,)*
             {
@@ -331,102 +445,17 @@ fn graph_impls(
             quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
         })
         .collect();
-    let out_ty = if fwd.tuple_output { quote!((#(#out_tys,)*)) } else { out_tys[0].clone() };
+    let out_ty = if fwd.tuple_output {
+        quote!((#(#out_tys,)*))
+    } else {
+        out_tys[0].clone()
+    };
     let generics = quote!(#cparams __E: #p::Elem, __Dev: #p::Device<__E>, #(#rt: #p::Dim,)* __Tp: #p::Tape<__E, __Dev> + ::neural_arch::dfdx::tensor::Merge<__Tp>);
-    let body = emit_body(model, fwd, analysis, scope, false);
-    let body_mut = emit_body(model, fwd, analysis, scope, true);
-
-    let traits = model.fields.iter().map(|f| {
-        let single = layer_trait(&f.name, false);
-        let tuple = layer_trait(&f.name, true);
-        let lname = f.name.to_string();
-        let inner = &f.layer;
-        let shown = match &f.repeat {
-            Some(n) => format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n))),
-            None => tidy(&quote!(#inner)),
-        };
-        let msg = format!("layer `{lname}` (`{shown}`) cannot take an input of shape `{{S}}`");
-        let label = format!("`{lname}` does not accept `{{S}}`");
-        let msg_t = format!("layer `{lname}` (`{shown}`) cannot take the inputs `{{X}}`");
-        quote! {
-            #[diagnostic::on_unimplemented(message = #msg, label = #label)]
-            #[allow(non_camel_case_types, dead_code)]
-            trait #single<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> {
-                type Out;
-                fn __call(&self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err>;
-                fn __call_mut(&mut self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err>;
-            }
-            impl<M, S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> #single<S, E, D, T> for M
-            where
-                M: #p::Module<#p::Tensor<S, E, D, T>, Error = D::Err>
-                    + #p::ModuleMut<#p::Tensor<S, E, D, T>, Error = D::Err, Output = <M as #p::Module<#p::Tensor<S, E, D, T>>>::Output>,
-            {
-                type Out = <M as #p::Module<#p::Tensor<S, E, D, T>>>::Output;
-                fn __call(&self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err> {
-                    #p::Module::try_forward(self, x)
-                }
-                fn __call_mut(&mut self, x: #p::Tensor<S, E, D, T>) -> ::core::result::Result<Self::Out, D::Err> {
-                    #p::ModuleMut::try_forward_mut(self, x)
-                }
-            }
-            #[diagnostic::on_unimplemented(message = #msg_t)]
-            #[allow(non_camel_case_types, dead_code)]
-            trait #tuple<X, Er, A, B> {
-                type Out;
-                fn __call(&self, x: X) -> ::core::result::Result<Self::Out, Er>;
-                fn __call_mut(&mut self, x: X) -> ::core::result::Result<Self::Out, Er>;
-            }
-            impl<M, X, Er> #tuple<X, Er, (), ()> for M
-            where
-                M: #p::Module<X, Error = Er> + #p::ModuleMut<X, Error = Er, Output = <M as #p::Module<X>>::Output>,
-            {
-                type Out = <M as #p::Module<X>>::Output;
-                fn __call(&self, x: X) -> ::core::result::Result<Self::Out, Er> {
-                    #p::Module::try_forward(self, x)
-                }
-                fn __call_mut(&mut self, x: X) -> ::core::result::Result<Self::Out, Er> {
-                    #p::ModuleMut::try_forward_mut(self, x)
-                }
-            }
-        }
-    });
+    let (body, traits) = emit_body(model, fwd, analysis, scope, false);
+    let (body_mut, _) = emit_body(model, fwd, analysis, scope, true);
 
     quote! {
         #(#traits)*
-
-        #[diagnostic::on_unimplemented(
-            message = "element-wise `+`, `-` and `*` need tensors of the same shape, but got `{Self}` and `{S2}`",
-            label = "shapes differ"
-        )]
-        #[allow(non_camel_case_types, dead_code)]
-        trait __Elementwise<S2: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> : #p::Shape {
-            fn __add(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
-            fn __sub(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
-            fn __mul(a: #p::Tensor<Self, E, D, T>, b: #p::Tensor<S2, E, D, T>) -> ::core::result::Result<#p::Tensor<Self, E, D, T>, D::Err>;
-        }
-        impl<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T: #p::Tape<E, D> + ::neural_arch::dfdx::tensor::Merge<T>> __Elementwise<S, E, D, T> for S {
-            fn __add(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
-                #p::TryAdd::try_add(a, b)
-            }
-            fn __sub(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
-                #p::TrySub::try_sub(a, b)
-            }
-            fn __mul(a: #p::Tensor<S, E, D, T>, b: #p::Tensor<S, E, D, T>) -> ::core::result::Result<#p::Tensor<S, E, D, T>, D::Err> {
-                #p::TryMul::try_mul(a, b)
-            }
-        }
-
-        #[diagnostic::on_unimplemented(
-            message = "`forward` declares an output of shape `{W}`, but the body returns `{Self}`",
-            label = "declared here"
-        )]
-        #[allow(non_camel_case_types, dead_code)]
-        trait __Output<W: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> : #p::Shape {
-            fn __check(t: #p::Tensor<Self, E, D, T>) -> #p::Tensor<W, E, D, T>;
-        }
-        impl<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T> __Output<S, E, D, T> for S {
-            fn __check(t: #p::Tensor<S, E, D, T>) -> #p::Tensor<S, E, D, T> { t }
-        }
 
         impl<#generics> #p::Module<#in_ty> for #built {
             type Output = #out_ty;
@@ -456,7 +485,7 @@ fn synthesize_chain(model: &Model, fwd: &Forward) -> Forward {
     let x = &fwd.params[0].0;
     let stmts = model.fields.iter().map(|f| {
         let n = &f.name;
-        let span: Span = f.span;
+        let span: Span = f.span.0;
         let call = quote_spanned!(span=> #n(#x));
         quote!(let #x = #call;)
     });
@@ -472,7 +501,13 @@ fn synthesize_chain(model: &Model, fwd: &Forward) -> Forward {
 
 /// What a model with errors still defines, so that the code using it does not fail too.
 pub fn fallback(model: &Model) -> TokenStream {
-    let Model { attrs, vis, name, consts, .. } = model;
+    let Model {
+        attrs,
+        vis,
+        name,
+        consts,
+        ..
+    } = model;
     let p = quote!(::neural_arch::__private);
     let docs: Vec<_> = attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
     quote! {

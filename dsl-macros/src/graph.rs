@@ -6,8 +6,9 @@
 //! (`with_empty_tape`) at every use but its last, which takes the gradient tape. dfdx sorts tape
 //! operations by time when it merges them, so the gradient of every use reaches the variable.
 
-use crate::ast::{Forward, Model};
-use crate::check::{apply_layer, check_output, Analysis, Ctxt, Source, Scope, Shp, Val};
+use crate::ast::{Field, Forward, Model};
+use crate::check::{apply_layer, check_output, Analysis, Ctxt, Scope, Shp, Source, Val};
+use crate::expand::tidy;
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use std::collections::HashMap;
@@ -19,7 +20,8 @@ use syn::{BinOp, Expr, Pat, Stmt, Type};
 struct Walk<'a, 'm> {
     scope: &'a Scope<'m>,
     /// name -> (binding id, value)
-    vars: HashMap<String, (usize, Val)>,
+    /// name -> (binding id, value, what produced it)
+    vars: HashMap<String, (usize, Val, String)>,
     next_id: usize,
     /// binding id -> uses left (emit pass) or seen (count pass)
     uses: HashMap<usize, usize>,
@@ -28,11 +30,18 @@ struct Walk<'a, 'm> {
     layer_types: &'a mut Vec<Type>,
     outputs: &'a mut Vec<Option<Shp>>,
     field_index: HashMap<String, usize>,
+    /// Layer calls so far: each gets its own check trait.
+    calls: usize,
+    /// What produced each element of the last tuple built, for messages about outputs.
+    tuple_sources: Vec<Source>,
+    /// The check traits (emitted by the inference pass only).
+    traits: Vec<TokenStream>,
 }
 
 impl Walk<'_, '_> {
-    fn bind(&mut self, name: &str, val: Val) {
-        self.vars.insert(name.to_string(), (self.next_id, val));
+    fn bind(&mut self, name: &str, val: Val, source: String) {
+        self.vars
+            .insert(name.to_string(), (self.next_id, val, source));
         self.next_id += 1;
     }
 
@@ -43,14 +52,18 @@ impl Walk<'_, '_> {
             Expr::Path(p) if p.path.get_ident().is_some() && p.qself.is_none() => {
                 let ident = &p.path.segments[0].ident;
                 let name = ident.to_string();
-                let Some((id, val)) = self.vars.get(&name).cloned() else {
+                let Some((id, val, source)) = self.vars.get(&name).cloned() else {
                     let what = if self.field_index.contains_key(&name) {
                         format!("`{name}` is a layer: call it, `{name}(x)`")
                     } else {
                         format!("unknown variable `{name}`")
                     };
                     cx.error(ident.span(), what);
-                    return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+                    return (
+                        Val::Unknown,
+                        TokenStream::new(),
+                        Source(format!("`{name}`")),
+                    );
                 };
                 let tokens = if self.counting {
                     *self.uses.entry(id).or_default() += 1;
@@ -64,17 +77,20 @@ impl Walk<'_, '_> {
                         quote!(::neural_arch::__private::WithEmptyTape::with_empty_tape(&#ident))
                     }
                 };
-                (val, tokens, Source(format!("`{name}`")))
+                (val, tokens, Source(source))
             }
             Expr::Call(c) => self.call(c, cx),
             Expr::Binary(b) => {
                 let (method, sym) = match b.op {
-                    BinOp::Add(_) => (format_ident!("__add"), "+"),
-                    BinOp::Sub(_) => (format_ident!("__sub"), "-"),
-                    BinOp::Mul(_) => (format_ident!("__mul"), "*"),
+                    BinOp::Add(_) => (format_ident!("add"), "+"),
+                    BinOp::Sub(_) => (format_ident!("sub"), "-"),
+                    BinOp::Mul(_) => (format_ident!("mul"), "*"),
                     _ => {
-                        cx.error(b.op.span(), "only `+`, `-` and `*` (element-wise) are allowed here");
-                        return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+                        cx.error(
+                            b.op.span(),
+                            "only `+`, `-` and `*` (element-wise) are allowed here",
+                        );
+                        return (Val::Unknown, TokenStream::new(), Source("this".into()));
                     }
                 };
                 let (lv, lt, ls) = self.expr(&b.left, cx);
@@ -86,36 +102,59 @@ impl Walk<'_, '_> {
                         let differ = l.dims[l.dims.len() - n..]
                             .iter()
                             .zip(&r.dims[r.dims.len() - n..])
-                            .any(|(a, b)| a != b && !matches!((a, b), (crate::check::Sym::Opaque(_), _) | (_, crate::check::Sym::Opaque(_))));
+                            .any(|(a, b)| {
+                                a != b
+                                    && !matches!(
+                                        (a, b),
+                                        (crate::check::Sym::Opaque(_), _)
+                                            | (_, crate::check::Sym::Opaque(_))
+                                    )
+                            });
                         if equal_rank || differ {
                             cx.error(
                                 b.op.span(),
                                 format!(
                                     "`{sym}` needs two tensors of the same shape, but {} `{l}` and {} `{r}`",
-                                    describe(&ls), describe(&rs)
+                                    ls.produces(), rs.produces()
                                 ),
                             );
                         }
-                        if l.full { lv.clone() } else { rv.clone() }
+                        if l.full {
+                            lv.clone()
+                        } else {
+                            rv.clone()
+                        }
                     }
                     (Val::Known(_), _) => lv.clone(),
                     _ => rv.clone(),
                 };
                 let span = b.op.span();
+                // Operands first, in locals: the call then spans only the operator.
                 let tokens = quote_spanned! {span=>
-                    <_ as __Elementwise<_, _, _, _>>::#method(#lt, #rt)?
+                    {
+                        let __lhs = #lt;
+                        let __rhs = #rt;
+                        ::neural_arch::__private::#method((__lhs, __rhs))?
+                    }
                 };
                 (val, tokens, Source(format!("`{sym}`")))
             }
             Expr::Tuple(t) => {
                 let mut vals = Vec::new();
                 let mut toks = Vec::new();
+                let mut sources = Vec::new();
                 for el in &t.elems {
-                    let (v, tk, _) = self.expr(el, cx);
+                    let (v, tk, src) = self.expr(el, cx);
                     vals.push(v);
                     toks.push(tk);
+                    sources.push(src);
                 }
-                (Val::Tuple(vals), quote!((#(#toks,)*)), Source("the tuple".into()))
+                self.tuple_sources = sources;
+                (
+                    Val::Tuple(vals),
+                    quote!((#(#toks,)*)),
+                    Source("the tuple".into()),
+                )
             }
             other => {
                 cx.error(
@@ -123,7 +162,7 @@ impl Walk<'_, '_> {
                     "a forward body may use: variables, layer calls `layer(x)`, `+`, `-`, `*`, \
                      tuples and parentheses",
                 );
-                (Val::Unknown, quote!(unreachable!()), Source("this".into()))
+                (Val::Unknown, TokenStream::new(), Source("this".into()))
             }
         }
     }
@@ -131,22 +170,33 @@ impl Walk<'_, '_> {
     fn call(&mut self, c: &syn::ExprCall, cx: &mut Ctxt) -> (Val, TokenStream, Source) {
         let Expr::Path(p) = &*c.func else {
             cx.error(c.func.span(), "call a layer by its name: `fc1(x)`");
-            return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+            return (Val::Unknown, TokenStream::new(), Source("this".into()));
         };
         let Some(ident) = p.path.get_ident() else {
             cx.error(c.func.span(), "call a layer by its name: `fc1(x)`");
-            return (Val::Unknown, quote!(unreachable!()), Source("this".into()));
+            return (Val::Unknown, TokenStream::new(), Source("this".into()));
         };
         let name = ident.to_string();
         let Some(&idx) = self.field_index.get(&name) else {
             let mut layers: Vec<&String> = self.field_index.keys().collect();
             layers.sort();
-            let list = layers.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ");
-            cx.error(ident.span(), format!("unknown layer `{name}`; the layers are {list}"));
+            let list = layers
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            cx.error(
+                ident.span(),
+                format!("unknown layer `{name}`; the layers are {list}"),
+            );
             for a in &c.args {
                 self.expr(a, cx);
             }
-            return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+            return (
+                Val::Unknown,
+                TokenStream::new(),
+                Source(format!("`{name}`")),
+            );
         };
         let mut vals = Vec::new();
         let mut toks = Vec::new();
@@ -160,21 +210,39 @@ impl Walk<'_, '_> {
             toks.push(t);
         }
         if vals.is_empty() {
-            cx.error(c.span(), format!("layer `{name}` needs an input: `{name}(x)`"));
-            return (Val::Unknown, quote!(unreachable!()), Source(format!("`{name}`")));
+            cx.error(
+                c.span(),
+                format!("layer `{name}` needs an input: `{name}(x)`"),
+            );
+            return (
+                Val::Unknown,
+                TokenStream::new(),
+                Source(format!("`{name}`")),
+            );
         }
         let field = self.scope.fields[&name];
-        let input = if vals.len() == 1 { vals[0].clone() } else { Val::Tuple(vals) };
+        let input = if vals.len() == 1 {
+            vals[0].clone()
+        } else {
+            Val::Tuple(vals)
+        };
         let layer_ty = self.layer_types[idx].clone();
         let (out, filled) = if self.counting {
             (Val::Unknown, None)
         } else {
-            let r = if field.repeat.is_some() {
+            if field.repeat.is_some() {
                 crate::check::chain_step(field, &input, &first_source, self.scope, cx)
             } else {
-                apply_layer(field, &layer_ty, &input, &first_source, self.scope, cx, ident.span())
-            };
-            r
+                apply_layer(
+                    field,
+                    &layer_ty,
+                    &input,
+                    &first_source,
+                    self.scope,
+                    cx,
+                    ident.span().into(),
+                )
+            }
         };
         if let Some(t) = filled {
             self.layer_types[idx] = t;
@@ -186,31 +254,111 @@ impl Walk<'_, '_> {
         }
         let span = ident.span();
         let field_ident = &field.name;
-        let arg = if toks.len() == 1 { toks.remove(0) } else { quote!((#(#toks,)*)) };
-        let trait_name = layer_trait(field_ident, toks.len() > 1 || c.args.len() > 1);
-        let tokens = if self.train {
-            quote_spanned! {span=> <_ as #trait_name<_, _, _, _>>::__call_mut(&mut self.#field_ident, #arg)? }
+        let arg = if toks.len() == 1 {
+            toks.remove(0)
         } else {
-            quote_spanned! {span=> <_ as #trait_name<_, _, _, _>>::__call(&self.#field_ident, #arg)? }
+            quote!((#(#toks,)*))
+        };
+        let tuple = c.args.len() > 1;
+        let trait_name = format_ident!("__Layer_{}_{}", field_ident, self.calls);
+        self.calls += 1;
+        if !self.counting && !self.train {
+            self.traits
+                .push(call_trait(&trait_name, field, tuple, &input, &first_source));
+        }
+        let tokens = if self.train {
+            if tuple {
+                quote_spanned! {span=> <_ as #trait_name<_, _, _>>::__call_mut(#arg, &mut self.#field_ident)? }
+            } else {
+                quote_spanned! {span=> <_ as #trait_name<_, _, _, _, _>>::__call_mut(#arg, &mut self.#field_ident)? }
+            }
+        } else {
+            if tuple {
+                quote_spanned! {span=> <_ as #trait_name<_, _, _>>::__call(#arg, &self.#field_ident)? }
+            } else {
+                quote_spanned! {span=> <_ as #trait_name<_, _, _, _, _>>::__call(#arg, &self.#field_ident)? }
+            }
         };
         (out, tokens, Source(format!("`{name}`")))
     }
 }
 
-fn describe(s: &Source) -> String {
-    if s.0.starts_with('`') && !s.0.starts_with("`+") && !s.0.starts_with("`-") && !s.0.starts_with("`*") {
-        format!("{} is", s.0)
+/// The check trait of one layer call: its message names the layer, what it is, and the shape
+/// it is given (in the DSL's words where the macro knows it, else as the compiler prints it).
+/// The output is a trait parameter, not an associated type: a projection in the signature would
+/// make the compiler report dfdx's inner bound instead of this message.
+fn call_trait(
+    name: &syn::Ident,
+    field: &Field,
+    tuple: bool,
+    input: &Val,
+    from: &Source,
+) -> TokenStream {
+    let p = quote!(::neural_arch::__private);
+    let lname = field.name.to_string();
+    let inner = &field.layer;
+    let shown = match &field.repeat {
+        Some(n) => format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n))),
+        None => tidy(&quote!(#inner)),
+    };
+    let from_text = if from.0.is_empty() {
+        String::new()
     } else {
-        format!("{} gives", s.0)
-    }
-}
-
-/// The name of the generated check trait of a layer (one per layer, and one for tuple inputs).
-pub fn layer_trait(field: &syn::Ident, tuple: bool) -> syn::Ident {
+        format!(" (from {})", from.0)
+    };
     if tuple {
-        format_ident!("__LayerTuple_{}", field)
+        let msg = format!("layer `{lname}` (`{shown}`) cannot take the inputs `{{X}}`{from_text}");
+        let label = format!("`{lname}` does not accept these inputs");
+        return quote! {
+            #[diagnostic::on_unimplemented(message = #msg, label = #label)]
+            #[allow(non_camel_case_types, dead_code)]
+            trait #name<X, Er, O> {
+                fn __call(x: X, this: &Self) -> ::core::result::Result<O, Er>;
+                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<O, Er>;
+            }
+            impl<M, X, Er> #name<X, Er, <M as #p::Layer<X>>::Output> for M
+            where
+                M: #p::Layer<X, Error = Er>,
+            {
+                fn __call(x: X, this: &Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, Er> {
+                    #p::Layer::call(this, x)
+                }
+                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, Er> {
+                    #p::Layer::call_mut(this, x)
+                }
+            }
+        };
+    }
+    let given = match input {
+        Val::Known(s) => s.to_string(),
+        _ => "{S}".to_string(),
+    };
+    let msg =
+        format!("layer `{lname}` (`{shown}`) cannot take an input of shape `{given}`{from_text}");
+    let label = if field.repeat.is_some() {
+        format!("`{lname}` is given `{given}`; a repeated block must return the shape it takes")
     } else {
-        format_ident!("__Layer_{}", field)
+        format!("`{lname}` is given `{given}`")
+    };
+    quote! {
+        #[diagnostic::on_unimplemented(message = #msg, label = #label)]
+        #[allow(non_camel_case_types, dead_code)]
+        trait #name<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T, O> {
+            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<O, D::Err>;
+            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<O, D::Err>;
+        }
+        impl<M, S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T>
+            #name<S, E, D, T, <M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output> for M
+        where
+            M: #p::Layer<#p::Tensor<S, E, D, T>, Error = D::Err>,
+        {
+            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, D::Err> {
+                #p::Layer::call(this, x)
+            }
+            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, D::Err> {
+                #p::Layer::call_mut(this, x)
+            }
+        }
     }
 }
 
@@ -231,18 +379,40 @@ fn walk_new<'a, 'm>(
         train,
         layer_types,
         outputs,
-        field_index: model.fields.iter().enumerate().map(|(i, f)| (f.name.to_string(), i)).collect(),
+        field_index: model
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.to_string(), i))
+            .collect(),
+        calls: 0,
+        tuple_sources: Vec::new(),
+        traits: Vec::new(),
     }
 }
 
 /// Runs the body: returns the emitted statements and the final expression.
-fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, TokenStream, Source, Span) {
+fn run(
+    w: &mut Walk,
+    fwd: &Forward,
+    cx: &mut Ctxt,
+) -> (Vec<TokenStream>, Val, TokenStream, Source, Span) {
     for (name, shape) in &fwd.params {
-        w.bind(&name.to_string(), Val::Known(w.scope.shape_of(shape)));
+        w.bind(
+            &name.to_string(),
+            Val::Known(w.scope.shape_of(shape)),
+            format!("the input `{name}`"),
+        );
     }
     let mut stmts = Vec::new();
     let Some(body) = &fwd.body else {
-        return (stmts, Val::Unknown, quote!(), Source(String::new()), Span::call_site());
+        return (
+            stmts,
+            Val::Unknown,
+            quote!(),
+            Source(String::new()),
+            Span::call_site(),
+        );
     };
     let n = body.stmts.len();
     for (i, st) in body.stmts.iter().enumerate() {
@@ -252,7 +422,8 @@ fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, To
                     cx.error(local.span(), "a `let` in a forward body needs a value");
                     continue;
                 };
-                let (val, tokens, _) = w.expr(&init.expr, cx);
+                let (val, tokens, src) = w.expr(&init.expr, cx);
+                let single = matches!(local.pat, Pat::Ident(_));
                 let pat = &local.pat;
                 let names: Vec<(syn::Ident, Val)> = match pat {
                     Pat::Ident(pi) => vec![(pi.ident.clone(), val)],
@@ -260,7 +431,14 @@ fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, To
                         let vals = match val {
                             Val::Tuple(v) if v.len() == t.elems.len() => v,
                             Val::Tuple(v) => {
-                                cx.error(t.span(), format!("this pattern takes {} values, but the expression gives {}", t.elems.len(), v.len()));
+                                cx.error(
+                                    t.span(),
+                                    format!(
+                                        "this pattern takes {} values, but the expression gives {}",
+                                        t.elems.len(),
+                                        v.len()
+                                    ),
+                                );
                                 vec![Val::Unknown; t.elems.len()]
                             }
                             _ => vec![Val::Unknown; t.elems.len()],
@@ -270,21 +448,34 @@ fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, To
                             match p {
                                 Pat::Ident(pi) => out.push((pi.ident.clone(), v)),
                                 Pat::Wild(_) => {}
-                                other => cx.error(other.span(), "bind names only: `let (a, b) = ...`"),
+                                other => {
+                                    cx.error(other.span(), "bind names only: `let (a, b) = ...`")
+                                }
                             }
                         }
                         out
                     }
                     other => {
-                        cx.error(other.span(), "bind a name or a tuple of names: `let (a, b) = ...`");
+                        cx.error(
+                            other.span(),
+                            "bind a name or a tuple of names: `let (a, b) = ...`",
+                        );
                         Vec::new()
                     }
                 };
                 for (ident, v) in names {
                     if w.field_index.contains_key(&ident.to_string()) {
-                        cx.error(ident.span(), format!("`{ident}` is the name of a layer; pick another variable name"));
+                        cx.error(
+                            ident.span(),
+                            format!("`{ident}` is the name of a layer; pick another variable name"),
+                        );
                     }
-                    w.bind(&ident.to_string(), v);
+                    let source = if single {
+                        src.0.clone()
+                    } else {
+                        format!("`{ident}`")
+                    };
+                    w.bind(&ident.to_string(), v, source);
                 }
                 stmts.push(quote!(let #pat = #tokens;));
             }
@@ -292,13 +483,48 @@ fn run(w: &mut Walk, fwd: &Forward, cx: &mut Ctxt) -> (Vec<TokenStream>, Val, To
                 let (val, tokens, src) = w.expr(e, cx);
                 return (stmts, val, tokens, src, e.span());
             }
+            Stmt::Expr(e, Some(semi)) if i + 1 == n => {
+                w.expr(e, cx);
+                cx.error(
+                    semi.span,
+                    "the forward body must end with the output expression: remove this `;`",
+                );
+                return (
+                    stmts,
+                    Val::Unknown,
+                    TokenStream::new(),
+                    Source(String::new()),
+                    semi.span,
+                );
+            }
             other => {
-                cx.error(other.span(), "a forward body is `let` statements and a final expression (no `;` after it)");
+                cx.error(
+                    other.span(),
+                    "a forward body is `let` statements and a final expression (no `;` after it)",
+                );
             }
         }
     }
-    cx.error(body.brace_token.span.close(), "the forward body must end with the output expression (no `;` after it)");
-    (stmts, Val::Unknown, quote!(unreachable!()), Source(String::new()), Span::call_site())
+    cx.error(
+        body.brace_token.span.close(),
+        "the forward body must end with the output expression (no `;` after it)",
+    );
+    (
+        stmts,
+        Val::Unknown,
+        TokenStream::new(),
+        Source(String::new()),
+        Span::call_site(),
+    )
+}
+
+/// "1 output", "2 outputs".
+fn count(n: usize) -> String {
+    if n == 1 {
+        "1 output".to_string()
+    } else {
+        format!("{n} outputs")
+    }
 }
 
 /// Checks the body's shapes, reports problems, and fills in `Flatten` sizes and summary shapes.
@@ -309,24 +535,49 @@ pub fn check_body(
     cx: &mut Ctxt,
     layer_types: &mut Vec<Type>,
     outputs: &mut Vec<Option<Shp>>,
+    outputs_ok: bool,
 ) {
     let mut w = walk_new(model, scope, layer_types, outputs, false, false);
     let (_, val, _, src, span) = run(&mut w, fwd, cx);
+    if !outputs_ok {
+        return;
+    }
     let want: Vec<Shp> = fwd.outputs.iter().map(|o| scope.shape_of(o)).collect();
     match (&val, fwd.tuple_output) {
         (Val::Tuple(vals), true) if vals.len() == want.len() => {
-            for ((v, w), o) in vals.iter().zip(&want).zip(&fwd.outputs) {
-                check_output(v, w, o.span, &src, cx);
+            let sources = std::mem::take(&mut w.tuple_sources);
+            for (i, ((v, want), o)) in vals.iter().zip(&want).zip(&fwd.outputs).enumerate() {
+                let from = sources.get(i).unwrap_or(&src);
+                check_output(v, want, o.span, from, cx);
             }
         }
-        (Val::Tuple(vals), _) => cx.error(span, format!("`forward` declares {} output(s), but the body returns {}", want.len(), vals.len())),
-        (_, true) if want.len() != 1 => cx.error(span, format!("`forward` declares {} outputs, but the body returns one", want.len())),
+        (Val::Tuple(vals), _) => cx.error(
+            span,
+            format!(
+                "`forward` declares {}, but the body returns {}",
+                count(want.len()),
+                vals.len()
+            ),
+        ),
+        (_, true) if want.len() != 1 => cx.error(
+            span,
+            format!(
+                "`forward` declares {}, but the body returns one",
+                count(want.len())
+            ),
+        ),
         (v, _) => check_output(v, &want[0], fwd.outputs[0].span, &src, cx),
     }
 }
 
 /// Emits the body of `try_forward` (or `try_forward_mut` when `train`).
-pub fn emit_body(model: &Model, fwd: &Forward, analysis: &Analysis, scope: &Scope, train: bool) -> TokenStream {
+pub fn emit_body(
+    model: &Model,
+    fwd: &Forward,
+    analysis: &Analysis,
+    scope: &Scope,
+    train: bool,
+) -> (TokenStream, Vec<TokenStream>) {
     let mut types = analysis.layer_types.clone();
     let mut outs = analysis.outputs.clone();
     // Errors were reported by `check_body`; the passes here only count and emit.
@@ -342,5 +593,5 @@ pub fn emit_body(model: &Model, fwd: &Forward, analysis: &Analysis, scope: &Scop
     let (stmts, _, tail, _, _) = run(&mut w, fwd, &mut scratch);
     let _ = scratch.into_result();
     let tail = crate::expand::check_outputs(fwd, scope, tail);
-    quote! { #(#stmts)* Ok(#tail) }
+    (quote! { #(#stmts)* Ok(#tail) }, w.traits)
 }

@@ -49,8 +49,16 @@ pub fn model(input: TokenStream) -> TokenStream {
     let analysis = check::check(&model, &mut cx);
     let scope = check::Scope {
         consts: model.consts.iter().map(|c| c.to_string()).collect(),
-        runtime: analysis.runtime_dims.iter().map(|i| i.to_string()).collect(),
-        fields: model.fields.iter().map(|f| (f.name.to_string(), f)).collect(),
+        runtime: analysis
+            .runtime_dims
+            .iter()
+            .map(|i| i.to_string())
+            .collect(),
+        fields: model
+            .fields
+            .iter()
+            .map(|f| (f.name.to_string(), f))
+            .collect(),
     };
     match cx.into_result() {
         Ok(()) => expand::expand(&model, &analysis, &scope).into(),

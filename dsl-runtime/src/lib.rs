@@ -29,6 +29,11 @@
 pub mod layers;
 mod summary;
 
+/// The README's examples, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use dfdx;
 pub use layers::LayerInfo;
 pub use summary::{Summary, SummaryRow};
@@ -39,7 +44,10 @@ pub use neural_arch_macros::model;
 /// The element types a model can be built with: `f32`, `f64` and `dfdx::dtypes::f16`.
 ///
 /// This is dfdx's `Dtype` plus what its parameter initialisers need.
-pub trait Elem: dfdx::shapes::Dtype + num_traits::Float + rand_distr::uniform::SampleUniform {}
+pub trait Elem:
+    dfdx::shapes::Dtype + num_traits::Float + rand_distr::uniform::SampleUniform
+{
+}
 impl<E: dfdx::shapes::Dtype + num_traits::Float + rand_distr::uniform::SampleUniform> Elem for E {}
 
 /// The type a builder `B` builds into on device `D` with element type `E`.
@@ -74,6 +82,126 @@ pub mod __private {
     pub use dfdx::tensor::{Tape, Tensor, WithEmptyTape};
     pub use dfdx::tensor_ops::{Device, TryAdd, TryMul, TrySub};
     pub use std::{format, string::String, vec, vec::Vec};
+
+    /// A module that runs on `X` in both modes, with the same output: what a layer call in a
+    /// `forward` body needs. `do_not_recommend` keeps the compiler from digging into dfdx's
+    /// bounds when it does not hold, so the error stays the generated, layer-named one.
+    pub trait Layer<X> {
+        /// The output of the layer.
+        type Output;
+        /// The error of the layer.
+        type Error;
+        /// Inference.
+        fn call(&self, x: X) -> Result<Self::Output, Self::Error>;
+        /// Training.
+        fn call_mut(&mut self, x: X) -> Result<Self::Output, Self::Error>;
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl<M, X> Layer<X> for M
+    where
+        M: Module<X>
+            + ModuleMut<X, Output = <M as Module<X>>::Output, Error = <M as Module<X>>::Error>,
+    {
+        type Output = <M as Module<X>>::Output;
+        type Error = <M as Module<X>>::Error;
+        fn call(&self, x: X) -> Result<Self::Output, Self::Error> {
+            Module::try_forward(self, x)
+        }
+        fn call_mut(&mut self, x: X) -> Result<Self::Output, Self::Error> {
+            ModuleMut::try_forward_mut(self, x)
+        }
+    }
+
+    /// Never a shape: the second impl of the shape-equality traits below uses it, so that the
+    /// compiler cannot infer one shape from the other through a single impl (it would report a
+    /// bare type mismatch); it must compare them and report the trait's message.
+    #[derive(Debug)]
+    pub struct NotAShape<S>(core::marker::PhantomData<S>);
+
+    macro_rules! shape_equality {
+        ($(#[$attr:meta])* $name:ident) => {
+            $(#[$attr])*
+            pub trait $name<A, B> {
+                /// `t` itself, typed with the shape it was checked to equal.
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
+                    t: Tensor<B, E, D, T>,
+                ) -> Tensor<A, E, D, T>
+                where
+                    A: Shape,
+                    B: Shape;
+            }
+            #[diagnostic::do_not_recommend]
+            impl<S> $name<S, S> for () {
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
+                    t: Tensor<S, E, D, T>,
+                ) -> Tensor<S, E, D, T>
+                where
+                    S: Shape,
+                {
+                    t
+                }
+            }
+            #[diagnostic::do_not_recommend]
+            impl<S> $name<S, NotAShape<S>> for () {
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
+                    _: Tensor<NotAShape<S>, E, D, T>,
+                ) -> Tensor<S, E, D, T>
+                where
+                    S: Shape,
+                    NotAShape<S>: Shape,
+                {
+                    unreachable!("NotAShape implements no Shape, so this is never called")
+                }
+            }
+        };
+    }
+
+    shape_equality!(
+        /// `A` and `B` are the same shape: the operands of an element-wise `+ - *`.
+        #[diagnostic::on_unimplemented(
+            message = "element-wise `+`, `-` and `*` need two tensors of the same shape, but got `{A}` and `{B}`",
+            label = "these shapes differ"
+        )]
+        SameShape
+    );
+    shape_equality!(
+        /// `A` (declared in `forward`) and `B` (what the body returns) are the same shape.
+        #[diagnostic::on_unimplemented(
+            message = "`forward` declares an output of shape `{A}`, but the body returns `{B}`",
+            label = "declared here"
+        )]
+        DeclaredOutput
+    );
+
+    macro_rules! elementwise {
+        ($name:ident, $op:ident, $tr:ident) => {
+            /// The element-wise op of a `forward` body, after its shape check.
+            pub fn $name<A: Shape, B: Shape, E: Dtype, D: Device<E>, T>(
+                ab: (Tensor<A, E, D, T>, Tensor<B, E, D, T>),
+            ) -> Result<Tensor<A, E, D, T>, D::Err>
+            where
+                (): SameShape<A, B>,
+                T: Tape<E, D> + dfdx::tensor::Merge<T>,
+            {
+                let (a, b) = ab;
+                $tr::$op(a, <() as SameShape<A, B>>::cast(b))
+            }
+        };
+    }
+    elementwise!(add, try_add, TryAdd);
+    elementwise!(sub, try_sub, TrySub);
+    elementwise!(mul, try_mul, TryMul);
+
+    /// The final value of a `forward` body, checked against the declared output shape.
+    pub fn declared_output<W: Shape, S: Shape, E: Dtype, D: dfdx::tensor::Storage<E>, T>(
+        t: Tensor<S, E, D, T>,
+    ) -> Tensor<W, E, D, T>
+    where
+        (): DeclaredOutput<W, S>,
+    {
+        <() as DeclaredOutput<W, S>>::cast(t)
+    }
 
     /// The output type of module `M` on input `X` (inference).
     pub type Out<M, X> = <M as Module<X>>::Output;

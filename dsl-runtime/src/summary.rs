@@ -1,9 +1,10 @@
 //! A layer table in the style of torchinfo's or Keras's `summary()`.
 
+use serde::Serialize;
 use std::fmt;
 
 /// One line of a [`Summary`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SummaryRow {
     /// Nesting depth: 0 for the top model's own layers.
     pub depth: usize,
@@ -17,8 +18,8 @@ pub struct SummaryRow {
     pub params: usize,
 }
 
-/// The layer table of a model, printable with `{}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The layer table of a model, printable with `{}`, serializable to JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Summary {
     /// The model's type name.
     pub model: String,
@@ -39,9 +40,21 @@ impl fmt::Display for Summary {
             .chain([5])
             .max()
             .unwrap_or(5);
-        let layer_w = self.rows.iter().map(|r| r.layer.len()).chain([4]).max().unwrap_or(4);
-        let out_w = self.rows.iter().map(|r| r.output.len()).chain([12]).max().unwrap_or(12);
-        let total_w = name_w + layer_w + out_w + 16 + 6;
+        let layer_w = self
+            .rows
+            .iter()
+            .map(|r| r.layer.len())
+            .chain([4])
+            .max()
+            .unwrap_or(4);
+        let out_w = self
+            .rows
+            .iter()
+            .map(|r| r.output.len())
+            .chain([12])
+            .max()
+            .unwrap_or(12);
+        let total_w = name_w + layer_w + out_w + 16 + 9;
         let rule = "=".repeat(total_w);
         writeln!(f, "{}", self.model)?;
         if !self.inputs.is_empty() {
@@ -74,7 +87,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

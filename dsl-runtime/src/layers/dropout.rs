@@ -17,7 +17,10 @@ pub struct Dropout<const PERCENT: usize>;
 impl<const P: usize> Dropout<P> {
     /// The drop probability, checked at compile time to lie in `[0, 100)` percent.
     pub const P: f64 = {
-        assert!(P < 100, "Dropout<PERCENT> needs PERCENT < 100: it would drop everything");
+        assert!(
+            P < 100,
+            "Dropout<PERCENT> needs PERCENT < 100: it would drop everything"
+        );
         P as f64 / 100.0
     };
 }
@@ -39,8 +42,8 @@ impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>> Module<Ten
     }
 }
 
-impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>
-    ModuleMut<Tensor<S, E, D, T>> for Dropout<P>
+impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>> ModuleMut<Tensor<S, E, D, T>>
+    for Dropout<P>
 {
     type Output = Tensor<S, E, D, T>;
     type Error = D::Err;
@@ -64,7 +67,12 @@ mod tests {
         assert_eq!(d.forward(x.clone()).array(), x.array());
         let y = d.forward_mut(x).as_vec();
         let zeros = y.iter().filter(|v| **v == 0.0).count();
-        assert!((2000..3000).contains(&zeros), "{zeros} of 10000 dropped at p = 0.25");
-        assert!(y.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-12));
+        assert!(
+            (2000..3000).contains(&zeros),
+            "{zeros} of 10000 dropped at p = 0.25"
+        );
+        assert!(y
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-12));
     }
 }

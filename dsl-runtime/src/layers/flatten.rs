@@ -2,8 +2,8 @@
 
 use super::LayerInfo;
 use dfdx::nn::{Module, ZeroSizedModule};
-use dfdx::shapes::{Const, ConstShape, Dim, Dtype};
 use dfdx::shapes::HasShape;
+use dfdx::shapes::{Const, ConstShape, Dim, Dtype};
 use dfdx::tensor::{Tape, Tensor};
 use dfdx::tensor_ops::{Device, ReshapeTo};
 

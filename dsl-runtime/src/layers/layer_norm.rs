@@ -60,9 +60,18 @@ impl<const M: usize, E: Elem, D: Device<E>> TensorCollection<E, D> for LayerNorm
                     |s| &mut s.weight,
                     TensorOptions::reset_to_ones(),
                 ),
-                Self::tensor("bias", |s| &s.bias, |s| &mut s.bias, TensorOptions::reset_to_zeros()),
+                Self::tensor(
+                    "bias",
+                    |s| &s.bias,
+                    |s| &mut s.bias,
+                    TensorOptions::reset_to_zeros(),
+                ),
             ),
-            |(weight, bias)| LayerNormModule { weight, bias, eps: 1e-5 },
+            |(weight, bias)| LayerNormModule {
+                weight,
+                bias,
+                eps: 1e-5,
+            },
         )
     }
 }

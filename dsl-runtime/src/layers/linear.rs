@@ -40,8 +40,14 @@ mod tests {
         fc.bias = dev.tensor([0.5, -0.5]);
         let y = fc.forward(dev.tensor([[1.0, -1.0]]));
         assert_eq!(y.array(), [[1.0 - 2.0 + 0.5, 3.0 - 4.0 - 0.5]]);
-        assert_eq!(fc.num_trainable_params(), <Linear<2, 2> as LayerInfo>::PARAMS);
+        assert_eq!(
+            fc.num_trainable_params(),
+            <Linear<2, 2> as LayerInfo>::PARAMS
+        );
         let nb = dev.build_module::<LinearNoBias<2, 3>, f64>();
-        assert_eq!(nb.num_trainable_params(), <LinearNoBias<2, 3> as LayerInfo>::PARAMS);
+        assert_eq!(
+            nb.num_trainable_params(),
+            <LinearNoBias<2, 3> as LayerInfo>::PARAMS
+        );
     }
 }

@@ -1,0 +1,9 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Encoder {
+        attn: MultiHeadAttention<64, 4, 64, 30>,
+    }
+}
+
+fn main() {}

@@ -1,0 +1,15 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {
+        fc1: Linear<784, 128>,
+        fc2: Linear<128, 10>,
+    }
+    forward(x: [B, 784]) -> [B, 10] {
+        let h = fc1(x);
+        let y = fc2(h);
+        h
+    }
+}
+
+fn main() {}

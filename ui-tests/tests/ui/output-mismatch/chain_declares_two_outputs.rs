@@ -1,0 +1,10 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {
+        fc: Linear<8, 3>,
+    }
+    forward(x: [B, 8]) -> ([B, 3], [B, 3]);
+}
+
+fn main() {}

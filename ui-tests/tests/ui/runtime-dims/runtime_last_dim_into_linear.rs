@@ -1,0 +1,10 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {
+        fc1: Linear<784, 10>,
+    }
+    forward(x: [B, T]) -> [B, 10];
+}
+
+fn main() {}

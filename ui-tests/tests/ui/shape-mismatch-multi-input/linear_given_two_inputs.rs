@@ -1,0 +1,12 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Merge {
+        fc: Linear<4, 3>,
+    }
+    forward(a: [B, 4], b: [B, 4]) -> [B, 3] {
+        fc(a, b)
+    }
+}
+
+fn main() {}

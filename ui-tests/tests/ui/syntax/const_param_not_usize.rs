@@ -1,0 +1,10 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp<const H: u32> {
+        fc1: Linear<784, H>,
+        fc2: Linear<H, 10>,
+    }
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {}
+}
+
+fn main() {}

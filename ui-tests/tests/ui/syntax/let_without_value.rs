@@ -1,0 +1,13 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {
+        fc1: Linear<784, 10>,
+    }
+    forward(x: [B, 784]) -> [B, 10] {
+        let h;
+        fc1(x)
+    }
+}
+
+fn main() {}

@@ -1,0 +1,13 @@
+use neural_arch::prelude::*;
+
+model! {
+    pub struct Mlp {
+        fc1: Linear<784, 128>,
+        fc2: Linear<128, 10>,
+    }
+    forward(x: [B, 784]) -> [B, 10] {
+        fc2(fc3(x))
+    }
+}
+
+fn main() {}
