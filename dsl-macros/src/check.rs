@@ -192,14 +192,12 @@ impl Scope<'_> {
 enum Rule {
     /// `[*, from] -> [*, to]`: Linear.
     LastDim { from: Sym, to: Sym },
-    /// `[*, n] -> [*, n]`: LayerNorm.
+    /// `[*, n] -> [*, n]`: LayerNorm, self-attention.
     KeepLast(Sym),
     /// Any shape to itself: activations, dropout, residual wrappers.
     Identity,
     /// `[B, ...] -> [B, product]`, with the product given (`Flatten<N>`) or not (`Flatten`).
     Flatten(Option<Sym>),
-    /// `[*, S, M] -> [*, S, M]` for self-attention; several inputs for cross-attention.
-    Attention(Sym),
 }
 
 /// A divisibility rule the compiler must check once const parameters are known: emitted as a
@@ -270,7 +268,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<Rule>
         | ("Dropout", 1) => Some(Rule::Identity),
         ("Flatten", 0) => Some(Rule::Flatten(None)),
         ("Flatten", 1) => Some(Rule::Flatten(arg(0))),
-        ("MultiHeadAttention", 2 | 4) => {
+        ("SelfAttention", 2 | 4) => {
             let (m, h) = (arg(0)?, arg(1)?);
             let k = arg(2).unwrap_or_else(|| m.clone());
             let v = arg(3).unwrap_or_else(|| m.clone());
@@ -312,7 +310,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<Rule>
                     break;
                 }
             }
-            Some(Rule::Attention(m))
+            Some(Rule::KeepLast(m))
         }
         _ => None,
     }
@@ -356,7 +354,6 @@ pub fn apply_layer(
     };
     let input_shape = match input {
         Val::Known(s) => Some(s.clone()),
-        Val::Tuple(_) if matches!(rule, Rule::Attention(_)) => return (Val::Unknown, None),
         Val::Tuple(v) => {
             cx.error(
                 span,
@@ -427,7 +424,7 @@ pub fn apply_layer(
             };
             (Val::Known(out), None)
         }
-        Rule::KeepLast(m) | Rule::Attention(m) => match input_shape {
+        Rule::KeepLast(m) => match input_shape {
             Some(s) => {
                 check_last(cx, &m, &s);
                 (Val::Known(s), None)

@@ -307,7 +307,20 @@ fn call_trait(
         format!(" (from {})", from.0)
     };
     if tuple {
-        let msg = format!("layer `{lname}` (`{shown}`) cannot take the inputs `{{X}}`{from_text}");
+        let given = match input {
+            Val::Tuple(vs) if vs.iter().all(|v| matches!(v, Val::Known(_))) => {
+                let parts: Vec<String> = vs
+                    .iter()
+                    .filter_map(|v| match v {
+                        Val::Known(s) => Some(s.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                format!("({})", parts.join(", "))
+            }
+            _ => "{X}".to_string(),
+        };
+        let msg = format!("layer `{lname}` (`{shown}`) cannot take the inputs `{given}`");
         let label = format!("`{lname}` does not accept these inputs");
         return quote! {
             #[diagnostic::on_unimplemented(message = #msg, label = #label)]

@@ -69,3 +69,82 @@ pub fn model(input: TokenStream) -> TokenStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    // Tests return `syn::Result` rather than unwrapping: the crate has no `unwrap` anywhere.
+    use crate::check::{eval_const, Ctxt};
+    use crate::expand::tidy;
+
+    fn value(s: &str) -> syn::Result<Option<u128>> {
+        Ok(eval_const(&syn::parse_str(s)?))
+    }
+
+    #[test]
+    fn literal_arithmetic_is_evaluated() -> syn::Result<()> {
+        assert_eq!(value("28 * 28")?, Some(784));
+        assert_eq!(value("{ (32 - 4) / 2 + 1 }")?, Some(15));
+        assert_eq!(value("7 % 4")?, Some(3));
+        assert_eq!(value("H * 2")?, None);
+        assert_eq!(value("3 - 4")?, None, "underflow is not a size");
+        assert_eq!(value("1 / 0")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn types_print_as_written() -> syn::Result<()> {
+        let ty: syn::Type = syn::parse_str("Linear<784, { 28 * 28 }>")?;
+        assert_eq!(tidy(&quote::quote!(#ty)), "Linear<784, { 28 * 28 }>");
+        Ok(())
+    }
+
+    fn errors(src: &str) -> syn::Result<Vec<String>> {
+        let model: crate::ast::Model = syn::parse_str(src)?;
+        let mut cx = Ctxt::default();
+        crate::check::check(&model, &mut cx);
+        Ok(match cx.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn every_mistake_is_collected() -> syn::Result<()> {
+        let errs = errors(
+            "struct Net { fc1: Linear<784, 128>, fc2: Linear<256, 10>, fc1: ReLU, }
+             forward(x: [B, 784]) -> [B, 20];",
+        )?;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].contains("duplicate layer name `fc1`"), "{errs:?}");
+        assert!(errs
+            .iter()
+            .any(|e| e.contains("layer `fc2` expects input `[*, 256]`")));
+        assert!(errs
+            .iter()
+            .any(|e| e.contains("declares the output `[B, 20]`")));
+        Ok(())
+    }
+
+    #[test]
+    fn symbolic_dims_follow_the_layers() -> syn::Result<()> {
+        assert!(
+            errors("struct M<const D: usize> { a: Linear<D, D>, b: LayerNorm<D>, }")?.is_empty()
+        );
+        let errs = errors(
+            "struct M<const D: usize, const F: usize> { a: Linear<D, F>, b: LayerNorm<D>, }",
+        )?;
+        assert_eq!(
+            errs,
+            ["layer `b` expects input `[*, D]`, but `a` produces `[*, F]`"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_layers_are_left_to_the_compiler() -> syn::Result<()> {
+        assert!(
+            errors("struct M { a: Linear<4, 8>, b: MyLayer<3>, c: Linear<5, 2>, }")?.is_empty()
+        );
+        Ok(())
+    }
+}

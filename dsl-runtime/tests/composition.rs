@@ -333,7 +333,7 @@ model! {
     /// the sizes are known.
     pub struct AttnBlock<const D: usize, const H: usize> {
         ln: LayerNorm<D>,
-        attn: MultiHeadAttention<D, H>,
+        attn: SelfAttention<D, H>,
     }
     forward(x: [B, S, D]) -> [B, S, D] {
         x + attn(ln(x))
@@ -408,4 +408,54 @@ fn optimizer_zero_grads_and_reset_reach_every_parameter() {
         net.ln_f.weight.as_vec().iter().all(|w| *w == 1.0),
         "LayerNorm resets to ones"
     );
+}
+
+model! {
+    /// Two inputs merged: a layer of another model that takes several inputs.
+    pub struct Fuse<const D: usize> {
+        a: Linear<D, D>,
+        b: Linear<D, D>,
+    }
+    forward(x: [B, D], y: [B, D]) -> [B, D] {
+        a(x) * b(y)
+    }
+}
+
+model! {
+    /// Calls the two-input `Fuse` with a shared input: `fuse(h, h)`.
+    pub struct UsesFuse<const D: usize> {
+        ln: LayerNorm<D>,
+        fuse: Fuse<D>,
+    }
+    forward(x: [B, D]) -> [B, D] {
+        let h = ln(x);
+        x + fuse(h, h)
+    }
+}
+
+#[test]
+fn a_layer_takes_several_inputs_and_gradients_reach_both() {
+    let dev = Dev::seed_from_u64(9);
+    let mut m = dev.build_module::<UsesFuse<4>, f64>();
+    let x: Tensor<Rank2<3, 4>, f64, Dev> = dev.sample_normal();
+    let y = m.forward_mut(x.trace(m.alloc_grads()));
+    let g = y.square().sum::<Rank0, _>().backward();
+    for w in [
+        g.get(&m.fuse.a.weight).as_vec(),
+        g.get(&m.fuse.b.weight).as_vec(),
+        g.get(&m.ln.weight).as_vec(),
+    ] {
+        assert!(w.iter().any(|v| *v != 0.0));
+    }
+    // The shared `h` feeds both branches: its gradient is the sum of both, as in PyTorch.
+    let h = m.ln.forward(x.clone());
+    let (ya, yb) = (m.fuse.a.forward(h.clone()), m.fuse.b.forward(h));
+    let want = x
+        .as_vec()
+        .iter()
+        .zip(ya.as_vec())
+        .zip(yb.as_vec())
+        .map(|((x, a), b)| x + a * b)
+        .collect::<Vec<_>>();
+    assert_eq!(m.forward(x).as_vec(), want);
 }

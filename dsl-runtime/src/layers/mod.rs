@@ -5,12 +5,14 @@
 //! Every layer implements [`LayerInfo`], which gives its compile-time parameter count.
 
 mod activation;
+mod attention;
 mod dropout;
 mod flatten;
 mod layer_norm;
 mod linear;
 
 pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
+pub use attention::{SelfAttention, SelfAttentionModule};
 pub use dropout::Dropout;
 pub use flatten::Flatten;
 pub use layer_norm::{LayerNorm, LayerNormModule};
@@ -60,15 +62,4 @@ impl<L: LayerInfo, const N: usize> LayerInfo for Repeated<L, N> {
         }
         rows
     }
-}
-
-/// Dfdx's multi-head attention (no mask yet): `[*, S, M] -> [*, S, M]` on one input
-/// (self-attention) or `(q, k, v)` (cross-attention); `H` heads must divide `K` and `V`.
-/// Parameters `w_q`, `w_k`, `w_v`, `w_o`. PyTorch: `torch.nn.MultiheadAttention(M, H)`.
-pub use dfdx::nn::builders::MultiHeadAttention;
-
-impl<const M: usize, const H: usize, const K: usize, const V: usize> LayerInfo
-    for MultiHeadAttention<M, H, K, V>
-{
-    const PARAMS: usize = 2 * (M * K + K) + (M * V + V) + (V * M + M);
 }

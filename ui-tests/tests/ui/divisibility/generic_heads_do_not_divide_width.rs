@@ -3,7 +3,7 @@ use neural_arch::prelude::*;
 model! {
     /// Generic sizes: the rule is checked when the model is built with known sizes.
     pub struct Encoder<const D: usize, const H: usize> {
-        attn: MultiHeadAttention<D, H>,
+        attn: SelfAttention<D, H>,
     }
     forward(x: [B, S, D]) -> [B, S, D];
 }

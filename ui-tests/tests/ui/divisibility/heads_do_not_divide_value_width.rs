@@ -2,7 +2,7 @@ use neural_arch::prelude::*;
 
 model! {
     pub struct Encoder {
-        attn: MultiHeadAttention<64, 4, 64, 30>,
+        attn: SelfAttention<64, 4, 64, 30>,
     }
 }
 

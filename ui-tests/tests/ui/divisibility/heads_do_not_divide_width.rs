@@ -3,7 +3,7 @@ use neural_arch::prelude::*;
 model! {
     pub struct Encoder {
         ln: LayerNorm<100>,
-        attn: MultiHeadAttention<100, 3>,
+        attn: SelfAttention<100, 3>,
     }
     forward(x: [B, S, 100]) -> [B, S, 100];
 }
