@@ -166,7 +166,20 @@ pub struct Scope<'a> {
     pub fields: HashMap<String, &'a Field>,
 }
 
-impl Scope<'_> {
+impl<'a> Scope<'a> {
+    /// The names of `model`, with `runtime` the runtime sizes of its forward signature.
+    pub fn new(model: &'a Model, runtime: &[Ident]) -> Self {
+        Scope {
+            consts: model.consts.iter().map(|c| c.to_string()).collect(),
+            runtime: runtime.iter().map(|i| i.to_string()).collect(),
+            fields: model
+                .fields
+                .iter()
+                .map(|f| (f.name.to_string(), f))
+                .collect(),
+        }
+    }
+
     pub fn sym_of_dim(&self, d: &DimSpec) -> Sym {
         match d {
             DimSpec::Lit(n, _) => Sym::Lit(*n),
@@ -581,9 +594,9 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
             }
         }
     }
-    let mut fields = HashMap::new();
+    let mut seen = HashSet::new();
     for f in &model.fields {
-        if fields.insert(f.name.to_string(), f).is_some() {
+        if !seen.insert(f.name.to_string()) {
             cx.error(f.name.span(), format!("duplicate layer name `{}`", f.name));
         }
         if let Some(n) = &f.repeat {
@@ -607,11 +620,7 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
             format!("model `{}` has no layers", model.name),
         );
     }
-    let scope = Scope {
-        consts,
-        runtime: runtime_dims.iter().map(|i| i.to_string()).collect(),
-        fields,
-    };
+    let scope = Scope::new(model, &runtime_dims);
     let mut layer_types: Vec<Type> = model.fields.iter().map(|f| f.layer.clone()).collect();
     let mut outputs = vec![None; model.fields.len()];
     match &model.forward {

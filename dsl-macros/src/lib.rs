@@ -47,19 +47,7 @@ pub fn model(input: TokenStream) -> TokenStream {
     };
     let mut cx = check::Ctxt::default();
     let analysis = check::check(&model, &mut cx);
-    let scope = check::Scope {
-        consts: model.consts.iter().map(|c| c.to_string()).collect(),
-        runtime: analysis
-            .runtime_dims
-            .iter()
-            .map(|i| i.to_string())
-            .collect(),
-        fields: model
-            .fields
-            .iter()
-            .map(|f| (f.name.to_string(), f))
-            .collect(),
-    };
+    let scope = check::Scope::new(&model, &analysis.runtime_dims);
     match cx.into_result() {
         Ok(()) => expand::expand(&model, &analysis, &scope).into(),
         Err(e) => {

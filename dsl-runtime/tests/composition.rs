@@ -437,6 +437,7 @@ model! {
 fn a_layer_takes_several_inputs_and_gradients_reach_both() {
     let dev = Dev::seed_from_u64(9);
     let mut m = dev.build_module::<UsesFuse<4>, f64>();
+    assert_eq!(UsesFuse::<4>::PARAMS, m.num_trainable_params());
     let x: Tensor<Rank2<3, 4>, f64, Dev> = dev.sample_normal();
     let y = m.forward_mut(x.trace(m.alloc_grads()));
     let g = y.square().sum::<Rank0, _>().backward();
