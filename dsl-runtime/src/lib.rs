@@ -26,6 +26,7 @@
 //! The grammar of [`model!`] is documented on the macro itself; the layers live in [`layers`].
 #![deny(missing_docs)]
 
+pub mod gradcheck;
 pub mod layers;
 mod summary;
 

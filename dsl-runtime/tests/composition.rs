@@ -1,6 +1,7 @@
 //! A `model!` network with a residual, a repeated block and a nested model: gradients against
 //! central finite differences in f64, safetensors round trip, `PARAMS`.
 
+use neural_arch::gradcheck::{check_input_grads, check_param_grads, named_values};
 use neural_arch::prelude::*;
 
 model! {
@@ -46,13 +47,6 @@ model! {
 
 type Dev = Cpu;
 
-fn loss_of(net: &Built<Net<6>, f64, Dev>, x: &Tensor<Rank3<2, 3, 3>, f64, Dev>) -> f64 {
-    let y = net.forward(x.clone());
-    // A loss that depends on every output element, non-linearly.
-    let v = y.as_vec();
-    v.iter().map(|a| a * a + a).sum()
-}
-
 #[test]
 fn params_const_equals_runtime_count() {
     let dev = Dev::default();
@@ -72,109 +66,29 @@ fn gradients_match_central_differences() {
     let dev = Dev::seed_from_u64(7);
     let mut net = dev.build_module::<Net<6>, f64>();
     let x: Tensor<Rank3<2, 3, 3>, f64, Dev> = dev.sample_normal();
-
-    let y = net.forward(x.trace(net.alloc_grads()));
-    let loss = (y.with_empty_tape().square() + y).sum::<Rank0, _>();
-    let grads = loss.backward();
-
-    // Walk every parameter tensor by name, perturb each element, compare.
-    let mut names = Vec::new();
-    let mut max_err = 0.0f64;
-    let mut checked = 0usize;
-    let params: Vec<(String, Vec<f64>, Vec<f64>)> = {
-        let mut out = Vec::new();
-        collect(&net, &grads, &mut out);
-        out
-    };
-    let eps = 1e-6;
-    for (name, values, analytic) in &params {
-        names.push(name.clone());
-        for i in 0..values.len() {
-            let mut plus = values.clone();
-            plus[i] += eps;
-            set(&mut net, name, &plus);
-            let lp = loss_of(&net, &x);
-            let mut minus = values.clone();
-            minus[i] -= eps;
-            set(&mut net, name, &minus);
-            let lm = loss_of(&net, &x);
-            set(&mut net, name, values);
-            let numeric = (lp - lm) / (2.0 * eps);
-            let err = (numeric - analytic[i]).abs();
-            max_err = max_err.max(err);
-            assert!(
-                err <= 1e-6,
-                "{name}[{i}]: analytic {} numeric {numeric} (|diff| {err:e})",
-                analytic[i]
-            );
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, Net::<6>::PARAMS, "every parameter was checked");
+    // A loss that depends on every output element, non-linearly.
+    let report = check_param_grads(&mut net, |m, grads| {
+        let y = m.forward(x.trace(grads));
+        (y.with_empty_tape().square() + y).sum::<Rank0, _>()
+    });
+    assert_eq!(
+        report.checked,
+        Net::<6>::PARAMS,
+        "every parameter was checked"
+    );
+    assert!(report.max_abs_err <= 1e-6, "{report}");
+    let names: Vec<String> = named_values(&mut net).into_iter().map(|(n, _)| n).collect();
     assert!(
         names.contains(&"blocks.1.up.weight".to_string()),
         "{names:?}"
     );
     assert!(names.contains(&"res.0.ln.bias".to_string()), "{names:?}");
-    eprintln!("max |analytic - numeric| over {checked} parameters: {max_err:e}");
-}
+    eprintln!("parameters: {report}");
 
-/// Every parameter: dotted name, values, gradient, in dfdx's traversal order.
-fn collect(
-    net: &Built<Net<6>, f64, Dev>,
-    grads: &Gradients<f64, Dev>,
-    out: &mut Vec<(String, Vec<f64>, Vec<f64>)>,
-) {
-    let dir = tempdir();
-    let path = dir.join("all.safetensors");
-    net.save_safetensors(&path).unwrap();
-    let names = safetensor_names(&path);
-    // Gradients by name: save a model whose parameters are the gradients.
-    let mut g = net.clone();
-    copy_grads(&mut g, grads);
-    g.save_safetensors(dir.join("grads.safetensors")).unwrap();
-    let values = read_all(&path);
-    let gvalues = read_all(&dir.join("grads.safetensors"));
-    for n in names {
-        out.push((n.clone(), values[&n].clone(), gvalues[&n].clone()));
-    }
-}
-
-fn copy_grads(m: &mut Built<Net<6>, f64, Dev>, grads: &Gradients<f64, Dev>) {
-    use neural_arch::dfdx::nn::tensor_collection::{
-        RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut,
-    };
-    struct CopyGrads<'a>(&'a Gradients<f64, Dev>);
-    impl TensorVisitor<f64, Dev> for CopyGrads<'_> {
-        type Viewer = ViewTensorMut;
-        type Err = <Dev as HasErr>::Err;
-        type E2 = f64;
-        type D2 = Dev;
-        fn visit<S: Shape>(
-            &mut self,
-            _: TensorOptions<S, f64, Dev>,
-            t: &mut Tensor<S, f64, Dev>,
-        ) -> Result<Option<Tensor<S, f64, Dev>>, Self::Err> {
-            let g = self.0.get(&*t).as_vec();
-            t.copy_from(&g);
-            Ok(None)
-        }
-    }
-    <Built<Net<6>, f64, Dev> as TensorCollection<f64, Dev>>::iter_tensors(&mut RecursiveWalker {
-        m,
-        f: &mut CopyGrads(grads),
-    })
-    .unwrap();
-}
-
-fn set(net: &mut Built<Net<6>, f64, Dev>, name: &str, values: &[f64]) {
-    let dir = tempdir();
-    let path = dir.join("p.safetensors");
-    net.save_safetensors(&path).unwrap();
-    let mut all = read_all(&path);
-    all.insert(name.to_string(), values.to_vec());
-    write_all(&path, &all);
-    net.load_safetensors(&path).unwrap();
+    // And through the input, for the residual paths.
+    let report = check_input_grads(&x, |x| net.forward(x).square().mean::<Rank0, _>());
+    assert!(report.max_abs_err <= 1e-6, "{report}");
+    eprintln!("input: {report}");
 }
 
 fn tempdir() -> std::path::PathBuf {
@@ -185,59 +99,6 @@ fn tempdir() -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn safetensor_names(path: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = read_all(path).keys().cloned().collect();
-    v.sort();
-    v
-}
-
-fn read_all(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let data = v
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (n, data)
-        })
-        .collect()
-}
-
-fn write_all(path: &std::path::Path, all: &std::collections::BTreeMap<String, Vec<f64>>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let shapes: std::collections::BTreeMap<String, Vec<usize>> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.shape().to_vec()))
-        .collect();
-    let raw: Vec<(String, Vec<u8>, Vec<usize>)> = all
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                shapes[n].clone(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, ::safetensors::tensor::TensorView)> = raw
-        .iter()
-        .map(|(n, b, s)| {
-            (
-                n.clone(),
-                ::safetensors::tensor::TensorView::new(::safetensors::Dtype::F64, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    ::safetensors::serialize_to_file(views, &None, path).unwrap();
 }
 
 #[test]
@@ -384,17 +245,12 @@ fn optimizer_zero_grads_and_reset_reach_every_parameter() {
     grads = y.square().mean::<Rank0, _>().backward();
     opt.update(&mut net, &grads)
         .expect("every parameter has a gradient");
-    let dir = tempdir();
-    before
-        .save_safetensors(dir.join("before.safetensors"))
-        .unwrap();
-    net.save_safetensors(dir.join("after.safetensors")).unwrap();
-    let (b, a) = (
-        read_all(&dir.join("before.safetensors")),
-        read_all(&dir.join("after.safetensors")),
-    );
-    for (name, v) in &b {
-        assert_ne!(v, &a[name], "{name} was not updated");
+    let (mut before, mut after) = (before, net.clone());
+    for ((name, b), (_, a)) in named_values(&mut before)
+        .iter()
+        .zip(&named_values(&mut after))
+    {
+        assert_ne!(b, a, "{name} was not updated");
     }
     net.zero_grads(&mut grads);
     assert!(grads
