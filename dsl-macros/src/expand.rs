@@ -377,23 +377,21 @@ fn chain_impls(
     ] {
         let mut bounds = Vec::new();
         let mut x = quote!(__X);
-        let first = &params[0];
-        for (i, l) in params.iter().enumerate() {
-            if i == 0 {
-                bounds.push(quote!(#l: #tr<#x>));
-            } else {
-                bounds.push(quote!(#l: #tr<#x, Error = <#first as #tr<__X>>::Error>));
-            }
+        for l in params.iter() {
+            bounds.push(quote!(#l: #tr<#x>));
+            bounds.push(quote!(<#l as #tr<#x>>::Error: ::core::convert::Into<#p::Error>));
             x = quote!(#out<#l, #x>);
         }
-        let steps = names.iter().map(|n| quote!(let x = self.#n.#call(x)?;));
+        let steps = names
+            .iter()
+            .map(|n| quote!(let x = self.#n.#call(x).map_err(::core::convert::Into::into)?;));
         impls.extend(quote! {
             #[diagnostic::do_not_recommend]
             impl<#(const #consts: usize,)* __X, #(#params),*> #tr<__X> for #module<#builder, #(#params),*>
             where #(#bounds,)*
             {
                 type Output = #x;
-                type Error = <#first as #tr<__X>>::Error;
+                type Error = #p::Error;
                 fn #method(#recv, x: __X) -> ::core::result::Result<Self::Output, Self::Error> {
                     #(#steps)*
                     Ok(x)
@@ -457,9 +455,12 @@ fn graph_impls(
     quote! {
         #(#traits)*
 
-        impl<#generics> #p::Module<#in_ty> for #built {
+        impl<#generics> #p::Module<#in_ty> for #built
+        where
+            #p::Error: ::core::convert::From<#p::Err<__Dev>>,
+        {
             type Output = #out_ty;
-            type Error = #p::Err<__Dev>;
+            type Error = #p::Error;
             #[allow(unused_variables, clippy::let_and_return)]
             fn try_forward(&self, __input: #in_ty) -> ::core::result::Result<Self::Output, Self::Error> {
                 let #in_pat = __input;
@@ -467,9 +468,12 @@ fn graph_impls(
             }
         }
 
-        impl<#generics> #p::ModuleMut<#in_ty> for #built {
+        impl<#generics> #p::ModuleMut<#in_ty> for #built
+        where
+            #p::Error: ::core::convert::From<#p::Err<__Dev>>,
+        {
             type Output = #out_ty;
-            type Error = #p::Err<__Dev>;
+            type Error = #p::Error;
             #[allow(unused_variables, clippy::let_and_return)]
             fn try_forward_mut(&mut self, __input: #in_ty) -> ::core::result::Result<Self::Output, Self::Error> {
                 let #in_pat = __input;

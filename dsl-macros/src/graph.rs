@@ -134,7 +134,8 @@ impl Walk<'_, '_> {
                     {
                         let __lhs = #lt;
                         let __rhs = #rt;
-                        ::neural_arch::__private::#method((__lhs, __rhs))?
+                        ::neural_arch::__private::#method((__lhs, __rhs))
+                            .map_err(::neural_arch::__private::Error::from)?
                     }
                 };
                 (val, tokens, Source(format!("`{sym}`")))
@@ -268,13 +269,13 @@ impl Walk<'_, '_> {
         }
         let tokens = if self.train {
             if tuple {
-                quote_spanned! {span=> <_ as #trait_name<_, _, _>>::__call_mut(#arg, &mut self.#field_ident)? }
+                quote_spanned! {span=> <_ as #trait_name<_, _>>::__call_mut(#arg, &mut self.#field_ident)? }
             } else {
                 quote_spanned! {span=> <_ as #trait_name<_, _, _, _, _>>::__call_mut(#arg, &mut self.#field_ident)? }
             }
         } else {
             if tuple {
-                quote_spanned! {span=> <_ as #trait_name<_, _, _>>::__call(#arg, &self.#field_ident)? }
+                quote_spanned! {span=> <_ as #trait_name<_, _>>::__call(#arg, &self.#field_ident)? }
             } else {
                 quote_spanned! {span=> <_ as #trait_name<_, _, _, _, _>>::__call(#arg, &self.#field_ident)? }
             }
@@ -325,19 +326,20 @@ fn call_trait(
         return quote! {
             #[diagnostic::on_unimplemented(message = #msg, label = #label)]
             #[allow(non_camel_case_types, dead_code)]
-            trait #name<X, Er, O> {
-                fn __call(x: X, this: &Self) -> ::core::result::Result<O, Er>;
-                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<O, Er>;
+            trait #name<X, O> {
+                fn __call(x: X, this: &Self) -> ::core::result::Result<O, #p::Error>;
+                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<O, #p::Error>;
             }
-            impl<M, X, Er> #name<X, Er, <M as #p::Layer<X>>::Output> for M
+            impl<M, X> #name<X, <M as #p::Layer<X>>::Output> for M
             where
-                M: #p::Layer<X, Error = Er>,
+                M: #p::Layer<X>,
+                <M as #p::Layer<X>>::Error: ::core::convert::Into<#p::Error>,
             {
-                fn __call(x: X, this: &Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, Er> {
-                    #p::Layer::call(this, x)
+                fn __call(x: X, this: &Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, #p::Error> {
+                    #p::Layer::call(this, x).map_err(::core::convert::Into::into)
                 }
-                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, Er> {
-                    #p::Layer::call_mut(this, x)
+                fn __call_mut(x: X, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<X>>::Output, #p::Error> {
+                    #p::Layer::call_mut(this, x).map_err(::core::convert::Into::into)
                 }
             }
         };
@@ -357,19 +359,20 @@ fn call_trait(
         #[diagnostic::on_unimplemented(message = #msg, label = #label)]
         #[allow(non_camel_case_types, dead_code)]
         trait #name<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T, O> {
-            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<O, D::Err>;
-            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<O, D::Err>;
+            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<O, #p::Error>;
+            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<O, #p::Error>;
         }
         impl<M, S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T>
             #name<S, E, D, T, <M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output> for M
         where
-            M: #p::Layer<#p::Tensor<S, E, D, T>, Error = D::Err>,
+            M: #p::Layer<#p::Tensor<S, E, D, T>>,
+            <M as #p::Layer<#p::Tensor<S, E, D, T>>>::Error: ::core::convert::Into<#p::Error>,
         {
-            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, D::Err> {
-                #p::Layer::call(this, x)
+            fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, #p::Error> {
+                #p::Layer::call(this, x).map_err(::core::convert::Into::into)
             }
-            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, D::Err> {
-                #p::Layer::call_mut(this, x)
+            fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<<M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output, #p::Error> {
+                #p::Layer::call_mut(this, x).map_err(::core::convert::Into::into)
             }
         }
     }

@@ -26,6 +26,7 @@
 //! The grammar of [`model!`] is documented on the macro itself; the layers live in [`layers`].
 #![deny(missing_docs)]
 
+mod error;
 pub mod gradcheck;
 pub mod layers;
 mod summary;
@@ -36,6 +37,7 @@ mod summary;
 pub struct ReadmeDoctests;
 
 pub use dfdx;
+pub use error::Error;
 pub use layers::LayerInfo;
 pub use summary::{Summary, SummaryRow};
 
@@ -59,6 +61,7 @@ pub type Built<B, E, D> = <B as dfdx::nn::BuildOnDevice<D, E>>::Built;
 /// Everything a model file needs: the macro, the layers, and dfdx's prelude.
 pub mod prelude {
     pub use crate::layers::*;
+    pub use crate::Error as ModelError;
     pub use crate::{model, Built, Elem, Summary};
     pub use dfdx::nn::{
         BuildModule, BuildOnDevice, DeviceBuildExt, LoadFromSafetensors, Module, ModuleMut,
@@ -75,7 +78,7 @@ pub mod prelude {
 pub mod __private {
     pub use crate::layers::{Flatten, LayerInfo};
     pub use crate::summary::{Summary, SummaryRow};
-    pub use crate::{Built, Elem};
+    pub use crate::{Built, Elem, Error};
     pub use dfdx::nn::{
         BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection, ZeroSizedModule,
     };

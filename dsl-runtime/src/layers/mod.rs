@@ -10,6 +10,7 @@ mod dropout;
 mod flatten;
 mod layer_norm;
 mod linear;
+mod residual;
 
 pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
 pub use attention::{SelfAttention, SelfAttentionModule};
@@ -17,9 +18,7 @@ pub use dropout::Dropout;
 pub use flatten::Flatten;
 pub use layer_norm::{LayerNorm, LayerNormModule};
 pub use linear::{Linear, LinearNoBias};
-
-/// Dfdx's residual wrapper: `Residual<F>` computes `F(x) + x`; its parameters are keyed `0.*`.
-pub use dfdx::nn::builders::Residual;
+pub use residual::{Residual, ResidualModule};
 
 use crate::summary::SummaryRow;
 
@@ -32,13 +31,6 @@ pub trait LayerInfo {
     fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
         let _ = (prefix, depth);
         Vec::new()
-    }
-}
-
-impl<L: LayerInfo> LayerInfo for Residual<L> {
-    const PARAMS: usize = L::PARAMS;
-    fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
-        L::children(&format!("{prefix}.0"), depth)
     }
 }
 
