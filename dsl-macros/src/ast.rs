@@ -45,6 +45,8 @@ pub struct Forward {
 pub struct ShapeSpec {
     pub dims: Vec<DimSpec>,
     pub span: Span,
+    /// Written `usize[B, T]`: token ids rather than float features.
+    pub ints: bool,
 }
 
 /// One dimension of a written shape.
@@ -205,12 +207,25 @@ impl Parse for Forward {
 
 impl Parse for ShapeSpec {
     fn parse(input: ParseStream) -> syn::Result<Self> {
+        let ints = if input.peek(Ident) {
+            let ty: Ident = input.parse()?;
+            if ty != "usize" {
+                return Err(syn::Error::new(
+                    ty.span(),
+                    "a shape is `[B, T, 768]` (float features) or `usize[B, T]` (token ids)",
+                ));
+            }
+            true
+        } else {
+            false
+        };
         let content;
         let bracket = bracketed!(content in input);
         let dims = Punctuated::<DimSpec, Token![,]>::parse_terminated(&content)?;
         Ok(ShapeSpec {
             dims: dims.into_iter().collect(),
             span: bracket.span.open(),
+            ints,
         })
     }
 }

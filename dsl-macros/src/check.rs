@@ -7,10 +7,11 @@
 //! nothing is checked twice and nothing is missed.
 
 use crate::ast::{DimSpec, Field, Model, ShapeSpec};
+use crate::rules::apply_layer;
 use proc_macro2::Span;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use syn::{Expr, GenericArgument, Ident, PathArguments, Type};
+use syn::{Expr, Ident, Type};
 
 /// Collects every error, so that one compile reports all mistakes (serde_derive's `Ctxt`).
 #[derive(Default)]
@@ -98,6 +99,8 @@ impl fmt::Display for Sym {
 pub struct Shp {
     pub full: bool,
     pub dims: Vec<Sym>,
+    /// Token ids (`usize[B, T]`) rather than float features.
+    pub ints: bool,
 }
 
 /// The value of a variable or a layer output: a shape, not known, or several outputs.
@@ -110,6 +113,9 @@ pub enum Val {
 
 impl fmt::Display for Shp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ints {
+            f.write_str("usize")?;
+        }
         let mut parts: Vec<String> = Vec::new();
         if !self.full {
             parts.push("*".into());
@@ -197,20 +203,9 @@ impl<'a> Scope<'a> {
         Shp {
             full: true,
             dims: s.dims.iter().map(|d| self.sym_of_dim(d)).collect(),
+            ints: s.ints,
         }
     }
-}
-
-/// A built-in layer, as far as its shape rule goes.
-enum Rule {
-    /// `[*, from] -> [*, to]`: Linear.
-    LastDim { from: Sym, to: Sym },
-    /// `[*, n] -> [*, n]`: LayerNorm, self-attention.
-    KeepLast(Sym),
-    /// Any shape to itself: activations, dropout, residual wrappers.
-    Identity,
-    /// `[B, ...] -> [B, product]`, with the product given (`Flatten<N>`) or not (`Flatten`).
-    Flatten(Option<Sym>),
 }
 
 /// A divisibility rule the compiler must check once const parameters are known: emitted as a
@@ -222,116 +217,9 @@ pub struct ConstCheck {
     pub message: String,
 }
 
-/// The layer's last path segment and its generic arguments as dimensions.
-fn layer_head(ty: &Type, scope: &Scope) -> Option<(String, Vec<(Sym, Span)>)> {
-    let Type::Path(p) = ty else { return None };
-    let seg = p.path.segments.last()?;
-    let mut args = Vec::new();
-    if let PathArguments::AngleBracketed(a) = &seg.arguments {
-        for arg in &a.args {
-            let span = syn::spanned::Spanned::span(arg);
-            let sym = match arg {
-                GenericArgument::Const(e) => match eval_const(e) {
-                    Some(n) => Sym::Lit(n),
-                    None => Sym::Opaque(quote::ToTokens::to_token_stream(e).to_string()),
-                },
-                GenericArgument::Type(Type::Path(tp)) if tp.path.get_ident().is_some() => {
-                    let s = tp.path.segments[0].ident.to_string();
-                    if scope.consts.contains(&s) {
-                        Sym::Param(s)
-                    } else if scope.runtime.contains(&s) {
-                        Sym::Runtime(s)
-                    } else {
-                        Sym::Opaque(s)
-                    }
-                }
-                other => Sym::Opaque(quote::ToTokens::to_token_stream(other).to_string()),
-            };
-            args.push((sym, span));
-        }
-    }
-    Some((seg.ident.to_string(), args))
-}
-
-fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<Rule> {
-    let (name, args) = layer_head(ty, scope)?;
-    for (a, span) in &args {
-        if let Sym::Runtime(r) = a {
-            cx.error(
-                *span,
-                format!(
-                    "layer `{field}`: `{r}` is a runtime size of `forward`, but layer sizes must be \
-                     fixed: use a number or a const parameter of the model"
-                ),
-            );
-            return None;
-        }
-    }
-    let arg = |i: usize| args.get(i).map(|a| a.0.clone());
-    match (name.as_str(), args.len()) {
-        ("Linear" | "LinearNoBias", 2) => Some(Rule::LastDim {
-            from: arg(0)?,
-            to: arg(1)?,
-        }),
-        ("LayerNorm", 1) => Some(Rule::KeepLast(arg(0)?)),
-        (
-            "ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax",
-            0,
-        )
-        | ("Dropout", 1) => Some(Rule::Identity),
-        ("Flatten", 0) => Some(Rule::Flatten(None)),
-        ("Flatten", 1) => Some(Rule::Flatten(arg(0))),
-        ("SelfAttention", 2 | 4) => {
-            let (m, h) = (arg(0)?, arg(1)?);
-            let k = arg(2).unwrap_or_else(|| m.clone());
-            let v = arg(3).unwrap_or_else(|| m.clone());
-            let span = args[1].1;
-            let kinds = if args.len() == 4 {
-                ["key width", "value width"]
-            } else {
-                ["width", "width"]
-            };
-            for (dim, what) in [(&k, kinds[0]), (&v, kinds[1])] {
-                let message = format!(
-                    "layer `{field}`: the number of heads `{h}` must divide the {what} `{dim}`"
-                );
-                match (dim, &h) {
-                    (_, Sym::Lit(0)) => {
-                        cx.error(span, format!("layer `{field}` needs at least one head"));
-                        return None;
-                    }
-                    (Sym::Lit(a), Sym::Lit(b)) if a % b != 0 => {
-                        cx.error(
-                            span,
-                            format!(
-                                "{message}, but {a} = {} × {b} + {}",
-                                a / (*b).max(1),
-                                a % (*b).max(1)
-                            ),
-                        );
-                        return None;
-                    }
-                    (Sym::Lit(_), Sym::Lit(_)) => {}
-                    _ => cx.checks.push(ConstCheck {
-                        span,
-                        lhs: dim.clone(),
-                        rhs: h.clone(),
-                        message,
-                    }),
-                }
-                if args.len() == 2 {
-                    break;
-                }
-            }
-            Some(Rule::KeepLast(m))
-        }
-        _ => None,
-    }
-}
-
 /// Whether two dimensions are the same size for the type checker, or `None` if it is for the
 /// compiler to say (an opaque constant).
-fn same(a: &Sym, b: &Sym) -> Option<bool> {
+pub fn same(a: &Sym, b: &Sym) -> Option<bool> {
     match (a, b) {
         (Sym::Opaque(_), _) | (_, Sym::Opaque(_)) => None,
         _ => Some(a == b),
@@ -349,201 +237,6 @@ impl Source {
             format!("{} is", self.0)
         }
     }
-}
-
-/// Applies a layer to a value: returns the output, and reports a mismatch on `span`.
-pub fn apply_layer(
-    field: &Field,
-    layer_ty: &Type,
-    input: &Val,
-    from: &Source,
-    scope: &Scope,
-    cx: &mut Ctxt,
-    span: Loc,
-) -> (Val, Option<Type>) {
-    let name = field.name.to_string();
-    let Some(rule) = rule_of(layer_ty, scope, cx, &name) else {
-        return (Val::Unknown, None);
-    };
-    let input_shape = match input {
-        Val::Known(s) => Some(s.clone()),
-        Val::Tuple(v) => {
-            cx.error(
-                span,
-                format!("layer `{name}` takes one input, but is given {}", v.len()),
-            );
-            return (Val::Unknown, None);
-        }
-        Val::Unknown => None,
-    };
-    let mismatch = |cx: &mut Ctxt, expected: String, got: &Shp| {
-        cx.error(
-            span,
-            format!(
-                "layer `{name}` expects input `{expected}`, but {} `{got}`",
-                from.produces()
-            ),
-        );
-    };
-    let check_last = |cx: &mut Ctxt, want: &Sym, s: &Shp| -> bool {
-        let expected = Shp {
-            full: false,
-            dims: vec![want.clone()],
-        }
-        .to_string();
-        match s.dims.last() {
-            None => {
-                mismatch(cx, expected, s);
-                false
-            }
-            Some(Sym::Runtime(r)) if !matches!(want, Sym::Runtime(_)) => {
-                cx.error(
-                    span,
-                    format!(
-                        "layer `{name}` expects input `{expected}`, but {} `{s}`: `{r}` is a \
-                         runtime size, and this layer needs it fixed; put the size (or a const \
-                         parameter) in the shape",
-                        from.produces()
-                    ),
-                );
-                false
-            }
-            Some(d) => {
-                if same(d, want) == Some(false) {
-                    mismatch(cx, expected, s);
-                    false
-                } else {
-                    true
-                }
-            }
-        }
-    };
-    match rule {
-        Rule::LastDim { from: i, to: o } => {
-            let out = match input_shape {
-                Some(mut s) => {
-                    check_last(cx, &i, &s);
-                    if let Some(last) = s.dims.last_mut() {
-                        *last = o;
-                    } else {
-                        s.dims.push(o);
-                    }
-                    s
-                }
-                None => Shp {
-                    full: false,
-                    dims: vec![o],
-                },
-            };
-            (Val::Known(out), None)
-        }
-        Rule::KeepLast(m) => match input_shape {
-            Some(s) => {
-                check_last(cx, &m, &s);
-                (Val::Known(s), None)
-            }
-            None => (
-                Val::Known(Shp {
-                    full: false,
-                    dims: vec![m],
-                }),
-                None,
-            ),
-        },
-        Rule::Identity => (input.clone(), None),
-        Rule::Flatten(given) => flatten(&name, given, input_shape, from, cx, span),
-    }
-}
-
-fn flatten(
-    name: &str,
-    given: Option<Sym>,
-    input: Option<Shp>,
-    from: &Source,
-    cx: &mut Ctxt,
-    span: Loc,
-) -> (Val, Option<Type>) {
-    let s = match input {
-        Some(s) if s.full && s.dims.len() >= 3 => s,
-        Some(s) if s.full => {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}` flattens `[B, d1, d2, ...]` (at least two dimensions after the \
-                     batch), but {} `{s}`",
-                    from.produces()
-                ),
-            );
-            return (Val::Unknown, None);
-        }
-        _ if given.is_some() => return (Val::Unknown, None),
-        _ => {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}`: `Flatten` needs to know the whole input shape to compute its \
-                     size; declare the input with `forward(x: [B, ...]) -> [...];` or write \
-                     `Flatten<N>`"
-                ),
-            );
-            return (Val::Unknown, None);
-        }
-    };
-    let mut product: Option<u128> = Some(1);
-    for d in &s.dims[1..] {
-        product = match (product, d) {
-            (Some(p), Sym::Lit(n)) => p.checked_mul(*n),
-            _ => None,
-        };
-    }
-    let out_dim = match (product, given) {
-        (Some(p), None) => Sym::Lit(p),
-        (Some(p), Some(Sym::Lit(n))) if n != p => {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}`: `Flatten<{n}>`, but {} `{s}`, which flattens to {p}",
-                    from.produces()
-                ),
-            );
-            // Neither size is a safe guess for the layers after this one.
-            return (Val::Unknown, None);
-        }
-        (_, Some(g)) => g,
-        (None, None) => {
-            let runtime = s.dims[1..].iter().find(|d| matches!(d, Sym::Runtime(_)));
-            let msg = match runtime {
-                Some(r) => format!(
-                    "layer `{name}`: `{r}` is a runtime size, but `Flatten` needs the sizes after \
-                     the batch fixed (numbers or const parameters); {} `{s}`",
-                    from.produces()
-                ),
-                None => format!(
-                    "layer `{name}`: cannot compute the flattened size of `{s}` on stable Rust \
-                     (it involves a const parameter); add a const parameter for it and write \
-                     `Flatten<N>`: the product is checked when the sizes are known"
-                ),
-            };
-            cx.error(span, msg);
-            return (Val::Unknown, None);
-        }
-    };
-    let ty = match &out_dim {
-        Sym::Lit(n) => {
-            let lit = proc_macro2::Literal::u128_unsuffixed(*n);
-            let sp = span.0;
-            let ty: Type = syn::parse_quote_spanned!(sp=> ::neural_arch::layers::Flatten<#lit>);
-            Some(ty)
-        }
-        _ => None,
-    };
-    (
-        Val::Known(Shp {
-            full: true,
-            dims: vec![s.dims[0].clone(), out_dim],
-        }),
-        ty,
-    )
 }
 
 /// Checks the whole model; fills in what `expand.rs` needs.

@@ -133,7 +133,7 @@ pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenSt
 }
 
 fn shape_string(s: &Shp, consts: &[Ident]) -> TokenStream {
-    let mut fmt = String::from("[");
+    let mut fmt = String::from(if s.ints { "usize[" } else { "[" });
     let mut args = Vec::new();
     if !s.full {
         fmt.push_str("*, ");
@@ -426,7 +426,11 @@ fn graph_impls(
         .iter()
         .map(|(_, s)| {
             let st = shape_type(s, scope);
-            quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+            if s.ints {
+                quote!(#p::Tensor<#st, usize, __Dev, __Tp>)
+            } else {
+                quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+            }
         })
         .collect();
     let in_names: Vec<&Ident> = fwd.params.iter().map(|(n, _)| n).collect();

@@ -7,8 +7,9 @@
 //! operations by time when it merges them, so the gradient of every use reaches the variable.
 
 use crate::ast::{Field, Forward, Model};
-use crate::check::{apply_layer, check_output, Analysis, Ctxt, Scope, Shp, Source, Val};
+use crate::check::{check_output, Analysis, Ctxt, Scope, Shp, Source, Val};
 use crate::expand::tidy;
+use crate::rules::apply_layer;
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use std::collections::HashMap;

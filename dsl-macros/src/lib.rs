@@ -7,6 +7,7 @@ mod ast;
 mod check;
 mod expand;
 mod graph;
+mod rules;
 
 use proc_macro::TokenStream;
 
