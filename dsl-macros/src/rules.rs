@@ -175,6 +175,10 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
     let n = h.args.len();
     let heads = |cx: &mut Ctxt, width: &Sym, heads_at: usize, what: &str| {
         let hs = arg(heads_at).unwrap_or(Sym::Lit(1));
+        if hs == Sym::Lit(0) {
+            cx.error(span_of(heads_at), format!("layer `{field}` needs at least one head"));
+            return false;
+        }
         let message =
             format!("layer `{field}`: the number of heads `{hs}` must divide the {what} `{width}`");
         divides(cx, span_of(heads_at), message, width, &hs)
