@@ -136,4 +136,95 @@ mod tests {
         );
         Ok(())
     }
+
+    /// The layer types after the macro filled in computed sizes, and the summary shapes.
+    fn analysed(src: &str) -> syn::Result<(Vec<String>, Vec<String>)> {
+        let model: crate::ast::Model = syn::parse_str(src)?;
+        let mut cx = Ctxt::default();
+        let a = crate::check::check(&model, &mut cx);
+        let types = a
+            .layer_types
+            .iter()
+            .map(|t| tidy(&quote::quote!(#t)))
+            .collect();
+        let shapes = a
+            .outputs
+            .iter()
+            .map(|o| o.as_ref().map(|s| s.to_string()).unwrap_or_default())
+            .collect();
+        if let Err(e) = cx.into_result() {
+            return Err(e);
+        }
+        Ok((types, shapes))
+    }
+
+    #[test]
+    fn convolution_and_pooling_sizes_are_computed_and_written_into_the_types() -> syn::Result<()> {
+        let (types, shapes) = analysed(
+            "struct Cnn {
+                c1: Conv2d<1, 8, 3, 1, 1>, p1: MaxPool2d<2>,
+                c2: Conv2d<8, 16, 5, 2, 0, 1, 2>, gap: GlobalAvgPool, fc: Linear<16, 10>,
+            }
+            forward(x: [B, 1, 28, 28]) -> [B, 10];",
+        )?;
+        assert_eq!(
+            shapes,
+            [
+                "[B, 8, 28, 28]",
+                "[B, 8, 14, 14]",
+                "[B, 16, 5, 5]",
+                "[B, 16]",
+                "[B, 10]"
+            ]
+        );
+        assert!(types[0].ends_with("Conv2d<1, 8, 3, 1, 1, 1, 1, true, :: neural_arch :: __private :: Const<28>, :: neural_arch :: __private :: Const<28>>"), "{}", types[0]);
+        assert!(types[1].ends_with("MaxPool2d<2, 2, 0, :: neural_arch :: __private :: Const<14>, :: neural_arch :: __private :: Const<14>>"), "{}", types[1]);
+        Ok(())
+    }
+
+    #[test]
+    fn image_mistakes_are_reported() -> syn::Result<()> {
+        let e = errors(
+            "struct M { c: Conv2d<3, 8, 3>, } forward(x: [B, 1, 28, 28]) -> [B, 8, 26, 26];",
+        )?;
+        assert_eq!(
+            e,
+            ["layer `c` expects input `[B, 3, H, W]`, but the input `x` is `[B, 1, 28, 28]`"]
+        );
+        let e =
+            errors("struct M { c: Conv2d<1, 8, 7>, } forward(x: [B, 1, 5, 5]) -> [B, 8, 1, 1];")?;
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].contains("the kernel 7, more than the input size 5"),
+            "{e:?}"
+        );
+        let e = errors("struct M { c: Conv2d<6, 8, 3, 1, 0, 1, 4>, } forward(x: [B, 6, 8, 8]) -> [B, 8, 6, 6];")?;
+        assert!(
+            e[0].contains("the groups `4` must divide the input channels `6`"),
+            "{e:?}"
+        );
+        let e = errors(
+            "struct M { p: PatchEmbed<3, 64, 16>, } forward(x: [B, 3, 200, 224]) -> [B, 182, 64];",
+        )?;
+        assert!(
+            e[0].contains("the patch size `16` must divide the image height `200`"),
+            "{e:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn token_ids_go_through_an_embedding() -> syn::Result<()> {
+        let (_, shapes) = analysed(
+            "struct Lm { wte: Embedding<100, 16>, wpe: PositionalEmbedding<32, 16>, head: Linear<16, 100>, }
+             forward(ids: usize[B, T]) -> [B, T, 100];",
+        )?;
+        assert_eq!(shapes, ["[B, T, 16]", "[B, T, 16]", "[B, T, 100]"]);
+        let e = errors("struct M { fc: Linear<16, 4>, } forward(ids: usize[B, 16]) -> [B, 4];")?;
+        assert!(
+            e[0].contains("takes float features, but the input `ids` is token ids `usize[B, 16]`"),
+            "{e:?}"
+        );
+        Ok(())
+    }
 }

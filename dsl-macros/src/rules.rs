@@ -176,7 +176,10 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
     let heads = |cx: &mut Ctxt, width: &Sym, heads_at: usize, what: &str| {
         let hs = arg(heads_at).unwrap_or(Sym::Lit(1));
         if hs == Sym::Lit(0) {
-            cx.error(span_of(heads_at), format!("layer `{field}` needs at least one head"));
+            cx.error(
+                span_of(heads_at),
+                format!("layer `{field}` needs at least one head"),
+            );
             return false;
         }
         let message =
