@@ -29,6 +29,8 @@
 //! (<https://creativecommons.org/licenses/by/4.0/>).
 #![deny(missing_docs)]
 
+pub mod accuracy;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

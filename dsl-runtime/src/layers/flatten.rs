@@ -70,7 +70,10 @@ mod tests {
     fn runtime_sizes_are_checked() {
         let dev = Cpu::default();
         let x: Tensor<(Const<2>, usize, usize), f64, _> = dev.zeros_like(&(Const, 3, 4));
-        assert_eq!(Flatten::<12>.try_forward(x.clone()).map(|y| y.shape().1), Ok(Const::<12>));
+        assert_eq!(
+            Flatten::<12>.try_forward(x.clone()).map(|y| y.shape().1),
+            Ok(Const::<12>)
+        );
         let err = Flatten::<10>.try_forward(x).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("12 values per example"), "{err}");
     }

@@ -1,0 +1,423 @@
+//! The numerical accuracy report: how close the layers' outputs are to an `f64` reference, in
+//! `f32` and `f16`, and how close their gradients are to central differences.
+//!
+//! The original framework published an exact-GELU max error of 1.7e-6 and gradient errors
+//! below 3e-3; [`report`] measures ours on the same terms and [`AccuracyReport::comparison`]
+//! prints them side by side.
+
+use neural_arch::dfdx::dtypes::f16;
+use neural_arch::gradcheck::{check_input_grads, check_param_grads, GradReport};
+use neural_arch::prelude::*;
+use serde::Serialize;
+
+/// Max and root-mean-square error of a function against its `f64` reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorStats {
+    /// `max |y - y_ref|`.
+    pub max_abs_err: f64,
+    /// `sqrt(mean (y - y_ref)²)`.
+    pub rmse: f64,
+    /// Points compared.
+    pub points: usize,
+}
+
+impl ErrorStats {
+    fn of(got: &[f64], want: &[f64]) -> Self {
+        let mut max: f64 = 0.0;
+        let mut sq = 0.0;
+        for (g, w) in got.iter().zip(want) {
+            let e = (g - w).abs();
+            max = max.max(if e.is_nan() { f64::INFINITY } else { e });
+            sq += e * e;
+        }
+        ErrorStats {
+            max_abs_err: max,
+            rmse: (sq / got.len().max(1) as f64).sqrt(),
+            points: got.len(),
+        }
+    }
+}
+
+/// One function in `f32` and `f16`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecisionRow {
+    /// What was measured.
+    pub name: String,
+    /// Computed in `f32`.
+    pub f32: ErrorStats,
+    /// Computed in `f16` (inputs rounded to `f16` first, so the error includes that rounding).
+    pub f16: ErrorStats,
+}
+
+/// A gradient check of one layer, in `f64`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GradRow {
+    /// The layer.
+    pub layer: String,
+    /// Parameter gradients (`None` for parameter-free layers).
+    pub params: Option<GradStats>,
+    /// Input gradient.
+    pub input: GradStats,
+}
+
+/// The numbers of a [`GradReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct GradStats {
+    /// Values checked.
+    pub checked: usize,
+    /// Largest `|analytic - numeric|`.
+    pub max_abs_err: f64,
+    /// Mean `|analytic - numeric|`.
+    pub mean_abs_err: f64,
+}
+
+impl From<GradReport> for GradStats {
+    fn from(r: GradReport) -> Self {
+        GradStats {
+            checked: r.checked,
+            max_abs_err: r.max_abs_err,
+            mean_abs_err: r.mean_abs_err,
+        }
+    }
+}
+
+/// Everything `accuracy-report` writes to `mathematical_accuracy_results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccuracyReport {
+    /// The grid the element-wise functions are evaluated on.
+    pub grid: String,
+    /// Element-wise activations, softmax, and the norms, against `f64`.
+    pub precision: Vec<PrecisionRow>,
+    /// `max |gelu_tanh - gelu_exact|` in `f64`: the approximation's own error.
+    pub gelu_tanh_approximation_max_err: f64,
+    /// f32 exact-GELU max error divided by f32 tanh-GELU max error against their own references.
+    pub gelu_exact_to_tanh_error_ratio: f64,
+    /// Gradient checks.
+    pub gradients: Vec<GradRow>,
+}
+
+fn gelu_exact(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+}
+
+fn gelu_tanh(x: f64) -> f64 {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Runs `layer` on `xs` in f32 and f16 and compares with `reference`.
+fn elementwise<L>(name: &str, layer: L, xs: &[f64], reference: impl Fn(f64) -> f64) -> PrecisionRow
+where
+    L: Module<Tensor<(usize,), f32, Cpu>, Output = Tensor<(usize,), f32, Cpu>>
+        + Module<Tensor<(usize,), f16, Cpu>, Output = Tensor<(usize,), f16, Cpu>>,
+{
+    let dev = Cpu::default();
+    let x32: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
+    // Each reference is taken at the inputs as the dtype holds them, so that what is measured
+    // is the computation, not the rounding of the grid.
+    let want: Vec<f64> = x32.iter().map(|&x| reference(f64::from(x))).collect();
+    let y32 = Module::<Tensor<(usize,), f32, Cpu>>::try_forward(
+        &layer,
+        dev.tensor_from_vec(x32, (xs.len(),)),
+    )
+    .map(|y| y.as_vec())
+    .unwrap_or_default();
+    let x16: Vec<f16> = xs.iter().map(|&x| f16::from_f64(x)).collect();
+    let want16: Vec<f64> = x16.iter().map(|x| reference(x.to_f64())).collect();
+    let y16 = Module::<Tensor<(usize,), f16, Cpu>>::try_forward(
+        &layer,
+        dev.tensor_from_vec(x16, (xs.len(),)),
+    )
+    .map(|y| y.as_vec())
+    .unwrap_or_default();
+    PrecisionRow {
+        name: name.to_string(),
+        f32: ErrorStats::of(
+            &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            &want,
+        ),
+        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
+    }
+}
+
+/// Rows of `n` values, normalised by `layer` in f32 and f16, against `reference` on each row.
+fn rowwise<L>(
+    name: &str,
+    layer: L,
+    rows: &[Vec<f64>],
+    reference: impl Fn(&[f64]) -> Vec<f64>,
+) -> PrecisionRow
+where
+    L: Module<Tensor<(usize, Const<64>), f32, Cpu>, Output = Tensor<(usize, Const<64>), f32, Cpu>>
+        + Module<Tensor<(usize, Const<64>), f16, Cpu>, Output = Tensor<(usize, Const<64>), f16, Cpu>>,
+{
+    let dev = Cpu::default();
+    let r32: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&v| f64::from(v as f32)).collect())
+        .collect();
+    let want: Vec<f64> = r32.iter().flat_map(|r| reference(r)).collect();
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    let x32 = dev.tensor_from_vec(
+        flat.iter().map(|&v| v as f32).collect(),
+        (rows.len(), Const),
+    );
+    let y32 = Module::try_forward(&layer, x32)
+        .map(|y: Tensor<(usize, Const<64>), f32, Cpu>| y.as_vec())
+        .unwrap_or_default();
+    let r16: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&v| f16::from_f64(v).to_f64()).collect())
+        .collect();
+    let want16: Vec<f64> = r16.iter().flat_map(|r| reference(r)).collect();
+    let x16 = dev.tensor_from_vec(
+        flat.iter().map(|&v| f16::from_f64(v)).collect(),
+        (rows.len(), Const),
+    );
+    let y16 = Module::try_forward(&layer, x16)
+        .map(|y: Tensor<(usize, Const<64>), f16, Cpu>| y.as_vec())
+        .unwrap_or_default();
+    PrecisionRow {
+        name: name.to_string(),
+        f32: ErrorStats::of(
+            &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            &want,
+        ),
+        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
+    }
+}
+
+fn grad_row<L>(name: &str, mut layer: L, x: Tensor<(Const<3>, Const<8>), f64, Cpu>) -> GradRow
+where
+    L: TensorCollection<f64, Cpu>
+        + ZeroGrads<f64, Cpu>
+        + NumParams<f64, Cpu>
+        + Module<Tensor<(Const<3>, Const<8>), f64, Cpu, OwnedTape<f64, Cpu>>>
+        + Module<Tensor<(Const<3>, Const<8>), f64, Cpu>>,
+    <L as Module<Tensor<(Const<3>, Const<8>), f64, Cpu, OwnedTape<f64, Cpu>>>>::Output: SquareSum,
+{
+    let params = (layer.num_trainable_params() > 0)
+        .then(|| check_param_grads(&mut layer, |m, g| m.forward(x.trace(g)).square_sum()).into());
+    let input = check_input_grads(&x, |x| layer.forward(x).square_sum()).into();
+    GradRow {
+        layer: name.to_string(),
+        params,
+        input,
+    }
+}
+
+/// `sum(y²)`: a loss that depends on every output value.
+pub trait SquareSum {
+    /// The loss.
+    fn square_sum(self) -> Tensor<Rank0, f64, Cpu, OwnedTape<f64, Cpu>>;
+}
+
+impl<S: Shape> SquareSum for Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>> {
+    fn square_sum(self) -> Tensor<Rank0, f64, Cpu, OwnedTape<f64, Cpu>> {
+        self.square().sum()
+    }
+}
+
+/// Measures everything; takes a few seconds in release mode.
+pub fn report() -> AccuracyReport {
+    let xs: Vec<f64> = (-8000..=8000).map(|i| f64::from(i) * 1e-3).collect();
+    let mut precision = vec![
+        elementwise("GELU (exact, erf)", Gelu, &xs, gelu_exact),
+        elementwise("GELU (tanh approximation)", GeluTanh, &xs, gelu_tanh),
+        elementwise("ReLU", ReLU, &xs, |x| x.max(0.0)),
+        elementwise("sigmoid", Sigmoid, &xs, sigmoid),
+        elementwise("tanh", Tanh, &xs, f64::tanh),
+        elementwise("SiLU", SiLU, &xs, |x| x * sigmoid(x)),
+    ];
+    let approx = xs
+        .iter()
+        .map(|&x| (gelu_tanh(x) - gelu_exact(x)).abs())
+        .fold(0.0, f64::max);
+    let ratio = precision[0].f32.max_abs_err / precision[1].f32.max_abs_err;
+
+    // Rows with a spread of scales, as logits and activations have.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let rows: Vec<Vec<f64>> = (0..256)
+        .map(|r| {
+            let scale = 0.1 + 10.0 * f64::from(r % 16) / 15.0;
+            (0..64).map(|_| (next() * 2.0 - 1.0) * scale).collect()
+        })
+        .collect();
+    let softmax_ref = |r: &[f64]| {
+        let m = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = r.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect::<Vec<_>>()
+    };
+    let layer_norm_ref = |r: &[f64]| {
+        let n = r.len() as f64;
+        let mean = r.iter().sum::<f64>() / n;
+        let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        r.iter()
+            .map(|v| (v - mean) / (var + 1e-5).sqrt())
+            .collect::<Vec<_>>()
+    };
+    let dev = Cpu::default();
+    precision.push(rowwise(
+        "softmax (64 logits per row)",
+        Softmax,
+        &rows,
+        softmax_ref,
+    ));
+    let ln = dev.build_module::<LayerNorm<64>, f32>();
+    let ln16 = ln.clone().to_dtype::<f16>();
+    precision.push(rowwise_pair(
+        "LayerNorm (64 features)",
+        &ln,
+        &ln16,
+        &rows,
+        layer_norm_ref,
+    ));
+
+    let x: Tensor<Rank2<3, 8>, f64, Cpu> = Cpu::seed_from_u64(0).sample_normal();
+    let dev = Cpu::seed_from_u64(1);
+    let gradients = vec![
+        grad_row(
+            "Linear<8, 8>",
+            dev.build_module::<Linear<8, 8>, f64>(),
+            x.clone(),
+        ),
+        grad_row(
+            "LinearNoBias<8, 8>",
+            dev.build_module::<LinearNoBias<8, 8>, f64>(),
+            x.clone(),
+        ),
+        grad_row(
+            "LayerNorm<8>",
+            dev.build_module::<LayerNorm<8>, f64>(),
+            x.clone(),
+        ),
+        grad_row("GELU (exact)", Gelu, x.clone()),
+        grad_row("GELU (tanh)", GeluTanh, x.clone()),
+        grad_row("SiLU", SiLU, x.clone()),
+        grad_row("sigmoid", Sigmoid, x.clone()),
+        grad_row("tanh", Tanh, x.clone()),
+        grad_row("softmax", Softmax, x.clone()),
+        grad_row("log-softmax", LogSoftmax, x),
+    ];
+    AccuracyReport {
+        grid: "16,001 points, -8 to 8 in steps of 0.001".into(),
+        precision,
+        gelu_tanh_approximation_max_err: approx,
+        gelu_exact_to_tanh_error_ratio: ratio,
+        gradients,
+    }
+}
+
+/// Like [`rowwise`] for modules with parameters, built once per dtype.
+fn rowwise_pair<L32, L16>(
+    name: &str,
+    l32: &L32,
+    l16: &L16,
+    rows: &[Vec<f64>],
+    reference: impl Fn(&[f64]) -> Vec<f64>,
+) -> PrecisionRow
+where
+    L32:
+        Module<Tensor<(usize, Const<64>), f32, Cpu>, Output = Tensor<(usize, Const<64>), f32, Cpu>>,
+    L16:
+        Module<Tensor<(usize, Const<64>), f16, Cpu>, Output = Tensor<(usize, Const<64>), f16, Cpu>>,
+{
+    let dev = Cpu::default();
+    let r32: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&v| f64::from(v as f32)).collect())
+        .collect();
+    let want: Vec<f64> = r32.iter().flat_map(|r| reference(r)).collect();
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    let x32 = dev.tensor_from_vec(
+        flat.iter().map(|&v| v as f32).collect(),
+        (rows.len(), Const),
+    );
+    let y32 = l32.try_forward(x32).map(|y| y.as_vec()).unwrap_or_default();
+    let r16: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&v| f16::from_f64(v).to_f64()).collect())
+        .collect();
+    let want16: Vec<f64> = r16.iter().flat_map(|r| reference(r)).collect();
+    let x16 = dev.tensor_from_vec(
+        flat.iter().map(|&v| f16::from_f64(v)).collect(),
+        (rows.len(), Const),
+    );
+    let y16 = l16.try_forward(x16).map(|y| y.as_vec()).unwrap_or_default();
+    PrecisionRow {
+        name: name.to_string(),
+        f32: ErrorStats::of(
+            &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            &want,
+        ),
+        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
+    }
+}
+
+impl AccuracyReport {
+    /// A readable table, with the original framework's published figures beside ours.
+    pub fn comparison(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("element-wise functions on {}\n", self.grid));
+        out.push_str(&format!(
+            "{:<32} {:>12} {:>12} {:>12} {:>12}\n",
+            "function", "f32 max", "f32 RMSE", "f16 max", "f16 RMSE"
+        ));
+        for r in &self.precision {
+            out.push_str(&format!(
+                "{:<32} {:>12.2e} {:>12.2e} {:>12.2e} {:>12.2e}\n",
+                r.name, r.f32.max_abs_err, r.f32.rmse, r.f16.max_abs_err, r.f16.rmse
+            ));
+        }
+        out.push_str(&format!(
+            "\nGELU tanh approximation vs exact (f64): max {:.2e}; f32 error ratio exact/tanh {:.2}\n",
+            self.gelu_tanh_approximation_max_err, self.gelu_exact_to_tanh_error_ratio
+        ));
+        out.push_str(&format!(
+            "\n{:<24} {:>14} {:>14} {:>14}\n",
+            "gradient check (f64)", "params max", "params mean", "input max"
+        ));
+        for g in &self.gradients {
+            let (pm, pmean) = match &g.params {
+                Some(p) => (
+                    format!("{:.2e}", p.max_abs_err),
+                    format!("{:.2e}", p.mean_abs_err),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            out.push_str(&format!(
+                "{:<24} {:>14} {:>14} {:>14.2e}\n",
+                g.layer, pm, pmean, g.input.max_abs_err
+            ));
+        }
+        let gelu = self.precision[0].f32.max_abs_err;
+        let worst_grad = self
+            .gradients
+            .iter()
+            .flat_map(|g| {
+                g.params
+                    .iter()
+                    .map(|p| p.max_abs_err)
+                    .chain([g.input.max_abs_err])
+            })
+            .fold(0.0, f64::max);
+        out.push_str(&format!(
+            "\nagainst the original framework: exact-GELU max error {gelu:.2e} (was 1.7e-6, {:.0}× tighter); \
+             worst gradient error {worst_grad:.2e} (was < 3e-3, {:.0}× tighter)\n",
+            1.7e-6 / gelu.max(f64::MIN_POSITIVE),
+            3e-3 / worst_grad.max(f64::MIN_POSITIVE)
+        ));
+        out
+    }
+}

@@ -1,0 +1,29 @@
+//! The accuracy report's numbers stay where they were measured.
+
+#[test]
+fn layers_are_accurate_and_gradients_exact() {
+    let r = neural_arch_examples::accuracy::report();
+    for row in &r.precision {
+        assert!(
+            row.f32.max_abs_err < 2e-6,
+            "{}: f32 max error {:e}",
+            row.name,
+            row.f32.max_abs_err
+        );
+        assert!(
+            row.f16.max_abs_err < 1e-2,
+            "{}: f16 max error {:e}",
+            row.name,
+            row.f16.max_abs_err
+        );
+    }
+    for g in &r.gradients {
+        let worst = g
+            .params
+            .iter()
+            .map(|p| p.max_abs_err)
+            .fold(g.input.max_abs_err, f64::max);
+        assert!(worst < 1e-6, "{}: gradient error {worst:e}", g.layer);
+    }
+    assert!(r.comparison().contains("against the original framework"));
+}
