@@ -152,9 +152,7 @@ mod tests {
             .iter()
             .map(|o| o.as_ref().map(|s| s.to_string()).unwrap_or_default())
             .collect();
-        if let Err(e) = cx.into_result() {
-            return Err(e);
-        }
+        cx.into_result()?;
         Ok((types, shapes))
     }
 
@@ -195,7 +193,7 @@ mod tests {
             errors("struct M { c: Conv2d<1, 8, 7>, } forward(x: [B, 1, 5, 5]) -> [B, 8, 1, 1];")?;
         assert_eq!(e.len(), 1);
         assert!(
-            e[0].contains("the kernel 7, more than the input size 5"),
+            e[0].contains("the kernel 7 is larger than the height 5"),
             "{e:?}"
         );
         let e = errors("struct M { c: Conv2d<6, 8, 3, 1, 0, 1, 4>, } forward(x: [B, 6, 8, 8]) -> [B, 8, 6, 6];")?;

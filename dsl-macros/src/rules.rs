@@ -305,7 +305,14 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
 }
 
 /// `(h + 2p - dil·(k-1) - 1) / s + 1`, or why it cannot be computed.
-fn window_out(h: &Sym, k: &Sym, s: &Sym, p: &Sym, dil: &Sym) -> Result<Option<u128>, String> {
+fn window_out(
+    axis: &str,
+    h: &Sym,
+    k: &Sym,
+    s: &Sym,
+    p: &Sym,
+    dil: &Sym,
+) -> Result<Option<u128>, String> {
     let (Sym::Lit(h), Sym::Lit(k), Sym::Lit(s), Sym::Lit(p), Sym::Lit(dil)) = (h, k, s, p, dil)
     else {
         return Ok(None);
@@ -314,13 +321,11 @@ fn window_out(h: &Sym, k: &Sym, s: &Sym, p: &Sym, dil: &Sym) -> Result<Option<u1
     let padded = h + 2 * p;
     if padded < span {
         let what = if *dil > 1 {
-            format!("the kernel {k} with dilation {dil} spans {span}")
+            format!("the kernel {k} with dilation {dil} spans {span}, more than")
         } else {
-            format!("the kernel {k}")
+            format!("the kernel {k} is larger than")
         };
-        return Err(format!(
-            "{what}, more than the input size {h} padded by {p} on each side"
-        ));
+        return Err(format!("{what} the {axis} {h} padded by {p} on each side"));
     }
     Ok(Some((padded - span) / s + 1))
 }
@@ -458,7 +463,7 @@ pub fn apply_layer(
                             cx.error(
                                 span,
                                 format!(
-                                    "layer `{name}` holds {m} positions, but {} `{s}`, with {t}",
+                                    "layer `{name}` holds {m} positions, but {} `{s}`: a sequence of {t}",
                                     from.produces()
                                 ),
                             );
@@ -662,19 +667,16 @@ impl Apply<'_> {
     ) -> Option<(Sym, Sym)> {
         let mut out = Vec::new();
         for (axis, d) in ["height", "width"].iter().zip(&s.dims[2..4]) {
-            match window_out(d, k, st, p, dil) {
+            match window_out(axis, d, k, st, p, dil) {
                 Ok(Some(n)) => out.push(Sym::Lit(n)),
                 Ok(None) => out.push(Sym::Opaque(format!("{}'", d))),
                 Err(why) => {
                     cx.error(
                         self.span,
                         format!(
-                            "layer `{}`: {why} ({axis} of {} `{s}`)",
+                            "layer `{}`: {why}; {} `{s}`",
                             self.name,
-                            self.from
-                                .produces()
-                                .trim_end_matches(" is")
-                                .trim_end_matches(" produces")
+                            self.from.produces()
                         ),
                     );
                     return None;

@@ -20,6 +20,8 @@ fn ui() {
         "runtime-dims",
         "generic-dims",
         "divisibility",
+        "image-layers",
+        "tokens",
     ] {
         t.compile_fail(format!("tests/ui/{family}/*.rs"));
     }
