@@ -26,6 +26,26 @@ pub enum Error {
     /// A runtime size does not fit a layer (the message says which and why).
     #[error("{0}")]
     Shape(String),
+    /// A class target at or beyond the number of classes reached a loss.
+    #[error(
+        "target {target} at position {position} is out of range for {classes} classes (valid \
+         targets are 0..{classes}, or the ignore index); check the labels and the model's \
+         number of outputs"
+    )]
+    TargetOutOfRange {
+        /// The offending target.
+        target: usize,
+        /// Its index in the flattened targets.
+        position: usize,
+        /// The number of classes (the logits' last dimension).
+        classes: usize,
+    },
+    /// A hyper-parameter is out of its valid range (the message says which and why).
+    #[error("{0}")]
+    Config(String),
+    /// A saved state could not be written, read, or does not fit (the message says why).
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 impl From<dfdx::tensor::CpuError> for Error {

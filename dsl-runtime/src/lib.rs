@@ -29,6 +29,8 @@
 mod error;
 pub mod gradcheck;
 pub mod layers;
+pub mod losses;
+pub mod optim;
 mod summary;
 
 /// The README's examples, compiled as doctests so that they stay true.
@@ -61,13 +63,19 @@ pub type Built<B, E, D> = <B as dfdx::nn::BuildOnDevice<D, E>>::Built;
 /// Everything a model file needs: the macro, the layers, and dfdx's prelude.
 pub mod prelude {
     pub use crate::layers::*;
+    pub use crate::losses::{bce_with_logits, clip_loss, cross_entropy, mse, CrossEntropy};
     pub use crate::Error as ModelError;
     pub use crate::{model, Built, Elem, Summary};
     pub use dfdx::nn::{
         BuildModule, BuildOnDevice, DeviceBuildExt, LoadFromSafetensors, Module, ModuleMut,
         NumParams, ResetParams, SaveToSafetensors, TensorCollection, ToDevice, ToDtype, ZeroGrads,
     };
-    pub use dfdx::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, WeightDecay};
+    // Adam and Sgd are neural_arch's: dfdx's, plus state, lr and `step` (see `optim`).
+    pub use crate::optim::{
+        adamw, clip_grad_norm, Adam, GradAccumulation, LearningRate, Lion, LionConfig, Momentum,
+        Optim, OptimizerState, Sgd, WarmupCosine,
+    };
+    pub use dfdx::optim::{AdamConfig, Optimizer, SgdConfig, WeightDecay};
     pub use dfdx::shapes::*;
     pub use dfdx::tensor::*;
     pub use dfdx::tensor_ops::*;
@@ -83,7 +91,7 @@ pub mod __private {
         BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection, ZeroSizedModule,
     };
     pub use dfdx::shapes::{Const, Dim, Dtype, Shape};
-    pub use dfdx::tensor::{Tape, Tensor, WithEmptyTape};
+    pub use dfdx::tensor::{Storage, Tape, Tensor, WithEmptyTape};
     pub use dfdx::tensor_ops::{Device, TryAdd, TryMul, TrySub};
     pub use std::{format, string::String, vec, vec::Vec};
 

@@ -6,19 +6,45 @@
 
 mod activation;
 mod attention;
+mod batch_norm;
+mod causal_attention;
+mod conv;
+mod cpu_fast;
 mod dropout;
+mod embedding;
 mod flatten;
+mod gqa;
 mod layer_norm;
 mod linear;
+mod logit_scale;
+mod patch;
+mod pool;
 mod residual;
+mod rms_norm;
+mod rope;
+mod swiglu;
 
 pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
-pub use attention::{SelfAttention, SelfAttentionModule};
+pub use attention::{
+    ConstProd, CrossAttention, CrossAttentionModule, InProj, InProjNoBias, KvCache, OutProjNoBias,
+    SelfAttention, SelfAttentionModule,
+};
+pub use batch_norm::{BatchNorm2d, BatchNorm2dModule};
+pub use causal_attention::{CausalSelfAttention, CausalSelfAttentionModule};
+pub use conv::{Conv2d, Conv2dModule, PerGroup};
 pub use dropout::Dropout;
+pub use embedding::{Embedding, EmbeddingModule, PositionalEmbedding, PositionalEmbeddingModule};
 pub use flatten::Flatten;
+pub use gqa::{GqaAttention, GqaAttentionModule};
 pub use layer_norm::{LayerNorm, LayerNormModule};
 pub use linear::{Linear, LinearNoBias};
+pub use logit_scale::{LogitScale, LogitScaleModule, LOGIT_SCALE_INIT};
+pub use patch::{PatchEmbed, PatchEmbedModule};
+pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
 pub use residual::{Residual, ResidualModule};
+pub use rms_norm::{RMSNorm, RMSNormModule};
+pub use rope::Rope;
+pub use swiglu::{SwiGLU, SwiGLUModule};
 
 use crate::summary::SummaryRow;
 

@@ -1,0 +1,544 @@
+//! Batch normalisation of images, per channel.
+
+use super::cpu_fast::{cpu_vec, fused_cpu, sum8, CPU};
+use super::LayerInfo;
+use crate::{Elem, Error};
+use dfdx::nn::{BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection, TensorOptions};
+use dfdx::shapes::{Const, Dim, Dtype, HasShape, Rank1, Shape};
+use dfdx::tensor::{HasErr, PutTape, SplitTape, Storage, Tape, Tensor};
+use dfdx::tensor_ops::{BroadcastTo, Device, MeanTo, ReshapeTo, TryAdd, TryDiv, TryMul, TrySub};
+
+/// `y = (x - mean) / √(var + ε) · weight + bias` per channel (Ioffe & Szegedy,
+/// <https://arxiv.org/abs/1502.03167>), with PyTorch's semantics:
+///
+/// - training (`forward_mut`): `mean` and `var` are the batch's, over `B`, `H` and `W`, with the
+///   biased variance; the running statistics are then updated as
+///   `running = (1 - momentum) · running + momentum · batch`, the variance unbiased
+///   (`· n / (n - 1)`, `n = B·H·W`). A batch with `n = 1` has no variance: [`Error::Shape`].
+/// - evaluation (`forward`): `mean` and `var` are `running_mean` and `running_var`, unchanged.
+///
+/// Both run on any tape: the gradient reaches the input, `weight` and `bias` in both modes. On
+/// the CPU both are fused kernels with the statistics in `f64`; other devices compose dfdx ops.
+///
+/// # Shapes
+/// `[B, C, H, W] -> [B, C, H, W]`, with `B`, `H` and `W` fixed or runtime sizes.
+///
+/// Parameters `weight` (ones) and `bias` (zeros); buffers `running_mean` (zeros) and
+/// `running_var` (ones), all `[C]` and named as in PyTorch. The buffers are saved and loaded
+/// with the parameters (safetensors) but optimizers leave them alone, and
+/// [`LayerInfo::PARAMS`] `= 2·C` counts only `weight` and `bias`, as PyTorch's `parameters()`
+/// does. PyTorch's `num_batches_tracked` is not kept: it only matters with `momentum=None`, and
+/// PyTorch fills it in when it loads a checkpoint without it. `eps` ([`BatchNorm2d::DEFAULT_EPS`]
+/// `= 1e-5`) and `momentum` ([`BatchNorm2d::DEFAULT_MOMENTUM`] `= 0.1`) are fields of the
+/// built module.
+///
+/// PyTorch: `torch.nn.BatchNorm2d(C)` (`eps=1e-5, momentum=0.1`).
+///
+/// ```
+/// use neural_arch::prelude::*;
+/// let dev = Cpu::default();
+/// let mut bn = dev.build_module::<BatchNorm2d<1>, f64>();
+/// let x = dev.tensor([[[[1.0, 3.0]]]]);
+/// // Training: the batch's mean 2 and variance 1.
+/// let y = bn.forward_mut(x.clone());
+/// assert!((y.array()[0][0][0][0] + 1.0 / (1.0f64 + 1e-5).sqrt()).abs() < 1e-12);
+/// // The running statistics moved a tenth of the way: the mean to 0.2, the unbiased variance 2.
+/// assert!((bn.running_mean.array()[0] - 0.2).abs() < 1e-12);
+/// assert!((bn.running_var.array()[0] - 1.1).abs() < 1e-12);
+/// // Evaluation uses them.
+/// let y = bn.forward(x);
+/// assert!((y.array()[0][0][0][0] - 0.8 / (1.1f64 + 1e-5).sqrt()).abs() < 1e-12);
+/// ```
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchNorm2d<const C: usize>;
+
+impl<const C: usize> BatchNorm2d<C> {
+    /// The `eps` a freshly built module has (PyTorch's).
+    pub const DEFAULT_EPS: f64 = 1e-5;
+    /// The `momentum` a freshly built module has (PyTorch's).
+    pub const DEFAULT_MOMENTUM: f64 = 0.1;
+}
+
+/// The built [`BatchNorm2d`].
+#[derive(Debug, Clone)]
+pub struct BatchNorm2dModule<const C: usize, E: Dtype, D: Storage<E>> {
+    /// Scale, initialised to ones.
+    pub weight: Tensor<Rank1<C>, E, D>,
+    /// Shift, initialised to zeros.
+    pub bias: Tensor<Rank1<C>, E, D>,
+    /// Per-channel mean for evaluation, updated in training; not trained.
+    pub running_mean: Tensor<Rank1<C>, E, D>,
+    /// Per-channel (unbiased) variance for evaluation, updated in training; not trained.
+    pub running_var: Tensor<Rank1<C>, E, D>,
+    /// Added to the variance; [`BatchNorm2d::DEFAULT_EPS`] after building (and after
+    /// `to_device`/`to_dtype`, which rebuild the module).
+    pub eps: f64,
+    /// Weight of the batch in the running statistics; [`BatchNorm2d::DEFAULT_MOMENTUM`] after
+    /// building (and after `to_device`/`to_dtype`).
+    pub momentum: f64,
+}
+
+impl<const C: usize> LayerInfo for BatchNorm2d<C> {
+    const PARAMS: usize = 2 * C;
+}
+
+impl<const C: usize, E: Elem, D: Device<E>> BuildOnDevice<D, E> for BatchNorm2d<C> {
+    type Built = BatchNorm2dModule<C, E, D>;
+}
+
+impl<const C: usize, E: Elem, D: Device<E>> TensorCollection<E, D> for BatchNorm2dModule<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = BatchNorm2dModule<C, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::tensor(
+                    "weight",
+                    |s| &s.weight,
+                    |s| &mut s.weight,
+                    TensorOptions::reset_to_ones(),
+                ),
+                Self::tensor(
+                    "bias",
+                    |s| &s.bias,
+                    |s| &mut s.bias,
+                    TensorOptions::reset_to_zeros(),
+                ),
+                // `detached`: no gradient update, but visited by safetensors and `to_device`.
+                Self::tensor(
+                    "running_mean",
+                    |s| &s.running_mean,
+                    |s| &mut s.running_mean,
+                    TensorOptions::detached(|t| t.try_fill_with_zeros()),
+                ),
+                Self::tensor(
+                    "running_var",
+                    |s| &s.running_var,
+                    |s| &mut s.running_var,
+                    TensorOptions::detached(|t| t.try_fill_with_ones()),
+                ),
+            ),
+            // eps and momentum are not visited as scalars: dfdx would save them as tensors, and
+            // a PyTorch state dict has no such keys.
+            |(weight, bias, running_mean, running_var)| BatchNorm2dModule {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                eps: BatchNorm2d::<C>::DEFAULT_EPS,
+                momentum: BatchNorm2d::<C>::DEFAULT_MOMENTUM,
+            },
+        )
+    }
+}
+
+impl<B: Dim, const C: usize, H: Dim, W: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>
+    Module<Tensor<(B, Const<C>, H, W), E, D, T>> for BatchNorm2dModule<C, E, D>
+where
+    Error: From<<D as HasErr>::Err>,
+{
+    type Output = Tensor<(B, Const<C>, H, W), E, D, T>;
+    // Evaluation cannot fail on any input, but `model!` needs one error type for both modes.
+    type Error = Error;
+
+    fn try_forward(&self, x: Tensor<(B, Const<C>, H, W), E, D, T>) -> Result<Self::Output, Error> {
+        let shape = *x.shape();
+        if shape.num_elements() > 0 && fused_cpu::<E, D>() {
+            let hw = shape.2.size() * shape.3.size();
+            return Ok(batch_norm_cpu(self, x, hw, None)?.0);
+        }
+        // Folded into `x · scale + shift` per channel, so that the image-sized tensor sees two
+        // operations instead of three.
+        let std = self
+            .running_var
+            .clone()
+            .try_add(E::from_f64(self.eps).unwrap())?
+            .try_sqrt()?;
+        let scale = self.weight.retaped::<T>().try_div(std)?;
+        let shift = self
+            .bias
+            .retaped::<T>()
+            .try_sub(scale.retaped::<T>().try_mul(self.running_mean.clone())?)?;
+        Ok(x.try_mul(scale.try_broadcast_like(&shape)?)?
+            .try_add(shift.try_broadcast_like(&shape)?)?)
+    }
+}
+
+impl<B: Dim, const C: usize, H: Dim, W: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>
+    ModuleMut<Tensor<(B, Const<C>, H, W), E, D, T>> for BatchNorm2dModule<C, E, D>
+where
+    Error: From<<D as HasErr>::Err>,
+{
+    type Output = Tensor<(B, Const<C>, H, W), E, D, T>;
+    type Error = Error;
+
+    fn try_forward_mut(
+        &mut self,
+        x: Tensor<(B, Const<C>, H, W), E, D, T>,
+    ) -> Result<Self::Output, Error> {
+        let shape = *x.shape();
+        let n = shape.0.size() * shape.2.size() * shape.3.size();
+        if n < 2 {
+            return Err(Error::Shape(format!(
+                "BatchNorm2d<{C}> in training needs more than one value per channel to estimate \
+                 a variance, but was given [B, C, H, W] = {:?} (B·H·W = {n}); train with a batch \
+                 of at least 2, or evaluate with `forward` (running statistics)",
+                [shape.0.size(), C, shape.2.size(), shape.3.size()]
+            )));
+        }
+        let m = self.momentum;
+        let unbias = n as f64 / (n - 1) as f64;
+        if fused_cpu::<E, D>() {
+            let hw = shape.2.size() * shape.3.size();
+            let (y, stats) = batch_norm_cpu(self, x, hw, Some(n))?;
+            let (mean, var) = stats.expect("training returns the batch statistics");
+            self.running_mean.try_axpy(1.0 - m, &mean, m)?;
+            self.running_var.try_axpy(1.0 - m, &var, m * unbias)?;
+            return Ok(y);
+        }
+        // The statistics stay on the tape: the gradient of batch norm flows through them.
+        // The running statistics are read off before each statistic is consumed with its tape.
+        let mean = x.retaped::<T>().try_mean::<Rank1<C>, _>()?;
+        self.running_mean.try_axpy(1.0 - m, &mean, m)?;
+        let centered = x.try_sub(mean.try_broadcast_like(&shape)?)?;
+        let var = centered
+            .retaped::<T>()
+            .try_square()?
+            .try_mean::<Rank1<C>, _>()?;
+        self.running_var.try_axpy(1.0 - m, &var, m * unbias)?;
+        let std = var.try_add(E::from_f64(self.eps).unwrap())?.try_sqrt()?;
+        let scale = self.weight.retaped::<T>().try_div(std)?;
+        let bias = self.bias.retaped::<T>();
+        Ok(centered
+            .try_mul(scale.try_broadcast_like(&shape)?)?
+            .try_add(bias.try_broadcast_like(&shape)?)?)
+    }
+}
+
+/// The batch's statistics over `B`, `H` and `W`, per channel: mean and biased variance.
+type Stats<const C: usize, E, D> = (Tensor<Rank1<C>, E, D>, Tensor<Rank1<C>, E, D>);
+
+/// What [`batch_norm_cpu`] returns: the output and, in training, the batch's statistics.
+type Normalised<S, const C: usize, E, D, T> = (Tensor<S, E, D, T>, Option<Stats<C, E, D>>);
+
+/// Batch normalisation on the CPU (measured on `[8, 32, 28, 28]` in f32 on one core: training
+/// forward and backward 0.45 ms instead of 2.70 ms, evaluation forward 0.06 ms instead of
+/// 0.20 ms; PyTorch 0.59 ms and 0.03 ms), in `f64` whatever the element type: one pass for each
+/// statistic, one for the output, and a two-pass backward. `batch` is `Some(B·H·W)` in training
+/// (normalise with the batch's statistics, and return them: mean and biased variance) and
+/// `None` in evaluation (the running statistics). With `x̂ = (x - mean) / √(var + ε)`:
+/// `dbias = Σ g`, `dweight = Σ g·x̂`, and
+/// `dx = weight / √(var + ε) · (g - dbias / n - x̂ · dweight / n)` in training (the statistics
+/// depend on `x`), `weight / √(var + ε) · g` in evaluation.
+fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    bn: &BatchNorm2dModule<C, E, D>,
+    x: Tensor<S, E, D, T>,
+    hw: usize,
+    batch: Option<usize>,
+) -> Result<Normalised<S, C, E, D, T>, D::Err> {
+    let shape = *x.shape();
+    // Free for contiguous tensors; strided views are copied, on the tape, so that the raw
+    // buffers below are in NCHW order.
+    let (x, tape) = x.try_reshape_like(&shape)?.split_tape();
+    let (w, w_tape) = bn
+        .weight
+        .retaped::<T>()
+        .try_reshape_like(&(Const::<C>,))?
+        .split_tape();
+    let (b, b_tape) = bn
+        .bias
+        .retaped::<T>()
+        .try_reshape_like(&(Const::<C>,))?
+        .split_tape();
+    let mut tape = tape.merge(w_tape).merge(b_tape);
+    let mut xs = vec![E::default(); shape.num_elements()];
+    x.copy_into(&mut xs);
+    let f = |v: &E| v.to_f64().unwrap();
+    let host = |t: &Tensor<Rank1<C>, E, D>| t.as_vec().iter().map(f).collect::<Vec<f64>>();
+    let (ws, bs) = (host(&w), host(&b));
+    // `xs` is a sequence of `hw`-long runs, one per (example, channel), channel `i % C`.
+    let per_channel = |v: &[E], g: &dyn Fn(usize, &[E]) -> f64| {
+        let mut sums = [0.0f64; C];
+        for (i, run) in v.chunks_exact(hw).enumerate() {
+            sums[i % C] += g(i % C, run);
+        }
+        sums
+    };
+    let (mean, var) = match batch {
+        Some(n) => {
+            let n = n as f64;
+            let mean = per_channel(&xs, &|_, r| sum8(r, r, |v, _| f(v))).map(|s| s / n);
+            let var = per_channel(&xs, &|c, r| {
+                sum8(r, r, |v, _| (f(v) - mean[c]) * (f(v) - mean[c]))
+            })
+            .map(|s| s / n);
+            (mean.to_vec(), var.to_vec())
+        }
+        None => (host(&bn.running_mean), host(&bn.running_var)),
+    };
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
+    let mut out = vec![E::default(); xs.len()];
+    for (i, (o, run)) in out
+        .chunks_exact_mut(hw)
+        .zip(xs.chunks_exact(hw))
+        .enumerate()
+    {
+        let c = i % C;
+        let scale = ws[c] * inv_std[c];
+        let shift = bs[c] - mean[c] * scale;
+        for (o, v) in o.iter_mut().zip(run) {
+            *o = E::from_f64(f(v) * scale + shift).unwrap();
+        }
+    }
+    let dev = x.device().clone();
+    let out = dev.try_tensor_from_vec(out, shape)?;
+    let stats = match batch {
+        Some(_) => {
+            let to_e = |v: &[f64]| v.iter().map(|v| E::from_f64(*v).unwrap()).collect();
+            let mean_t = dev.try_tensor_from_vec(to_e(&mean), (Const::<C>,))?;
+            Some((mean_t, dev.try_tensor_from_vec(to_e(&var), (Const::<C>,))?))
+        }
+        None => None,
+    };
+    if T::OWNS_TAPE {
+        let (x, w, b, out_ghost) = (x.ghost(), w.ghost(), b.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            // Four buffers, and the API lends one at a time: take the output's gradient out of
+            // its slot and put it back afterwards; the parameters' are summed here first.
+            let g_out =
+                std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
+            let (mut db, mut dw) = ([0.0f64; C], [0.0f64; C]);
+            let runs = g_out.chunks_exact(hw).zip(xs.chunks_exact(hw));
+            for (i, (g, run)) in runs.enumerate() {
+                let c = i % C;
+                db[c] += sum8(g, g, |g, _| f(g));
+                dw[c] += sum8(g, run, |g, v| f(g) * (f(v) - mean[c])) * inv_std[c];
+            }
+            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
+            let runs = g_x.chunks_exact_mut(hw).zip(g_out.chunks_exact(hw));
+            for (i, ((gx, g), run)) in runs.zip(xs.chunks_exact(hw)).enumerate() {
+                let c = i % C;
+                let k = ws[c] * inv_std[c];
+                let (a, s) = match batch {
+                    Some(n) => (db[c] / n as f64, dw[c] / n as f64),
+                    None => (0.0, 0.0),
+                };
+                for ((gx, g), v) in gx.iter_mut().zip(g).zip(run) {
+                    let x_hat = (f(v) - mean[c]) * inv_std[c];
+                    *gx += E::from_f64(k * (f(g) - a - x_hat * s)).unwrap();
+                }
+            }
+            for (t, sums) in [(&w, dw), (&b, db)] {
+                let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU);
+                for (g, s) in g.iter_mut().zip(sums) {
+                    *g += E::from_f64(s).unwrap();
+                }
+            }
+            *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
+            Ok(())
+        });
+    }
+    Ok((out.put_tape(tape), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cpu_fast::both_paths;
+    use super::super::embedding::reference::{assert_close, case, floats, ints};
+    use crate::gradcheck::{check_input_grads, check_param_grads, named_values};
+    use crate::prelude::*;
+    use crate::Error;
+
+    type Dev = Cpu;
+    type Img<const C: usize> = (usize, Const<C>, usize, usize);
+
+    #[test]
+    fn two_training_steps_then_evaluation_match_pytorch() {
+        let c = case("batch_norm");
+        let params = &c["params"];
+        assert_eq!(params["eps"].as_f64(), Some(BatchNorm2d::<3>::DEFAULT_EPS));
+        assert_eq!(
+            params["momentum"].as_f64(),
+            Some(BatchNorm2d::<3>::DEFAULT_MOMENTUM)
+        );
+        let dev = Dev::default();
+        both_paths(|path| {
+            let mut bn = dev.build_module::<BatchNorm2d<3>, f64>();
+            bn.weight.copy_from(&floats(&c, "weight"));
+            bn.bias.copy_from(&floats(&c, "bias"));
+            for (i, step) in c["steps"].as_array().unwrap().iter().enumerate() {
+                let s = ints(step, "x_shape");
+                let x = dev.tensor_from_vec(floats(step, "x"), (s[0], Const::<3>, s[2], s[3]));
+                let training = step["training"].as_bool().unwrap();
+                let y = if training {
+                    bn.forward_mut(x.leaky_trace())
+                } else {
+                    bn.forward(x.leaky_trace())
+                };
+                let mode = if training { "train" } else { "eval" };
+                let what = |w: &str| format!("{path}, step {i} ({mode}): {w}");
+                assert_close(&what("forward"), &y.as_vec(), &floats(step, "y"), 1e-12);
+                let g = dev.tensor_from_vec(floats(step, "g"), *y.shape());
+                let grads = (y * g).sum::<Rank0, _>().backward();
+                for (name, ours, want) in [
+                    ("grad x", grads.get(&x).as_vec(), "grad_x"),
+                    ("grad weight", grads.get(&bn.weight).as_vec(), "grad_weight"),
+                    ("grad bias", grads.get(&bn.bias).as_vec(), "grad_bias"),
+                ] {
+                    assert_close(&what(name), &ours, &floats(step, want), 1e-12);
+                }
+                let stats = [
+                    ("running_mean", &bn.running_mean),
+                    ("running_var", &bn.running_var),
+                ];
+                for (name, t) in stats {
+                    assert_close(&what(name), &t.as_vec(), &floats(step, name), 1e-12);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn gradients_match_central_differences_in_both_modes() {
+        let dev = Dev::seed_from_u64(6);
+        let mut bn = dev.build_module::<BatchNorm2d<2>, f64>();
+        bn.weight = dev.tensor([0.7, -1.3]);
+        bn.bias = dev.tensor([0.2, 0.5]);
+        bn.running_mean = dev.tensor([0.1, -0.4]);
+        bn.running_var = dev.tensor([0.8, 1.7]);
+        let x: Tensor<Img<2>, f64, Dev> = dev.sample_normal_like(&(3, Const, 2, 2));
+        // A loss that weighs the elements differently: with `sum(y)` alone the gradient through
+        // the batch statistics cancels exactly.
+        let w: Tensor<Img<2>, f64, Dev> = dev.sample_normal_like(&(3, Const, 2, 2));
+        let loss = |y: Tensor<Img<2>, f64, Dev, OwnedTape<f64, Dev>>| {
+            (y.with_empty_tape().square() + y * w.clone()).sum::<Rank0, _>()
+        };
+        both_paths(|path| {
+            // Training mode on a copy, so that the running statistics stay put between calls
+            // (they do not enter the training output anyway).
+            let report = check_param_grads(&mut bn, |m, grads| {
+                loss(m.clone().forward_mut(x.trace(grads)))
+            });
+            assert_eq!(report.checked, BatchNorm2d::<2>::PARAMS);
+            assert!(report.max_abs_err <= 1e-6, "{path}: {report}");
+            eprintln!("BatchNorm2d training, weight and bias, {path}: {report}");
+            let report = check_input_grads(&x, |x| loss(bn.clone().forward_mut(x)));
+            assert!(report.max_abs_err <= 1e-6, "{path}: {report}");
+            eprintln!("BatchNorm2d training, input, {path}: {report}");
+
+            let report = check_param_grads(&mut bn, |m, grads| loss(m.forward(x.trace(grads))));
+            assert!(report.max_abs_err <= 1e-6, "{path}: {report}");
+            eprintln!("BatchNorm2d evaluation, weight and bias, {path}: {report}");
+            let report = check_input_grads(&x, |x| loss(bn.forward(x)));
+            assert!(report.max_abs_err <= 1e-6, "{path}: {report}");
+            eprintln!("BatchNorm2d evaluation, input, {path}: {report}");
+        });
+    }
+
+    #[test]
+    fn a_strided_input_is_normalised_and_differentiated_as_its_values() {
+        // NHWC data viewed as NCHW: the fast path must not read the raw buffer.
+        let dev = Dev::seed_from_u64(11);
+        let mut bn = dev.build_module::<BatchNorm2d<2>, f64>();
+        bn.weight = dev.tensor([1.2, -0.6]);
+        let nhwc: Tensor<Rank4<2, 3, 2, 2>, f64, Dev> = dev.sample_normal();
+        let w: Tensor<Rank4<2, 2, 3, 2>, f64, Dev> = dev.sample_normal();
+        let loss = |y: Tensor<Rank4<2, 2, 3, 2>, f64, Dev, OwnedTape<f64, Dev>>| {
+            (y.with_empty_tape().square() + y * w.clone()).sum::<Rank0, _>()
+        };
+        both_paths(|path| {
+            let t = nhwc
+                .clone()
+                .permute::<Rank4<2, 2, 3, 2>, Axes4<0, 3, 1, 2>>();
+            let dense = dev.tensor_from_vec(t.as_vec(), *t.shape());
+            let mut copy = bn.clone();
+            assert_eq!(
+                copy.forward_mut(t).as_vec(),
+                bn.clone().forward_mut(dense).as_vec()
+            );
+            let report = check_input_grads(&nhwc, |v| {
+                loss(
+                    bn.clone()
+                        .forward_mut(v.permute::<Rank4<2, 2, 3, 2>, Axes4<0, 3, 1, 2>>()),
+                )
+            });
+            assert!(report.max_abs_err <= 1e-6, "{path}, training: {report}");
+            let report = check_input_grads(&nhwc, |v| {
+                loss(bn.forward(v.permute::<Rank4<2, 2, 3, 2>, Axes4<0, 3, 1, 2>>()))
+            });
+            assert!(report.max_abs_err <= 1e-6, "{path}, evaluation: {report}");
+        });
+    }
+
+    #[test]
+    fn training_needs_more_than_one_value_per_channel() {
+        let dev = Dev::default();
+        let mut bn = dev.build_module::<BatchNorm2d<3>, f64>();
+        let x: Tensor<Img<3>, f64, Dev> = dev.ones_like(&(1, Const, 1, 1));
+        let err = bn.try_forward_mut(x.clone()).map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::Shape(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("BatchNorm2d<3> in training"), "{msg}");
+        assert!(msg.contains("[1, 3, 1, 1]"), "{msg}");
+        assert_eq!(bn.running_mean.array(), [0.0; 3], "no update on failure");
+        // Evaluation takes any batch.
+        assert_eq!(bn.forward(x).shape().0, 1);
+    }
+
+    #[test]
+    fn optimizers_skip_the_running_statistics() {
+        let dev = Dev::seed_from_u64(7);
+        let mut bn = dev.build_module::<BatchNorm2d<2>, f32>();
+        assert_eq!(BatchNorm2d::<2>::PARAMS, 4);
+        assert_eq!(bn.num_trainable_params(), BatchNorm2d::<2>::PARAMS);
+        let x: Tensor<Rank4<4, 2, 3, 3>, f32, Dev> = dev.sample_normal();
+        let grads = bn
+            .forward_mut(x.trace(bn.alloc_grads()))
+            .square()
+            .sum::<Rank0, _>()
+            .backward();
+        let stats = (bn.running_mean.as_vec(), bn.running_var.as_vec());
+        let weight = bn.weight.as_vec();
+        let mut sgd = Sgd::new(&bn, SgdConfig::default());
+        sgd.update(&mut bn, &grads).unwrap();
+        assert_ne!(bn.weight.as_vec(), weight, "the optimizer stepped");
+        assert_eq!((bn.running_mean.as_vec(), bn.running_var.as_vec()), stats);
+        let mut bn = bn.to_dtype::<f64>();
+        let names: Vec<String> = named_values(&mut bn).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["weight", "bias"]);
+    }
+
+    #[test]
+    fn safetensors_round_trip_keeps_the_running_statistics() {
+        let dev = Dev::seed_from_u64(8);
+        let mut bn = dev.build_module::<BatchNorm2d<2>, f32>();
+        bn.weight = dev.tensor([1.5, -0.5]);
+        let x: Tensor<Rank4<3, 2, 2, 2>, f32, Dev> = dev.sample_normal();
+        bn.forward_mut(x.clone());
+        assert_ne!(bn.running_mean.array(), [0.0; 2]);
+        let path = std::env::temp_dir().join(format!("na-bn-{}.safetensors", std::process::id()));
+        bn.save_safetensors(&path).unwrap();
+        let keys = {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut k: Vec<String> = st.names().into_iter().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys, ["bias", "running_mean", "running_var", "weight"]);
+        let mut fresh = dev.build_module::<BatchNorm2d<2>, f32>();
+        fresh.load_safetensors(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for (a, b) in [
+            (&fresh.weight, &bn.weight),
+            (&fresh.bias, &bn.bias),
+            (&fresh.running_mean, &bn.running_mean),
+            (&fresh.running_var, &bn.running_var),
+        ] {
+            assert_eq!(a.array(), b.array());
+        }
+        assert_eq!(fresh.forward(x.clone()).array(), bn.forward(x).array());
+    }
+}

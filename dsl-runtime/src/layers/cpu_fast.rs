@@ -1,0 +1,79 @@
+//! What the fused CPU paths of the layers share: whether the device is the CPU, and the CPU's
+//! buffers as the `Vec`s they are.
+//!
+//! dfdx's kernel traits are crate-private, so a fused layer is written against its public tape
+//! API (`split_tape`, `copy_into`, `tensor_from_vec`, `Tape::add_backward_op`,
+//! `Gradients::get_or_alloc_mut`) and chosen at run time by the device's type; every other
+//! device takes the layer's composition of dfdx ops, which the tests also run on the CPU
+//! through [`composition_only`].
+
+use dfdx::shapes::{Dtype, Shape};
+use dfdx::tensor::{Cpu, Storage, Tensor};
+
+#[cfg(test)]
+thread_local! {
+    /// Set by [`composition_only`] for the duration of a test.
+    static COMPOSITION_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the CPU fast paths switched off on this thread, so that the tests cover the
+/// op-composition path that other devices take.
+#[cfg(test)]
+pub(super) fn composition_only<R>(f: impl FnOnce() -> R) -> R {
+    COMPOSITION_ONLY.with(|c| c.set(true));
+    let r = f();
+    COMPOSITION_ONLY.with(|c| c.set(false));
+    r
+}
+
+/// Whether `D` is the CPU (and the tests did not switch the fast paths off).
+pub(super) fn fused_cpu<E: Dtype, D: Storage<E>>() -> bool {
+    #[cfg(test)]
+    if COMPOSITION_ONLY.with(|c| c.get()) {
+        return false;
+    }
+    std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
+}
+
+/// What a fused path says when a downcast that [`fused_cpu`] vouched for fails.
+pub(super) const CPU: &str = "fused_cpu checked that the device is the CPU";
+
+/// A CPU gradient buffer as the `Vec` it is; `None` on any other device.
+pub(super) fn cpu_vec<E: Dtype, D: Storage<E>>(v: &mut D::Vec) -> Option<&mut Vec<E>> {
+    let v: &mut dyn std::any::Any = v;
+    v.downcast_mut::<<Cpu as Storage<E>>::Vec>()
+        .map(|v| &mut **v)
+}
+
+/// A tensor as the CPU tensor it is, for reading it by index without a copy; `None` on any
+/// other device.
+pub(super) fn cpu_tensor<S: Shape, E: Dtype, D: Storage<E>>(
+    t: &Tensor<S, E, D>,
+) -> Option<&Tensor<S, E, Cpu>> {
+    let t: &dyn std::any::Any = t;
+    t.downcast_ref()
+}
+
+/// Runs `f` on the CPU fast path, then on the op composition that other devices take; `f` gets
+/// the path's name for its messages.
+#[cfg(test)]
+pub(super) fn both_paths(mut f: impl FnMut(&str)) {
+    f("fused CPU path");
+    composition_only(|| f("op composition"));
+}
+
+/// `Σ f(a[i], b[i])` in `f64`, in eight independent partial sums: one running sum is a chain
+/// of dependent additions that the compiler may not reorder; eight of them vectorise.
+pub(super) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = (ca.remainder().iter().zip(cb.remainder()))
+        .map(|(a, b)| f(a, b))
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += f(&a[k], &b[k]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
