@@ -45,8 +45,31 @@ pub struct Forward {
 pub struct ShapeSpec {
     pub dims: Vec<DimSpec>,
     pub span: Span,
-    /// Written `usize[B, T]`: token ids rather than float features.
-    pub ints: bool,
+    /// What the tensor holds: float features `[B, T]`, token ids `usize[B, T]`, or a mask
+    /// `bool[B, T]`.
+    pub dtype: Kind,
+}
+
+/// What a tensor of the DSL holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Features in the model's element type (`f32`, ...), with the gradient tape.
+    Float,
+    /// Token ids, `usize`, carrying the tape into an embedding.
+    Ids,
+    /// A boolean mask (`true` = attend), without a tape.
+    Mask,
+}
+
+impl Kind {
+    /// The prefix of a shape in messages: `usize[B, T]`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Kind::Float => "",
+            Kind::Ids => "usize",
+            Kind::Mask => "bool",
+        }
+    }
 }
 
 /// One dimension of a written shape.
@@ -207,25 +230,28 @@ impl Parse for Forward {
 
 impl Parse for ShapeSpec {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let ints = if input.peek(Ident) {
-            let ty: Ident = input.parse()?;
-            if ty != "usize" {
-                return Err(syn::Error::new(
-                    ty.span(),
-                    "a shape is `[B, T, 768]` (float features) or `usize[B, T]` (token ids)",
-                ));
-            }
-            true
-        } else {
-            false
-        };
+        let dtype =
+            if input.peek(Ident) {
+                let ty: Ident = input.parse()?;
+                match ty.to_string().as_str() {
+                    "usize" => Kind::Ids,
+                    "bool" => Kind::Mask,
+                    _ => return Err(syn::Error::new(
+                        ty.span(),
+                        "a shape is `[B, T, 768]` (float features), `usize[B, T]` (token ids) or \
+                         `bool[B, T]` (a mask)",
+                    )),
+                }
+            } else {
+                Kind::Float
+            };
         let content;
         let bracket = bracketed!(content in input);
         let dims = Punctuated::<DimSpec, Token![,]>::parse_terminated(&content)?;
         Ok(ShapeSpec {
             dims: dims.into_iter().collect(),
             span: bracket.span.open(),
-            ints,
+            dtype,
         })
     }
 }

@@ -6,7 +6,7 @@
 //! leaves to the type checker, through the generated per-layer traits of `expand.rs`, so that
 //! nothing is checked twice and nothing is missed.
 
-use crate::ast::{DimSpec, Field, Model, ShapeSpec};
+use crate::ast::{DimSpec, Field, Kind, Model, ShapeSpec};
 use crate::rules::apply_layer;
 use proc_macro2::Span;
 use std::collections::{HashMap, HashSet};
@@ -99,8 +99,8 @@ impl fmt::Display for Sym {
 pub struct Shp {
     pub full: bool,
     pub dims: Vec<Sym>,
-    /// Token ids (`usize[B, T]`) rather than float features.
-    pub ints: bool,
+    /// Float features, token ids or a mask.
+    pub dtype: Kind,
 }
 
 /// The value of a variable or a layer output: a shape, not known, or several outputs.
@@ -113,9 +113,7 @@ pub enum Val {
 
 impl fmt::Display for Shp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.ints {
-            f.write_str("usize")?;
-        }
+        f.write_str(self.dtype.prefix())?;
         let mut parts: Vec<String> = Vec::new();
         if !self.full {
             parts.push("*".into());
@@ -203,7 +201,7 @@ impl<'a> Scope<'a> {
         Shp {
             full: true,
             dims: s.dims.iter().map(|d| self.sym_of_dim(d)).collect(),
-            ints: s.ints,
+            dtype: s.dtype,
         }
     }
 }

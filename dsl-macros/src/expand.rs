@@ -1,7 +1,7 @@
 //! Code generation: the builder, the built struct, parameter traversal, forward passes,
 //! `PARAMS` and the summary.
 
-use crate::ast::{DimSpec, Forward, Model, ShapeSpec};
+use crate::ast::{DimSpec, Forward, Kind, Model, ShapeSpec};
 use crate::check::{Analysis, Scope, Shp, Sym};
 use crate::graph::emit_body;
 use proc_macro2::{Span, TokenStream};
@@ -133,7 +133,7 @@ pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenSt
 }
 
 fn shape_string(s: &Shp, consts: &[Ident]) -> TokenStream {
-    let mut fmt = String::from(if s.ints { "usize[" } else { "[" });
+    let mut fmt = format!("{}[", s.dtype.prefix());
     let mut args = Vec::new();
     if !s.full {
         fmt.push_str("*, ");
@@ -186,7 +186,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
     let cargs = quote!(#(#consts),*);
     let builder = quote!(#name<#cargs>);
     let built_params = quote!(#(#p::Built<#layer_tys, __E, __Dev>),*);
-    let built = quote!(#module<#builder, #built_params>);
+    let built = quote!(#module<#builder, __E, #built_params>);
 
     let field_docs = fields.iter().zip(&layer_tys).map(|(f, ty)| {
         let docs: Vec<_> = f
@@ -219,7 +219,11 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 let inner = &f.layer;
                 format!("[{}; {}]", tidy(&quote!(#inner)), tidy(&quote!(#n)))
             }
-            None => tidy(ty),
+            // As written: the sizes the macro filled in show in the output column.
+            None => {
+                let written = &f.layer;
+                tidy(&quote!(#written))
+            }
         }, consts);
         let out = match out {
             Some(s) => shape_string(s, consts),
@@ -245,7 +249,12 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
             .join(", "),
         None => String::new(),
     };
-    let model_str = with_values(&tidy(&quote!(#name<#cargs>)), consts);
+    let model_str = if consts.is_empty() {
+        let n = name.to_string();
+        quote!(#p::String::from(#n))
+    } else {
+        with_values(&tidy(&quote!(#name<#cargs>)), consts)
+    };
     let const_checks = analysis.const_checks.iter().map(|c| {
         let dim = |s: &Sym| match s {
             Sym::Lit(n) => {
@@ -267,7 +276,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
         Some(fwd) => graph_impls(model, fwd, analysis, scope, &built, &cparams),
         None => chain_impls(model, &builder, &params, &cparams),
     };
-    let struct_generics = quote!(__Model, #(#params),*);
+    let struct_generics = quote!(__Model, __Elem, #(#params),*);
 
     quote! {
         #(#attrs)*
@@ -279,7 +288,9 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
         #[allow(non_camel_case_types)]
         #vis struct #module<#struct_generics> {
             #( #field_docs pub #field_names: #params, )*
-            __model: ::core::marker::PhantomData<__Model>,
+            // The element type is named here so that every impl constrains it, also when the
+            // inputs are token ids (`usize`) and the layers name it only through projections.
+            __model: ::core::marker::PhantomData<(__Model, __Elem)>,
         }
 
         const _: () = {
@@ -324,13 +335,13 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 }
             }
 
-            impl<#struct_generics, __E: #p::Dtype, __Dev: #p::Device<__E>> #p::TensorCollection<__E, __Dev>
-                for #module<#struct_generics>
+            impl<__Model, #(#params,)* __E: #p::Dtype, __Dev: #p::Device<__E>> #p::TensorCollection<__E, __Dev>
+                for #module<__Model, __E, #(#params),*>
             where
                 #( #params: #p::TensorCollection<__E, __Dev>, )*
             {
                 type To<__E2: #p::Dtype, __Dev2: #p::Device<__E2>> =
-                    #module<__Model, #(<#params as #p::TensorCollection<__E, __Dev>>::To<__E2, __Dev2>),*>;
+                    #module<__Model, __E2, #(<#params as #p::TensorCollection<__E, __Dev>>::To<__E2, __Dev2>),*>;
 
                 fn iter_tensors<__V: #p::ModuleVisitor<Self, __E, __Dev>>(
                     visitor: &mut __V,
@@ -387,7 +398,7 @@ fn chain_impls(
             .map(|n| quote!(let x = self.#n.#call(x).map_err(::core::convert::Into::into)?;));
         impls.extend(quote! {
             #[diagnostic::do_not_recommend]
-            impl<#(const #consts: usize,)* __X, #(#params),*> #tr<__X> for #module<#builder, #(#params),*>
+            impl<#(const #consts: usize,)* __X, __Elem, #(#params),*> #tr<__X> for #module<#builder, __Elem, #(#params),*>
             where #(#bounds,)*
             {
                 type Output = #x;
@@ -426,10 +437,11 @@ fn graph_impls(
         .iter()
         .map(|(_, s)| {
             let st = shape_type(s, scope);
-            if s.ints {
-                quote!(#p::Tensor<#st, usize, __Dev, __Tp>)
-            } else {
-                quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+            match s.dtype {
+                Kind::Float => quote!(#p::Tensor<#st, __E, __Dev, __Tp>),
+                Kind::Ids => quote!(#p::Tensor<#st, usize, __Dev, __Tp>),
+                // Masks carry no gradient, so no tape.
+                Kind::Mask => quote!(#p::Tensor<#st, bool, __Dev>),
             }
         })
         .collect();

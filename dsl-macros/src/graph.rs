@@ -359,11 +359,11 @@ fn call_trait(
     quote! {
         #[diagnostic::on_unimplemented(message = #msg, label = #label)]
         #[allow(non_camel_case_types, dead_code)]
-        trait #name<S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T, O> {
+        trait #name<S: #p::Shape, E, D: #p::Storage<E>, T, O> {
             fn __call(x: #p::Tensor<S, E, D, T>, this: &Self) -> ::core::result::Result<O, #p::Error>;
             fn __call_mut(x: #p::Tensor<S, E, D, T>, this: &mut Self) -> ::core::result::Result<O, #p::Error>;
         }
-        impl<M, S: #p::Shape, E: #p::Dtype, D: #p::Device<E>, T>
+        impl<M, S: #p::Shape, E, D: #p::Storage<E>, T>
             #name<S, E, D, T, <M as #p::Layer<#p::Tensor<S, E, D, T>>>::Output> for M
         where
             M: #p::Layer<#p::Tensor<S, E, D, T>>,

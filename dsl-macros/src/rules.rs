@@ -7,7 +7,7 @@
 //! compiler carries it on. What the macro does not know (a user's layer, a nested model) is the
 //! compiler's to check.
 
-use crate::ast::Field;
+use crate::ast::{Field, Kind};
 use crate::check::{same, ConstCheck, Ctxt, Loc, Scope, Shp, Source, Sym, Val};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, ToTokens};
@@ -37,8 +37,11 @@ enum Rule {
     Positions { max: Sym, d: Sym },
     /// `[B, C, H, W]` to itself: BatchNorm2d.
     Channels(Sym),
-    /// `([*, S, M], [*, T, M]) -> [*, S, M]`: cross-attention.
+    /// `([*, S, M], [*, T, M]) -> [*, S, M]`: cross-attention, with an optional
+    /// `bool[*, T]` key mask as a third input.
     Cross(Sym),
+    /// `[*, S, M] -> [*, S, M]`, or `([*, S, M], bool[*, S])` with a padding mask.
+    Attend(Sym),
 }
 
 struct Conv {
@@ -210,7 +213,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             } else if !heads(cx, &m, 1, "width") {
                 return None;
             }
-            Rule::KeepLast(m)
+            Rule::Attend(m)
         }
         ("CausalSelfAttention", 2) => {
             let m = arg(0)?;
@@ -226,7 +229,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             }
             Rule::Cross(m)
         }
-        ("GqaAttention", 4) => {
+        ("GqaAttention", 4 | 5) => {
             let (hq, kvh, hd) = (arg(1)?, arg(2)?, arg(3)?);
             let message = format!(
                 "layer `{field}`: the key/value heads `{kvh}` must divide the query heads `{hq}`"
@@ -351,8 +354,10 @@ pub fn apply_layer(
         span,
         layer_ty,
     };
-    if let Rule::Cross(m) = &rule {
-        return ctx.cross(cx, m, input);
+    match (&rule, input) {
+        (Rule::Cross(m), _) => return ctx.cross(cx, m, input),
+        (Rule::Attend(m), Val::Tuple(parts)) => return ctx.masked(cx, m, parts),
+        _ => {}
     }
     let input_shape = match input {
         Val::Known(s) => Some(s.clone()),
@@ -365,28 +370,32 @@ pub fn apply_layer(
         }
         Val::Unknown => None,
     };
-    let wants_ints = matches!(rule, Rule::Embedding { .. });
+    let wants = if matches!(rule, Rule::Embedding { .. }) {
+        Kind::Ids
+    } else {
+        Kind::Float
+    };
     if let Some(s) = &input_shape {
-        if s.ints && !wants_ints {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}` takes float features, but {} token ids `{s}`; look them up \
-                     with an `Embedding` first",
-                    from.produces()
+        if s.dtype != wants {
+            let msg = match (wants, s.dtype) {
+                (Kind::Ids, _) => format!(
+                    "layer `{name}` looks up token ids, but {} {} `{s}`; declare the input as \
+                     ids: `ids: usize[B, T]`",
+                    from.produces(),
+                    what(s.dtype)
                 ),
-            );
-            return (Val::Unknown, None);
-        }
-        if !s.ints && wants_ints {
-            cx.error(
-                span,
-                format!(
-                    "layer `{name}` looks up token ids, but {} float features `{s}`; declare the \
-                     input as ids: `ids: usize[B, T]`",
-                    from.produces()
+                _ => format!(
+                    "layer `{name}` takes float features, but {} {} `{s}`{}",
+                    from.produces(),
+                    what(s.dtype),
+                    if s.dtype == Kind::Ids {
+                        "; look them up with an `Embedding` first"
+                    } else {
+                        "; a mask goes to an attention layer beside its input: `attn(x, mask)`"
+                    }
                 ),
-            );
+            };
+            cx.error(span, msg);
             return (Val::Unknown, None);
         }
     }
@@ -404,12 +413,12 @@ pub fn apply_layer(
                 None => Shp {
                     full: false,
                     dims: vec![o],
-                    ints: false,
+                    dtype: Kind::Float,
                 },
             };
             (Val::Known(out), None)
         }
-        Rule::KeepLast(m) => match input_shape {
+        Rule::KeepLast(m) | Rule::Attend(m) => match input_shape {
             Some(s) => {
                 ctx.check_last(cx, &m, &s);
                 (Val::Known(s), None)
@@ -418,7 +427,7 @@ pub fn apply_layer(
                 Val::Known(Shp {
                     full: false,
                     dims: vec![m],
-                    ints: false,
+                    dtype: Kind::Float,
                 }),
                 None,
             ),
@@ -432,7 +441,7 @@ pub fn apply_layer(
                 Val::Known(Shp {
                     full: true,
                     dims: s.dims[..2].to_vec(),
-                    ints: false,
+                    dtype: Kind::Float,
                 }),
                 None,
             ),
@@ -442,14 +451,14 @@ pub fn apply_layer(
         Rule::Embedding { d } => match input_shape {
             Some(mut s) => {
                 s.dims.push(d);
-                s.ints = false;
+                s.dtype = Kind::Float;
                 (Val::Known(s), None)
             }
             None => (
                 Val::Known(Shp {
                     full: false,
                     dims: vec![d],
-                    ints: false,
+                    dtype: Kind::Float,
                 }),
                 None,
             ),
@@ -476,7 +485,7 @@ pub fn apply_layer(
                 Val::Known(Shp {
                     full: false,
                     dims: vec![d],
-                    ints: false,
+                    dtype: Kind::Float,
                 }),
                 None,
             ),
@@ -486,6 +495,15 @@ pub fn apply_layer(
             None => (Val::Unknown, None),
         },
         Rule::Cross(_) => (Val::Unknown, None),
+    }
+}
+
+/// How a message names what a tensor holds.
+fn what(k: Kind) -> &'static str {
+    match k {
+        Kind::Float => "float features",
+        Kind::Ids => "token ids",
+        Kind::Mask => "a mask",
     }
 }
 
@@ -513,7 +531,7 @@ impl Apply<'_> {
         let expected = Shp {
             full: false,
             dims: vec![want.clone()],
-            ints: false,
+            dtype: Kind::Float,
         }
         .to_string();
         match s.dims.last() {
@@ -650,7 +668,7 @@ impl Apply<'_> {
         let out = Shp {
             full: true,
             dims: vec![s.dims[0].clone(), out_dim],
-            ints: false,
+            dtype: Kind::Float,
         };
         (Val::Known(out), ty)
     }
@@ -732,7 +750,7 @@ impl Apply<'_> {
         let out = Shp {
             full: true,
             dims: vec![s.dims[0].clone(), c.co.clone(), h, w],
-            ints: false,
+            dtype: Kind::Float,
         };
         (Val::Known(out), ty)
     }
@@ -763,7 +781,7 @@ impl Apply<'_> {
         let out = Shp {
             full: true,
             dims: vec![s.dims[0].clone(), s.dims[1].clone(), h, w],
-            ints: false,
+            dtype: Kind::Float,
         };
         (Val::Known(out), ty)
     }
@@ -805,7 +823,7 @@ impl Apply<'_> {
         let out = Shp {
             full: true,
             dims: vec![s.dims[0].clone(), n, d.clone()],
-            ints: false,
+            dtype: Kind::Float,
         };
         (Val::Known(out), ty)
     }
@@ -824,22 +842,74 @@ impl Apply<'_> {
             }
             return (Val::Unknown, None);
         };
-        if parts.len() != 2 {
+        if !(2..=3).contains(&parts.len()) {
             cx.error(
                 self.span,
                 format!(
-                    "layer `{}` takes two inputs (queries, keys/values), but is given {}",
+                    "layer `{}` takes two inputs (queries, keys/values) and an optional key mask, \
+                     but is given {}",
                     self.name,
                     parts.len()
                 ),
             );
             return (Val::Unknown, None);
         }
-        for part in parts {
+        for part in &parts[..2] {
             if let Val::Known(s) = part {
                 self.check_last(cx, m, s);
             }
         }
+        if let (Some(Val::Known(kv)), Some(Val::Known(mask))) = (parts.get(1), parts.get(2)) {
+            self.check_mask(cx, kv, mask);
+        }
         (parts[0].clone(), None)
+    }
+
+    /// `(x, mask)`: attention with a padding mask over the keys.
+    fn masked(&self, cx: &mut Ctxt, m: &Sym, parts: &[Val]) -> (Val, Option<Type>) {
+        if parts.len() != 2 {
+            cx.error(
+                self.span,
+                format!(
+                    "layer `{}` takes its input and optionally a mask, `{}(x, mask)`, but is given \
+                     {} inputs",
+                    self.name,
+                    self.name,
+                    parts.len()
+                ),
+            );
+            return (Val::Unknown, None);
+        }
+        if let Val::Known(x) = &parts[0] {
+            self.check_last(cx, m, x);
+            if let Val::Known(mask) = &parts[1] {
+                self.check_mask(cx, x, mask);
+            }
+        }
+        (parts[0].clone(), None)
+    }
+
+    /// A mask `bool[B, T]` over the keys of `[B, T, M]`.
+    fn check_mask(&self, cx: &mut Ctxt, keys: &Shp, mask: &Shp) {
+        let want = Shp {
+            full: keys.full,
+            dims: keys.dims[..keys.dims.len().saturating_sub(1)].to_vec(),
+            dtype: Kind::Mask,
+        };
+        let same_dims = mask.dims.len() == want.dims.len()
+            && mask
+                .dims
+                .iter()
+                .zip(&want.dims)
+                .all(|(a, b)| same(a, b) != Some(false));
+        if mask.dtype != Kind::Mask || !same_dims {
+            cx.error(
+                self.span,
+                format!(
+                    "layer `{}`: the mask must be `{want}` (one flag per key), but it is `{mask}`",
+                    self.name
+                ),
+            );
+        }
     }
 }

@@ -316,3 +316,51 @@ fn a_layer_takes_several_inputs_and_gradients_reach_both() {
         .collect::<Vec<_>>();
     assert_eq!(m.forward(x).as_vec(), want);
 }
+
+model! {
+    /// Token ids, a padding mask and a memory: every input kind, and every attention layer.
+    pub struct Encoder<const D: usize> {
+        wte: Embedding<50, D>,
+        ln: RMSNorm<D>,
+        attn: SelfAttention<D, 2>,
+        cross: CrossAttention<D, 2>,
+        gqa: GqaAttention<D, 4, 2, 2>,
+        causal: CausalSelfAttention<D, 2>,
+        mlp: SwiGLU<D, 12>,
+    }
+    forward(ids: usize[B, T], mask: bool[B, T], mem: [B, S, D]) -> [B, T, D] {
+        let x = wte(ids);
+        let x = x + attn(ln(x), mask);
+        let x = x + cross(x, mem);
+        let x = x + gqa(x);
+        let x = causal(x);
+        x + mlp(x)
+    }
+}
+
+#[test]
+fn tokens_masks_and_memories_flow_through_every_attention_layer() {
+    let dev = Dev::seed_from_u64(21);
+    let mut m = dev.build_module::<Encoder<8>, f64>();
+    assert_eq!(Encoder::<8>::PARAMS, m.num_trainable_params());
+    let ids: Tensor<(usize, usize), usize, Dev> =
+        dev.tensor_from_vec(vec![1, 2, 3, 4, 5, 6], (2, 3));
+    let mask: Tensor<(usize, usize), bool, Dev> =
+        dev.tensor_from_vec(vec![true, true, false, true, true, true], (2, 3));
+    let mem: Tensor<(usize, usize, Const<8>), f64, Dev> = dev.sample_normal_like(&(2, 4, Const));
+    let report = check_param_grads(&mut m, |m, g| {
+        let y = m
+            .try_forward((
+                ids.trace(g),
+                mask.clone(),
+                mem.retaped::<OwnedTape<f64, Dev>>(),
+            ))
+            .unwrap();
+        y.square().sum::<Rank0, _>()
+    });
+    assert!(report.max_abs_err <= 1e-6, "{report}");
+    let bad: Tensor<(usize, usize), usize, Dev> =
+        dev.tensor_from_vec(vec![1, 2, 99, 4, 5, 6], (2, 3));
+    let err = m.try_forward((bad, mask, mem)).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("token id 99"), "{err}");
+}

@@ -5,7 +5,7 @@ model! {
         conv: Conv2d<1, 8, 3, 1, 1>,
         pool: MaxPool2d<2>,
         flat: Flatten,
-        fc: Linear<1568, 10>,
+        fc: Linear<1352, 10>,
     }
     forward(x: [B, 1, 28, 28]) -> [B, 10];
 }
