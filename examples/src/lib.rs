@@ -39,7 +39,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use neural_arch::dfdx::losses::cross_entropy_with_logits_loss;
 use neural_arch::prelude::*;
-use neural_arch_models::digits::{DigitsMlp, CLASSES, INPUTS};
+use neural_arch_models::digits::{DigitsCnn, DigitsMlp, CLASSES, INPUTS};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -58,6 +58,16 @@ pub const HIDDEN_CHOICES: [usize; 4] = [32, 64, 128, 256];
 pub const DIGITS_SOURCE: &str = "UCI Optical Recognition of Handwritten Digits (8x8, 1797 \
     examples; CC BY 4.0, doi:10.24432/C50P49), via smartcore::dataset::digits";
 
+/// The networks [`train_digits`] can train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum DigitsModel {
+    /// [`DigitsMlp`] on the 64 pixels.
+    #[default]
+    Mlp,
+    /// [`DigitsCnn`] on the digits enlarged to 32×32.
+    Cnn,
+}
+
 /// Settings of a [`train_digits`] run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DigitsConfig {
@@ -67,7 +77,9 @@ pub struct DigitsConfig {
     pub batch_size: usize,
     /// Adam learning rate; finite and positive.
     pub lr: f64,
-    /// Hidden width `H` of [`DigitsMlp<H>`]; one of [`HIDDEN_CHOICES`].
+    /// Which network: the perceptron or the CNN.
+    pub model: DigitsModel,
+    /// Hidden width `H` of [`DigitsMlp<H>`]; one of [`HIDDEN_CHOICES`] (the CNN ignores it).
     pub hidden: usize,
     /// Seed of the initial parameters, the batch order and dropout.
     pub seed: u64,
@@ -85,6 +97,7 @@ impl Default for DigitsConfig {
             epochs: 30,
             batch_size: 32,
             lr: 3e-3,
+            model: DigitsModel::Mlp,
             hidden: 64,
             seed: 0,
             test_fraction: 0.2,
@@ -264,19 +277,23 @@ pub fn train_digits(cfg: &DigitsConfig) -> Result<DigitsSummary> {
     cfg.validate()?;
     fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create output directory {}", cfg.out.display()))?;
-    let summary = match cfg.hidden {
-        32 => train_with::<32>(cfg)?,
-        64 => train_with::<64>(cfg)?,
-        128 => train_with::<128>(cfg)?,
-        256 => train_with::<256>(cfg)?,
-        h => bail!("unsupported hidden width {h}"),
+    let summary = match (cfg.model, cfg.hidden) {
+        (DigitsModel::Cnn, _) => train_cnn(cfg)?,
+        (_, 32) => train_with::<32>(cfg)?,
+        (_, 64) => train_with::<64>(cfg)?,
+        (_, 128) => train_with::<128>(cfg)?,
+        (_, 256) => train_with::<256>(cfg)?,
+        (_, h) => bail!("unsupported hidden width {h}"),
     };
     write_summary(&cfg.out, &summary)?;
     Ok(summary)
 }
 
-/// The summary table of `DigitsMlp<hidden>` (for [`HIDDEN_CHOICES`]).
-pub fn model_summary(hidden: usize) -> Result<neural_arch::Summary> {
+/// The summary table of the chosen model (`DigitsMlp<hidden>` for [`HIDDEN_CHOICES`]).
+pub fn model_summary(model: DigitsModel, hidden: usize) -> Result<neural_arch::Summary> {
+    if model == DigitsModel::Cnn {
+        return Ok(DigitsCnn::summary());
+    }
     Ok(match hidden {
         32 => DigitsMlp::<32>::summary(),
         64 => DigitsMlp::<64>::summary(),
@@ -346,12 +363,56 @@ fn progress_bar(cfg: &DigitsConfig) -> ProgressBar {
 }
 
 fn train_with<const H: usize>(cfg: &DigitsConfig) -> Result<DigitsSummary> {
+    let dev = Dev::seed_from_u64(cfg.seed);
+    let model = dev.build_module::<DigitsMlp<H>, f32>();
+    fit(
+        cfg,
+        &dev,
+        model,
+        format!("DigitsMlp<{H}>"),
+        DigitsMlp::<H>::PARAMS,
+        features,
+    )
+}
+
+fn train_cnn(cfg: &DigitsConfig) -> Result<DigitsSummary> {
+    let dev = Dev::seed_from_u64(cfg.seed);
+    let model = dev.build_module::<DigitsCnn, f32>();
+    fit(
+        cfg,
+        &dev,
+        model,
+        "DigitsCnn".into(),
+        DigitsCnn::PARAMS,
+        images,
+    )
+}
+
+/// The training loop shared by the models: Adam on the cross-entropy of shuffled mini-batches,
+/// then the held-out accuracy. `inputs` turns examples into the model's input tensor.
+fn fit<M, S>(
+    cfg: &DigitsConfig,
+    dev: &Dev,
+    mut model: M,
+    name: String,
+    params: usize,
+    inputs: fn(&Dev, &Examples) -> Tensor<S, f32, Dev>,
+) -> Result<DigitsSummary>
+where
+    S: Shape,
+    M: TensorCollection<f32, Dev>
+        + ZeroGrads<f32, Dev>
+        + Module<Tensor<S, f32, Dev>, Output = Tensor<(usize, Const<CLASSES>), f32, Dev>>
+        + ModuleMut<
+            Tensor<S, f32, Dev, OwnedTape<f32, Dev>>,
+            Output = Tensor<(usize, Const<CLASSES>), f32, Dev, OwnedTape<f32, Dev>>,
+        >,
+    <M as Module<Tensor<S, f32, Dev>>>::Error: std::fmt::Display,
+    <M as ModuleMut<Tensor<S, f32, Dev, OwnedTape<f32, Dev>>>>::Error: std::fmt::Display,
+{
     let start = Instant::now();
     let data = load_digits()?;
     let (train, test) = data.split(cfg.test_fraction, SPLIT_SEED)?;
-
-    let dev = Dev::seed_from_u64(cfg.seed);
-    let mut model = dev.build_module::<DigitsMlp<H>, f32>();
     let mut opt = Adam::new(
         &model,
         AdamConfig {
@@ -371,9 +432,11 @@ fn train_with<const H: usize>(cfg: &DigitsConfig) -> Result<DigitsSummary> {
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         for idx in order.chunks(cfg.batch_size) {
             let batch = train.select(idx);
-            let x = features(&dev, &batch);
-            let y = one_hot(&dev, &batch);
-            let logits = model.forward_mut(x.traced(grads));
+            let x = inputs(dev, &batch);
+            let y = one_hot(dev, &batch);
+            let logits = model
+                .try_forward_mut(x.traced(grads))
+                .map_err(|e| anyhow::anyhow!("forward failed: {e}"))?;
             correct += count_correct(&logits.with_empty_tape().as_vec(), &batch.y);
             let loss = cross_entropy_with_logits_loss(logits, y);
             loss_sum += f64::from(loss.array()) * batch.len() as f64;
@@ -407,13 +470,15 @@ fn train_with<const H: usize>(cfg: &DigitsConfig) -> Result<DigitsSummary> {
         eprintln!();
     }
 
-    // Evaluation: `forward` runs dropout in inference mode (identity).
-    let logits = model.forward(features(&dev, &test));
+    // Evaluation: `forward` runs dropout and batch norm in inference mode.
+    let logits = model
+        .try_forward(inputs(dev, &test))
+        .map_err(|e| anyhow::anyhow!("forward failed: {e}"))?;
     let test_correct = count_correct(&logits.as_vec(), &test.y);
     let last = history.last().cloned().context("no epoch was run")?;
     Ok(DigitsSummary {
-        model: format!("DigitsMlp<{H}>"),
-        params: DigitsMlp::<H>::PARAMS,
+        model: name,
+        params,
         data: DIGITS_SOURCE.to_string(),
         train_examples: train.len(),
         test_examples: test.len(),
@@ -430,6 +495,20 @@ fn train_with<const H: usize>(cfg: &DigitsConfig) -> Result<DigitsSummary> {
         wall_seconds: start.elapsed().as_secs_f64(),
         history,
     })
+}
+
+/// Each 8×8 digit enlarged 4× (every pixel a 4×4 block) to the `[n, 1, 32, 32]` a CIFAR-sized
+/// CNN takes.
+fn images(dev: &Dev, ex: &Examples) -> Tensor<(usize, Const<1>, Const<32>, Const<32>), f32, Dev> {
+    let mut v = Vec::with_capacity(ex.len() * 32 * 32);
+    for img in ex.x.chunks_exact(INPUTS) {
+        for row in 0..32 {
+            for col in 0..32 {
+                v.push(img[(row / 4) * 8 + col / 4]);
+            }
+        }
+    }
+    dev.tensor_from_vec(v, (ex.len(), Const, Const, Const))
 }
 
 #[cfg(test)]

@@ -111,3 +111,19 @@ fn binary_reports_bad_arguments_without_panicking() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_cnn_declared_with_model_trains_on_the_digits() {
+    let cfg = DigitsConfig {
+        model: neural_arch_examples::DigitsModel::Cnn,
+        epochs: 1,
+        batch_size: 32,
+        lr: 3e-3,
+        out: out_dir("digits-cnn"),
+        ..DigitsConfig::default()
+    };
+    let s = train_digits(&cfg).unwrap();
+    assert_eq!(s.model, "DigitsCnn");
+    // One epoch is far above chance (10 %); the full run reaches 99 % (README).
+    assert!(s.test_accuracy > 0.8, "test accuracy {}", s.test_accuracy);
+}

@@ -35,6 +35,25 @@ model! {
     forward(x: [B, 64]) -> [B, 10];
 }
 
+model! {
+    /// A small CNN for the digits enlarged to 32×32: two conv-batchnorm-relu-pool stages and a
+    /// linear classifier, every spatial size computed by the DSL (32 → 16 → 8, flattened to
+    /// 32·8·8 = 2048).
+    pub struct DigitsCnn {
+        conv1: Conv2d<1, 16, 3, 1, 1>,
+        bn1: BatchNorm2d<16>,
+        act1: ReLU,
+        pool1: MaxPool2d<2>,
+        conv2: Conv2d<16, 32, 3, 1, 1>,
+        bn2: BatchNorm2d<32>,
+        act2: ReLU,
+        pool2: MaxPool2d<2>,
+        flat: Flatten,
+        fc: Linear<2048, 10>,
+    }
+    forward(x: [B, 1, 32, 32]) -> [B, 10];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +73,21 @@ mod tests {
         let x: Tensor<(usize, Const<INPUTS>), f32, _> = dev.zeros_like(&(3, Const));
         assert_eq!(mlp.forward(x.clone()).shape(), &(3, Const::<CLASSES>));
         assert_eq!(mlp.forward_mut(x).shape(), &(3, Const::<CLASSES>));
+    }
+
+    #[test]
+    fn cnn_sizes_come_from_the_dsl() {
+        let dev = Cpu::default();
+        let cnn = dev.build_module::<DigitsCnn, f32>();
+        assert_eq!(DigitsCnn::PARAMS, cnn.num_trainable_params());
+        let s = DigitsCnn::summary();
+        let shapes: Vec<&str> = s.rows.iter().map(|r| r.output.as_str()).collect();
+        assert_eq!(shapes[3], "[B, 16, 16, 16]");
+        assert_eq!(shapes[7], "[B, 32, 8, 8]");
+        assert_eq!(shapes[8], "[B, 2048]");
+        let x: Tensor<(usize, Const<1>, Const<32>, Const<32>), f32, _> =
+            dev.zeros_like(&(3, Const, Const, Const));
+        assert_eq!(cnn.forward(x).shape(), &(3, Const::<CLASSES>));
     }
 
     #[test]

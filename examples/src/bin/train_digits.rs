@@ -9,7 +9,13 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use neural_arch_examples::{model_summary, train_digits, DigitsConfig};
+use neural_arch_examples::{model_summary, train_digits, DigitsConfig, DigitsModel};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ModelArg {
+    Mlp,
+    Cnn,
+}
 
 /// Train a two-layer perceptron on the 1,797 UCI 8×8 handwritten digits (80/20 split, fixed
 /// split seed) and write `summary.json` to the output directory.
@@ -25,7 +31,11 @@ struct Args {
     /// Adam learning rate.
     #[arg(long, default_value_t = DigitsConfig::default().lr, allow_negative_numbers = true)]
     lr: f64,
-    /// Hidden width: 32, 64, 128 or 256.
+    /// Which network: `mlp` (on the 64 pixels) or `cnn` (two conv-batchnorm-relu-pool stages on
+    /// the digits enlarged to 32×32).
+    #[arg(long, value_enum, default_value = "mlp")]
+    model: ModelArg,
+    /// Hidden width of the MLP: 32, 64, 128 or 256.
     #[arg(long, default_value_t = DigitsConfig::default().hidden)]
     hidden: usize,
     /// Seed of initialisation, batch order and dropout (the train/test split is fixed).
@@ -52,6 +62,10 @@ fn run(args: Args) -> Result<()> {
         epochs: args.epochs,
         batch_size: args.batch_size,
         lr: args.lr,
+        model: match args.model {
+            ModelArg::Mlp => DigitsModel::Mlp,
+            ModelArg::Cnn => DigitsModel::Cnn,
+        },
         hidden: args.hidden,
         seed: args.seed,
         out: args.out,
@@ -59,7 +73,7 @@ fn run(args: Args) -> Result<()> {
         ..DigitsConfig::default()
     };
     cfg.validate()?;
-    let table = model_summary(cfg.hidden)?;
+    let table = model_summary(cfg.model, cfg.hidden)?;
     let s = train_digits(&cfg)?;
 
     println!("{table}");
