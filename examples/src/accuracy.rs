@@ -1,5 +1,6 @@
 //! The numerical accuracy report: how close the layers' outputs are to an `f64` reference, in
-//! `f32` and `f16`, and how close their gradients are to central differences.
+//! `f32` and `f16`, and how close the gradients of every layer and loss are to central
+//! differences.
 //!
 //! The original framework published an exact-GELU max error of 1.7e-6 and gradient errors
 //! below 3e-3; [`report`] measures ours on the same terms and [`AccuracyReport::comparison`]
@@ -56,8 +57,8 @@ pub struct GradRow {
     pub layer: String,
     /// Parameter gradients (`None` for parameter-free layers).
     pub params: Option<GradStats>,
-    /// Input gradient.
-    pub input: GradStats,
+    /// Input gradient (`None` where the input is not differentiable: token ids).
+    pub input: Option<GradStats>,
 }
 
 /// The numbers of a [`GradReport`].
@@ -92,7 +93,8 @@ pub struct AccuracyReport {
     pub gelu_tanh_approximation_max_err: f64,
     /// f32 exact-GELU max error divided by f32 tanh-GELU max error against their own references.
     pub gelu_exact_to_tanh_error_ratio: f64,
-    /// Gradient checks.
+    /// Gradient checks: every layer of the library (dense, element-wise, image, sequence) and
+    /// every loss.
     pub gradients: Vec<GradRow>,
 }
 
@@ -191,22 +193,42 @@ where
     }
 }
 
-fn grad_row<L>(name: &str, mut layer: L, x: Tensor<(Const<3>, Const<8>), f64, Cpu>) -> GradRow
+/// A traced `f64` tensor on the CPU, and the scalar every check differentiates.
+type Traced<S> = Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>>;
+type Loss = Traced<Rank0>;
+
+/// Checks the gradients of `loss(layer, x)` with respect to the layer's trainable parameters
+/// (if it has any) and to `x`. `loss` runs the layer and reduces its output to a scalar that
+/// depends on every output value ([`SquareSum`]), or is itself a loss; several inputs are
+/// sliced out of one `x` so that one check covers all of them.
+fn grad_row<M, S: Shape>(
+    name: &str,
+    mut layer: M,
+    x: &Tensor<S, f64, Cpu>,
+    loss: impl Fn(&M, Traced<S>) -> Loss,
+) -> GradRow
 where
-    L: TensorCollection<f64, Cpu>
-        + ZeroGrads<f64, Cpu>
-        + NumParams<f64, Cpu>
-        + Module<Tensor<(Const<3>, Const<8>), f64, Cpu, OwnedTape<f64, Cpu>>>
-        + Module<Tensor<(Const<3>, Const<8>), f64, Cpu>>,
-    <L as Module<Tensor<(Const<3>, Const<8>), f64, Cpu, OwnedTape<f64, Cpu>>>>::Output: SquareSum,
+    M: TensorCollection<f64, Cpu> + ZeroGrads<f64, Cpu> + NumParams<f64, Cpu>,
 {
     let params = (layer.num_trainable_params() > 0)
-        .then(|| check_param_grads(&mut layer, |m, g| m.forward(x.trace(g)).square_sum()).into());
-    let input = check_input_grads(&x, |x| layer.forward(x).square_sum()).into();
+        .then(|| check_param_grads(&mut layer, |m, g| loss(m, x.trace(g))).into());
+    let input = Some(check_input_grads(x, |x| loss(&layer, x)).into());
     GradRow {
         layer: name.to_string(),
         params,
         input,
+    }
+}
+
+/// Like [`grad_row`] for a layer whose input is not differentiable (token ids): parameters only.
+fn param_row<M>(name: &str, mut layer: M, loss: impl Fn(&M, Gradients<f64, Cpu>) -> Loss) -> GradRow
+where
+    M: TensorCollection<f64, Cpu> + ZeroGrads<f64, Cpu>,
+{
+    GradRow {
+        layer: name.to_string(),
+        params: Some(check_param_grads(&mut layer, loss).into()),
+        input: None,
     }
 }
 
@@ -222,7 +244,226 @@ impl<S: Shape> SquareSum for Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>> {
     }
 }
 
-/// Measures everything; takes a few seconds in release mode.
+/// `sum(f(x)²)` for a module `f`: the loss of the single-input layers.
+fn sq<M, S: Shape>(m: &M, x: Traced<S>) -> Loss
+where
+    M: Module<Traced<S>>,
+    M::Output: SquareSum,
+    M::Error: std::fmt::Debug,
+{
+    m.forward(x).square_sum()
+}
+
+/// The dense and element-wise layers, on one `[3, 8]` input.
+fn dense_rows() -> Vec<GradRow> {
+    let x: Tensor<Rank2<3, 8>, f64, Cpu> = Cpu::seed_from_u64(0).sample_normal();
+    let dev = Cpu::seed_from_u64(1);
+    vec![
+        grad_row(
+            "Linear<8, 8>",
+            dev.build_module::<Linear<8, 8>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "LinearNoBias<8, 8>",
+            dev.build_module::<LinearNoBias<8, 8>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "LayerNorm<8>",
+            dev.build_module::<LayerNorm<8>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row("GELU (exact)", Gelu, &x, sq),
+        grad_row("GELU (tanh)", GeluTanh, &x, sq),
+        grad_row("SiLU", SiLU, &x, sq),
+        grad_row("sigmoid", Sigmoid, &x, sq),
+        grad_row("tanh", Tanh, &x, sq),
+        grad_row("softmax", Softmax, &x, sq),
+        grad_row("log-softmax", LogSoftmax, &x, sq),
+    ]
+}
+
+/// Convolution, pooling and the image norms, on small NCHW images.
+fn image_rows() -> Vec<GradRow> {
+    let dev = Cpu::seed_from_u64(2);
+    let x: Tensor<Rank4<2, 2, 5, 5>, f64, Cpu> = dev.sample_normal();
+    let x4: Tensor<Rank4<1, 4, 4, 4>, f64, Cpu> = dev.sample_normal();
+    let mut bn = dev.build_module::<BatchNorm2d<2>, f64>();
+    // Away from the initial ones and zeros, so that both parameters are exercised.
+    bn.weight = dev.sample_normal();
+    bn.bias = dev.sample_normal();
+    vec![
+        grad_row(
+            "Conv2d<2, 3, 3, s2, p1>",
+            dev.build_module::<Conv2d<2, 3, 3, 2, 1>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "Conv2d<4, 4, 3, p1, g2, dil2>",
+            dev.build_module::<Conv2d<4, 4, 3, 1, 1, 2, 2>, f64>(),
+            &x4,
+            sq,
+        ),
+        grad_row(
+            "MaxPool2d<2, s1, p1>",
+            MaxPool2d::<2, 1, 1>::default(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "AvgPool2d<3, s2, p1>",
+            AvgPool2d::<3, 2, 1>::default(),
+            &x,
+            sq,
+        ),
+        grad_row("GlobalAvgPool", GlobalAvgPool, &x, sq),
+        grad_row(
+            "PatchEmbed<4, 3, 2>",
+            dev.build_module::<PatchEmbed<4, 3, 2>, f64>(),
+            &x4,
+            sq,
+        ),
+        // Training mode: batch statistics, so the gradient flows through the mean and variance.
+        // A clone per call keeps the running statistics of the measured module fixed. Its error
+        // (about 2e-7) is the central difference's round-off, ε·|loss|/h with a loss near 420,
+        // not the gradient's: a Richardson extrapolation (h = 1e-3) agrees with it to 3e-10.
+        grad_row("BatchNorm2d<2> (training)", bn, &x, |m, x| {
+            m.clone().forward_mut(x).square_sum()
+        }),
+    ]
+}
+
+/// Embeddings, RMSNorm, attention and SwiGLU, on `[B, S, 8]` sequences.
+fn sequence_rows() -> Vec<GradRow> {
+    let dev = Cpu::seed_from_u64(3);
+    let x: Tensor<Rank3<2, 3, 8>, f64, Cpu> = dev.sample_normal();
+    // Queries (3 positions) and keys/values (4 positions) of CrossAttention, in one tensor.
+    let qkv: Tensor<Rank3<2, 7, 8>, f64, Cpu> = dev.sample_normal();
+    // The second sequence has one real token and two padding tokens.
+    let mask = dev.tensor([[true, true, true], [true, false, false]]);
+    // Sliced out of `qkv`, the keys have a runtime length, and so must their mask.
+    let kv_mask = dev.tensor_from_vec(
+        vec![true, true, true, true, true, true, false, false],
+        (Const::<2>, 4usize),
+    );
+    let ids = dev.tensor_from_vec(vec![1usize, 4, 1, 0, 2, 4], (2usize, 3usize));
+    let mut rms = dev.build_module::<RMSNorm<8>, f64>();
+    rms.weight = dev.sample_normal();
+    vec![
+        // Repeated ids: their rows' gradients are sums.
+        param_row(
+            "Embedding<5, 8>",
+            dev.build_module::<Embedding<5, 8>, f64>(),
+            |m, g| m.forward(ids.trace(g)).square_sum(),
+        ),
+        grad_row(
+            "PositionalEmbedding<4, 8>",
+            dev.build_module::<PositionalEmbedding<4, 8>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row("RMSNorm<8>", rms, &x, sq),
+        grad_row(
+            "SelfAttention<8, 2>",
+            dev.build_module::<SelfAttention<8, 2>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "SelfAttention<8, 2> + mask",
+            dev.build_module::<SelfAttention<8, 2>, f64>(),
+            &x,
+            |m, x| m.forward((x, mask.clone())).square_sum(),
+        ),
+        grad_row(
+            "SelfAttention<8, 2, 4, 6>",
+            dev.build_module::<SelfAttention<8, 2, 4, 6>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "CausalSelfAttention<8, 2>",
+            dev.build_module::<CausalSelfAttention<8, 2>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "CrossAttention<8, 2>",
+            dev.build_module::<CrossAttention<8, 2>, f64>(),
+            &qkv,
+            |m, x| {
+                let q = x.with_empty_tape().slice((.., 0..3, ..));
+                m.forward((q, x.slice((.., 3..7, ..)))).square_sum()
+            },
+        ),
+        grad_row(
+            "CrossAttention<8, 2> + mask",
+            dev.build_module::<CrossAttention<8, 2>, f64>(),
+            &qkv,
+            |m, x| {
+                let q = x.with_empty_tape().slice((.., 0..3, ..));
+                m.forward((q, x.slice((.., 3..7, ..)), kv_mask.clone()))
+                    .square_sum()
+            },
+        ),
+        grad_row(
+            "GqaAttention<8, 4, 2, 2>",
+            dev.build_module::<GqaAttention<8, 4, 2, 2>, f64>(),
+            &x,
+            sq,
+        ),
+        grad_row(
+            "SwiGLU<8, 6>",
+            dev.build_module::<SwiGLU<8, 6>, f64>(),
+            &x,
+            sq,
+        ),
+    ]
+}
+
+/// The losses, with respect to their inputs (and CLIP's learnt temperature).
+fn loss_rows() -> Vec<GradRow> {
+    let dev = Cpu::seed_from_u64(4);
+    let logits: Tensor<Rank2<4, 5>, f64, Cpu> = dev.sample_normal();
+    // Target 0 is the padding id: its row counts neither in the loss nor in the mean.
+    let targets = [2usize, 0, 4, 1];
+    let options = CrossEntropy {
+        ignore_index: Some(0),
+        label_smoothing: 0.1,
+    };
+    let target: Tensor<Rank2<4, 5>, f64, Cpu> = dev.sample_normal();
+    let probabilities: Tensor<Rank2<4, 5>, f64, Cpu> = dev.sample_uniform();
+    // Image (rows 0..3) and text (rows 3..6) embeddings, in one tensor.
+    let pairs: Tensor<Rank2<6, 4>, f64, Cpu> = dev.sample_normal();
+    let clip = |m: &LogitScaleModule<f64, Cpu>, x: Traced<Rank2<6, 4>>| {
+        let image = x.with_empty_tape().slice((0..3, ..));
+        clip_loss(image, x.slice((3..6, ..)), m).expect("matching pairs")
+    };
+    vec![
+        grad_row("cross_entropy (ignore, smoothing)", (), &logits, |_, x| {
+            cross_entropy(x, &targets, options).expect("targets in range")
+        }),
+        grad_row("mse", (), &logits, |_, x| {
+            mse(x, target.clone()).expect("same shapes")
+        }),
+        grad_row("bce_with_logits", (), &logits, |_, x| {
+            bce_with_logits(x, probabilities.clone()).expect("same shapes")
+        }),
+        grad_row(
+            "clip_loss",
+            dev.build_module::<LogitScale, f64>(),
+            &pairs,
+            clip,
+        ),
+    ]
+}
+
+/// Measures everything; about 0.1 s in release mode.
 pub fn report() -> AccuracyReport {
     let xs: Vec<f64> = (-8000..=8000).map(|i| f64::from(i) * 1e-3).collect();
     let mut precision = vec![
@@ -284,32 +525,7 @@ pub fn report() -> AccuracyReport {
         layer_norm_ref,
     ));
 
-    let x: Tensor<Rank2<3, 8>, f64, Cpu> = Cpu::seed_from_u64(0).sample_normal();
-    let dev = Cpu::seed_from_u64(1);
-    let gradients = vec![
-        grad_row(
-            "Linear<8, 8>",
-            dev.build_module::<Linear<8, 8>, f64>(),
-            x.clone(),
-        ),
-        grad_row(
-            "LinearNoBias<8, 8>",
-            dev.build_module::<LinearNoBias<8, 8>, f64>(),
-            x.clone(),
-        ),
-        grad_row(
-            "LayerNorm<8>",
-            dev.build_module::<LayerNorm<8>, f64>(),
-            x.clone(),
-        ),
-        grad_row("GELU (exact)", Gelu, x.clone()),
-        grad_row("GELU (tanh)", GeluTanh, x.clone()),
-        grad_row("SiLU", SiLU, x.clone()),
-        grad_row("sigmoid", Sigmoid, x.clone()),
-        grad_row("tanh", Tanh, x.clone()),
-        grad_row("softmax", Softmax, x.clone()),
-        grad_row("log-softmax", LogSoftmax, x),
-    ];
+    let gradients = [dense_rows(), image_rows(), sequence_rows(), loss_rows()].concat();
     AccuracyReport {
         grid: "16,001 points, -8 to 8 in steps of 0.001".into(),
         precision,
@@ -385,7 +601,7 @@ impl AccuracyReport {
             self.gelu_tanh_approximation_max_err, self.gelu_exact_to_tanh_error_ratio
         ));
         out.push_str(&format!(
-            "\n{:<24} {:>14} {:>14} {:>14}\n",
+            "\n{:<34} {:>14} {:>14} {:>14}\n",
             "gradient check (f64)", "params max", "params mean", "input max"
         ));
         for g in &self.gradients {
@@ -396,9 +612,13 @@ impl AccuracyReport {
                 ),
                 None => ("-".into(), "-".into()),
             };
+            let input = g
+                .input
+                .as_ref()
+                .map_or_else(|| "-".into(), |i| format!("{:.2e}", i.max_abs_err));
             out.push_str(&format!(
-                "{:<24} {:>14} {:>14} {:>14.2e}\n",
-                g.layer, pm, pmean, g.input.max_abs_err
+                "{:<34} {:>14} {:>14} {:>14}\n",
+                g.layer, pm, pmean, input
             ));
         }
         let gelu = self.precision[0].f32.max_abs_err;
@@ -409,7 +629,7 @@ impl AccuracyReport {
                 g.params
                     .iter()
                     .map(|p| p.max_abs_err)
-                    .chain([g.input.max_abs_err])
+                    .chain(g.input.iter().map(|i| i.max_abs_err))
             })
             .fold(0.0, f64::max);
         out.push_str(&format!(

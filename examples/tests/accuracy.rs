@@ -21,8 +21,9 @@ fn layers_are_accurate_and_gradients_exact() {
         let worst = g
             .params
             .iter()
-            .map(|p| p.max_abs_err)
-            .fold(g.input.max_abs_err, f64::max);
+            .chain(&g.input)
+            .map(|s| s.max_abs_err)
+            .fold(0.0, f64::max);
         assert!(worst < 1e-6, "{}: gradient error {worst:e}", g.layer);
     }
     assert!(r.comparison().contains("against the original framework"));

@@ -77,3 +77,30 @@ pub(super) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
     }
     acc.iter().sum::<f64>() + tail
 }
+
+/// Elements one rayon task of a fused kernel works on: below this, handing rows to another
+/// thread costs more than it saves, and the whole tensor runs on the calling thread.
+pub(super) const TASK_ELEMS: usize = 1 << 15;
+
+/// Runs `f(first_row, chunk)` over consecutive chunks of whole rows of `out` (rows of
+/// `row_len` elements), on rayon's pool (sized by `RAYON_NUM_THREADS`) when there is more than
+/// one chunk, and returns what each chunk returned, in row order. The chunks depend only on the
+/// sizes, never on the number of threads, so sums over the results are the same bits whatever
+/// the pool.
+pub(super) fn par_rows<B: Send, R: Send>(
+    out: &mut [B],
+    row_len: usize,
+    f: impl Fn(usize, &mut [B]) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    let row_len = row_len.max(1);
+    let rows_per_task = (TASK_ELEMS / row_len).max(1);
+    let chunk = rows_per_task * row_len;
+    if out.len() <= chunk {
+        return vec![f(0, out)];
+    }
+    out.par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| f(i * rows_per_task, c))
+        .collect()
+}
