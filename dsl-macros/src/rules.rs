@@ -42,6 +42,8 @@ enum Rule {
     Cross(Sym),
     /// `[*, S, M] -> [*, S, M]`, or `([*, S, M], bool[*, S])` with a padding mask.
     Attend(Sym),
+    /// `[*, A·C] -> [*, A, C]`.
+    Split { a: Sym, c: Sym },
 }
 
 struct Conv {
@@ -302,6 +304,10 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             d: arg(1)?,
         },
         ("BatchNorm2d", 1) => Rule::Channels(arg(0)?),
+        ("Unflatten2", 2) => Rule::Split {
+            a: arg(0)?,
+            c: arg(1)?,
+        },
         _ => return None,
     };
     Some((rule, h))
@@ -495,6 +501,28 @@ pub fn apply_layer(
             None => (Val::Unknown, None),
         },
         Rule::Cross(_) => (Val::Unknown, None),
+        Rule::Split { a, c } => {
+            let product = match (&a, &c) {
+                (Sym::Lit(x), Sym::Lit(y)) => Sym::Lit(x * y),
+                _ => Sym::Opaque(format!("{a}·{c}")),
+            };
+            match input_shape {
+                Some(mut s) => {
+                    ctx.check_last(cx, &product, &s);
+                    s.dims.pop();
+                    s.dims.extend([a, c]);
+                    (Val::Known(s), None)
+                }
+                None => (
+                    Val::Known(Shp {
+                        full: false,
+                        dims: vec![a, c],
+                        dtype: Kind::Float,
+                    }),
+                    None,
+                ),
+            }
+        }
     }
 }
 

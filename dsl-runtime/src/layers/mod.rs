@@ -23,6 +23,7 @@ mod residual;
 mod rms_norm;
 mod rope;
 mod swiglu;
+mod unflatten;
 
 pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
 pub use attention::{
@@ -45,6 +46,7 @@ pub use residual::{Residual, ResidualModule};
 pub use rms_norm::{RMSNorm, RMSNormModule};
 pub use rope::Rope;
 pub use swiglu::{SwiGLU, SwiGLUModule};
+pub use unflatten::Unflatten2;
 
 use crate::summary::SummaryRow;
 
