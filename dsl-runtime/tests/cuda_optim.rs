@@ -7,21 +7,8 @@
 use neural_arch::optim::{Optim, OptimizerState};
 use neural_arch::prelude::*;
 
-fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= tol,
-        "{what}: max |cpu - cuda| = {worst:e} > {tol:e}; first {:?} vs {:?}",
-        &a[..4.min(a.len())],
-        &b[..4.min(b.len())]
-    );
-    eprintln!("{what}: max |cpu - cuda| = {worst:e}");
-}
+mod common;
+use common::close;
 
 #[test]
 fn losses_match_the_cpu() {

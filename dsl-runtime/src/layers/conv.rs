@@ -1105,9 +1105,10 @@ mod cuda_tests {
         }
     }
 
-    fn pool<L: Copy, const C: usize>(name: &str, layer: L, (b, h, w): (usize, usize, usize))
+    fn pool<L, const C: usize>(name: &str, layer: L, (b, h, w): (usize, usize, usize))
     where
-        L: Module<
+        L: Copy
+            + Module<
                 Tensor<(usize, Const<C>, usize, usize), f64, Cpu, OwnedTape<f64, Cpu>>,
                 Output = Tensor<(usize, Const<C>, usize, usize), f64, Cpu, OwnedTape<f64, Cpu>>,
                 Error = crate::Error,
