@@ -17,6 +17,41 @@ pub struct Model {
     pub consts: Vec<Ident>,
     pub fields: Vec<Field>,
     pub forward: Option<Forward>,
+    /// `#[checkpoint(...)]`: how upstream checkpoints differ from the model's keys.
+    pub checkpoint: Checkpoint,
+}
+
+/// The conventions of `#[checkpoint(base = "transformer.", transposed("c_attn.weight"),
+/// ignored("attn.bias"))]`.
+#[derive(Default)]
+pub struct Checkpoint {
+    pub base: Option<String>,
+    pub transposed: Vec<String>,
+    pub ignored: Vec<String>,
+}
+
+fn parse_checkpoint(attr: &Attribute, out: &mut Checkpoint) -> syn::Result<()> {
+    attr.parse_nested_meta(|meta| {
+        if meta.path.is_ident("base") {
+            out.base = Some(meta.value()?.parse::<syn::LitStr>()?.value());
+            return Ok(());
+        }
+        let list = if meta.path.is_ident("transposed") {
+            &mut out.transposed
+        } else if meta.path.is_ident("ignored") {
+            &mut out.ignored
+        } else {
+            return Err(meta.error(
+                "`#[checkpoint(..)]` takes `base = \"prefix.\"`, `transposed(\"key\", ..)` and \
+                 `ignored(\"key\", ..)`",
+            ));
+        };
+        let content;
+        parenthesized!(content in meta.input);
+        let keys = Punctuated::<syn::LitStr, Token![,]>::parse_terminated(&content)?;
+        list.extend(keys.iter().map(|k| k.value()));
+        Ok(())
+    })
 }
 
 /// One named layer.
@@ -28,6 +63,8 @@ pub struct Field {
     pub repeat: Option<Expr>,
     /// The whole declaration `name: Layer`, for error spans.
     pub span: crate::check::Loc,
+    /// The checkpoint key, `#[key = "LayerNorm"]`; the field name when absent.
+    pub key: String,
 }
 
 /// `forward(x: [B, 784], ...) -> [B, 10]` with an optional body.
@@ -83,7 +120,17 @@ pub enum DimSpec {
 
 impl Parse for Model {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let attrs = input.call(Attribute::parse_outer)?;
+        let mut attrs = input.call(Attribute::parse_outer)?;
+        let mut checkpoint = Checkpoint::default();
+        let mut kept = Vec::new();
+        for a in attrs.drain(..) {
+            if a.path().is_ident("checkpoint") {
+                parse_checkpoint(&a, &mut checkpoint)?;
+            } else {
+                kept.push(a);
+            }
+        }
+        let attrs = kept;
         let vis: Visibility = input.parse()?;
         input.parse::<Token![struct]>()?;
         let name: Ident = input.parse()?;
@@ -128,6 +175,7 @@ impl Parse for Model {
             return Err(input.error("unexpected tokens after the forward declaration"));
         }
         Ok(Model {
+            checkpoint,
             attrs,
             vis,
             name,
@@ -144,8 +192,39 @@ fn is_usize(ty: &Type) -> bool {
 
 impl Parse for Field {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let attrs = input.call(Attribute::parse_outer)?;
+        let mut attrs = input.call(Attribute::parse_outer)?;
         let name: Ident = input.parse()?;
+        let mut key = name.to_string();
+        let mut keep = Vec::new();
+        for a in attrs.drain(..) {
+            if a.path().is_ident("doc") {
+                keep.push(a);
+            } else if a.path().is_ident("key") {
+                // Upstream checkpoints use names that cannot be Rust fields (`self`,
+                // `LayerNorm`): the field keeps a Rust name, the parameters the upstream one.
+                let value = &a.meta.require_name_value()?.value;
+                match value {
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) if !s.value().is_empty() && !s.value().contains('.') => key = s.value(),
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            other,
+                            "`#[key = \"...\"]` takes the checkpoint name of this layer, a \
+                             non-empty string without dots",
+                        ))
+                    }
+                }
+            } else {
+                return Err(syn::Error::new_spanned(
+                    a,
+                    "a layer takes doc comments and `#[key = \"name\"]` (its checkpoint name) \
+                     as attributes",
+                ));
+            }
+        }
+        let attrs = keep;
         input.parse::<Token![:]>()?;
         let ty: Type = input.parse()?;
         let span = crate::check::Loc(name.span(), last_span(&ty));
@@ -159,6 +238,7 @@ impl Parse for Field {
             layer,
             repeat,
             span,
+            key,
         })
     }
 }

@@ -168,6 +168,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
         consts,
         fields,
         forward,
+        checkpoint,
     } = model;
     let module = module_name(name);
     let p = quote!(::neural_arch::__private);
@@ -180,7 +181,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
         })
         .collect();
     let field_names: Vec<&Ident> = fields.iter().map(|f| &f.name).collect();
-    let field_strs: Vec<String> = field_names.iter().map(|f| f.to_string()).collect();
+    let field_strs: Vec<String> = fields.iter().map(|f| f.key.clone()).collect();
     let params: Vec<Ident> = fields.iter().map(|f| camel(&f.name)).collect();
     let cparams = quote!(#(const #consts: usize,)*);
     let cargs = quote!(#(#consts),*);
@@ -213,7 +214,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
     }
 
     let summary_rows = fields.iter().zip(&layer_tys).zip(&analysis.outputs).map(|((f, ty), out)| {
-        let fname = f.name.to_string();
+        let fname = f.key.clone();
         let tystr = with_values(&match &f.repeat {
             Some(n) => {
                 let inner = &f.layer;
@@ -272,6 +273,12 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
         quote_spanned!(span=> ::core::assert!(#r != 0 && #l % #r == 0, #msg);)
     });
 
+    let base = match &checkpoint.base {
+        Some(b) => quote!(::core::option::Option::Some(#p::String::from(#b))),
+        None => quote!(::core::option::Option::None),
+    };
+    let transposed = &checkpoint.transposed;
+    let ignored = &checkpoint.ignored;
     let forward_impls = match forward {
         Some(fwd) => graph_impls(model, fwd, analysis, scope, &built, &cparams),
         None => chain_impls(model, &builder, &params, &cparams),
@@ -354,6 +361,44 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
             }
 
             #forward_impls
+
+            impl<__Model, __E, #(#params),*> #module<__Model, __E, #(#params),*> {
+                /// How upstream checkpoints of this model differ from its keys (see
+                /// [`LoadOptions`](::neural_arch::checkpoint::LoadOptions)).
+                pub fn load_options() -> ::neural_arch::checkpoint::LoadOptions {
+                    ::neural_arch::checkpoint::LoadOptions {
+                        base_prefix: #base,
+                        transposed: #p::vec![#(#p::String::from(#transposed)),*],
+                        ignored: #p::vec![#(#p::String::from(#ignored)),*],
+                    }
+                }
+
+                /// Loads the weights from a safetensors file with upstream key names; a missing,
+                /// unexpected or wrongly shaped tensor is an error naming it, and leaves the
+                /// model unchanged.
+                pub fn load_safetensors<__Dev: #p::Device<__E>>(
+                    &mut self,
+                    path: impl ::core::convert::AsRef<::std::path::Path>,
+                ) -> ::core::result::Result<::neural_arch::checkpoint::LoadReport, #p::Error>
+                where
+                    __E: ::neural_arch::checkpoint::CheckpointElem,
+                    Self: #p::TensorCollection<__E, __Dev>,
+                {
+                    ::neural_arch::checkpoint::load_safetensors(self, path, &Self::load_options())
+                }
+
+                /// Saves every tensor under its key, atomically.
+                pub fn save_safetensors<__Dev: #p::Device<__E>>(
+                    &self,
+                    path: impl ::core::convert::AsRef<::std::path::Path>,
+                ) -> ::core::result::Result<(), #p::Error>
+                where
+                    __E: ::neural_arch::checkpoint::CheckpointElem,
+                    Self: #p::TensorCollection<__E, __Dev>,
+                {
+                    ::neural_arch::checkpoint::save_safetensors(self, path)
+                }
+            }
         };
     }
 }

@@ -81,6 +81,7 @@ impl Walk<'_, '_> {
                 (val, tokens, Source(source))
             }
             Expr::Call(c) => self.call(c, cx),
+            Expr::MethodCall(m) => self.method_call(m, cx),
             Expr::Binary(b) => {
                 let (method, sym) = match b.op {
                     BinOp::Add(_) => (format_ident!("add"), "+"),
@@ -167,6 +168,38 @@ impl Walk<'_, '_> {
                 (Val::Unknown, TokenStream::new(), Source("this".into()))
             }
         }
+    }
+
+    /// `layer.method(x, ..)`: a method of a layer other than its forward, such as a tied output
+    /// projection `wte.unembed(h)`. The macro cannot see its shapes; the compiler checks them.
+    fn method_call(
+        &mut self,
+        m: &syn::ExprMethodCall,
+        cx: &mut Ctxt,
+    ) -> (Val, TokenStream, Source) {
+        let field = match &*m.receiver {
+            Expr::Path(p) if p.qself.is_none() => p.path.get_ident().cloned(),
+            _ => None,
+        };
+        let Some(field) = field.filter(|f| self.field_index.contains_key(&f.to_string())) else {
+            cx.error(
+                m.receiver.span(),
+                "a method is called on a layer of this model: `wte.unembed(h)`",
+            );
+            return (Val::Unknown, TokenStream::new(), Source("this".into()));
+        };
+        let mut toks = Vec::new();
+        for a in &m.args {
+            let (_, t, _) = self.expr(a, cx);
+            toks.push(t);
+        }
+        let method = &m.method;
+        let span = method.span();
+        let tokens = quote_spanned! {span=>
+            self.#field.#method(#(#toks),*).map_err(::neural_arch::__private::Error::from)?
+        };
+        let name = format!("`{field}.{method}`");
+        (Val::Unknown, tokens, Source(name))
     }
 
     fn call(&mut self, c: &syn::ExprCall, cx: &mut Ctxt) -> (Val, TokenStream, Source) {

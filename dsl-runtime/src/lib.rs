@@ -27,10 +27,15 @@
 #![deny(missing_docs)]
 
 mod error;
+// The code `model!` generates names `::neural_arch`; this lets the crate's own tests use it.
+extern crate self as neural_arch;
+
+pub mod checkpoint;
 pub mod gradcheck;
 pub mod layers;
 pub mod losses;
 pub mod optim;
+pub mod parity;
 mod summary;
 
 /// The README's examples, compiled as doctests so that they stay true.

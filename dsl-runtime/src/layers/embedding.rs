@@ -8,7 +8,7 @@ use dfdx::nn::{
 };
 use dfdx::shapes::{Const, Dim, Dtype, HasShape, Rank2, Shape};
 use dfdx::tensor::{HasErr, PutTape, SplitTape, Storage, Tape, Tensor};
-use dfdx::tensor_ops::{BroadcastTo, Device, GatherTo, ReshapeTo, TryAdd};
+use dfdx::tensor_ops::{BroadcastTo, Device, GatherTo, PermuteTo, ReshapeTo, TryAdd};
 use rand_distr::{Distribution, StandardNormal};
 
 /// `y[..., :] = weight[id, :]`: token ids to vectors, `usize[*] -> [*, D]`.
@@ -65,7 +65,7 @@ impl<const V: usize, const M: usize, E: Dtype, D: Storage<E>> NonMutableModule
 
 /// Fills `t` from N(0, std²). rand_distr's `Normal` samples only `f32` and `f64`; sampling in
 /// `f64` and converting serves every element type, `f16` included.
-fn fill_normal<S: Shape, E: Elem, D: Device<E>>(
+pub(crate) fn fill_normal<S: Shape, E: Elem, D: Device<E>>(
     t: &mut Tensor<S, E, D>,
     std: f64,
 ) -> Result<(), D::Err> {
@@ -134,6 +134,26 @@ macro_rules! embedding_rank {
 }
 embedding_rank!([S 0]);
 embedding_rank!([B 0, S 1]);
+
+impl<const V: usize, const M: usize, E: Dtype, D: Device<E>> EmbeddingModule<V, M, E, D> {
+    /// The tied output projection: `logits = h · weightᵀ`, `[B, S, M] -> [B, S, V]`.
+    ///
+    /// GPT-2 (and the original Transformer) reuse the input embedding as the output layer
+    /// (Press & Wolf, <https://arxiv.org/abs/1608.05859>); the gradient of both uses reaches
+    /// `weight`. In a `model!` forward: `wte.unembed(h)`.
+    ///
+    /// PyTorch: `h @ wte.weight.T` (Hugging Face's `lm_head` tied to `wte`).
+    pub fn unembed<B: Dim, S: Dim, T: Tape<E, D>>(
+        &self,
+        h: Tensor<(B, S, Const<M>), E, D, T>,
+    ) -> Result<Tensor<(B, S, Const<V>), E, D, T>, D::Err> {
+        let w = self
+            .weight
+            .retaped::<T>()
+            .try_permute::<_, dfdx::shapes::Axes2<1, 0>>()?;
+        dfdx::tensor_ops::TryMatMul::try_matmul(h, w)
+    }
+}
 
 /// The lookup on the CPU: row copies, and a row scatter-add for the gradient. dfdx's CPU
 /// gather walks an n-d index per element: measured on `Embedding<4096, 256>` with `[8, 128]` ids

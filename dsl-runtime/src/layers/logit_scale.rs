@@ -71,8 +71,9 @@ impl<E: Elem, D: Device<E>> TensorCollection<E, D> for LogitScaleModule<E, D> {
         visitor: &mut V,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         visitor.visit_fields(
+            // Named "": the key is the field's own name, CLIP's top-level `logit_scale`.
             Self::tensor(
-                "logit_scale",
+                "",
                 |s| &s.logit_scale,
                 |s| &mut s.logit_scale,
                 TensorOptions::reset_with(|t| {

@@ -22,7 +22,9 @@ mod pool;
 mod residual;
 mod rms_norm;
 mod rope;
+mod sdpa;
 mod swiglu;
+mod tokens;
 mod unflatten;
 
 pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
@@ -45,7 +47,12 @@ pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
 pub use residual::{Residual, ResidualModule};
 pub use rms_norm::{RMSNorm, RMSNormModule};
 pub use rope::Rope;
+pub use sdpa::{ScaledDotProductAttention, SdpaModule};
 pub use swiglu::{SwiGLU, SwiGLUModule};
+pub use tokens::{
+    ClassEmbedding, ClassEmbeddingModule, ClsToken, ClsTokenModule, LearnedPositions,
+    LearnedPositionsModule,
+};
 pub use unflatten::Unflatten2;
 
 use crate::summary::SummaryRow;
