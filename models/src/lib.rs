@@ -6,3 +6,9 @@
 #![deny(missing_docs)]
 
 pub mod digits;
+
+/// The presets of one architecture: each name with its layer table.
+pub type Presets = &'static [(&'static str, fn() -> neural_arch::Summary)];
+
+/// Every architecture of this crate with its presets, for `model-summary` and the trainers.
+pub const ARCHITECTURES: &[(&str, Presets)] = &[("digits", digits::PRESETS)];
