@@ -37,6 +37,7 @@ pub mod losses;
 pub mod optim;
 pub mod parity;
 mod summary;
+pub mod train;
 
 /// The README's examples, compiled as doctests so that they stay true.
 #[cfg(doctest)]
