@@ -36,6 +36,7 @@ pub mod layers;
 pub mod losses;
 pub mod optim;
 pub mod parity;
+pub mod plot;
 mod summary;
 pub mod train;
 
