@@ -284,6 +284,17 @@ where
     Ok(out)
 }
 
+/// An attention layer with a key/value cache, whatever its kind ([`CausalSelfAttention`],
+/// [`GqaAttention`]): lets one block implementation serve either.
+pub trait CachedAttention<const M: usize, E: Dtype, D: Storage<E>> {
+    /// The layer's `try_forward_cached`.
+    fn try_forward_cached(
+        &self,
+        x: Seq<M, E, D>,
+        cache: &mut KvCache<E, D>,
+    ) -> Result<Seq<M, E, D>, Error>;
+}
+
 impl<const M: usize, const H: usize, E: Elem, D: Device<E>> CachedAttention<M, E, D>
     for CausalSelfAttentionModule<M, H, E, D>
 where
@@ -317,17 +328,6 @@ where
     ) -> Result<Seq<M, E, D>, Error> {
         GqaAttentionModule::try_forward_cached(self, x, cache)
     }
-}
-
-/// An attention layer with a key/value cache, whatever its kind ([`CausalSelfAttention`],
-/// [`GqaAttention`]): lets one block implementation serve either.
-pub trait CachedAttention<const M: usize, E: Dtype, D: Storage<E>> {
-    /// The layer's `try_forward_cached`.
-    fn try_forward_cached(
-        &self,
-        x: Seq<M, E, D>,
-        cache: &mut KvCache<E, D>,
-    ) -> Result<Seq<M, E, D>, Error>;
 }
 
 #[cfg(test)]

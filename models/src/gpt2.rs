@@ -309,6 +309,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_preset_has_a_summary() {
+        for (name, summary) in PRESETS {
+            let s = summary();
+            assert!(s.total_params > 0, "{name}");
+            assert!(!s.rows.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
     fn params_const_equals_built_count() {
         let dev = Cpu::default();
         let m = dev.build_module::<Gpt2Parity, f32>();
