@@ -32,6 +32,7 @@ extern crate self as neural_arch;
 
 pub mod checkpoint;
 pub mod gradcheck;
+pub mod init;
 pub mod layers;
 pub mod losses;
 pub mod optim;

@@ -436,9 +436,61 @@ impl Trainer {
             wall_seconds: started.elapsed().as_secs_f64(),
             interrupted,
         };
+        self.write_summary(&summary)?;
+        let text =
+            std::fs::read_to_string(&metrics_path).map_err(|e| io_error(&metrics_path, e))?;
+        let title = format!("{} {} ({} steps)", cfg.model, cfg.preset, step);
+        crate::plot::write_png(
+            &crate::plot::Curves::from_jsonl(&text),
+            &title,
+            &cfg.out.join("curves.png"),
+        )?;
+        Ok(summary)
+    }
+
+    fn write_summary(&self, summary: &RunSummary) -> Result<(), Error> {
         let json = serde_json::to_string_pretty(&summary.to_json())
             .map_err(|e| Error::Checkpoint(format!("cannot encode the summary: {e}")))?;
-        write_atomically(&cfg.out.join("summary.json"), (json + "\n").as_bytes())?;
+        std::fs::create_dir_all(&self.config.out).map_err(|e| io_error(&self.config.out, e))?;
+        write_atomically(
+            &self.config.out.join("summary.json"),
+            (json + "\n").as_bytes(),
+        )
+    }
+
+    /// Evaluates `model` once, without training, and writes `summary.json` (`--eval-only`).
+    pub fn evaluate_only<M, E, D, T>(
+        &self,
+        task: &mut T,
+        model: &mut M,
+    ) -> Result<RunSummary, Error>
+    where
+        E: Dtype,
+        D: Device<E>,
+        M: dfdx::nn::NumParams<E, D>,
+        T: Task<M, E, D>,
+    {
+        let started = Instant::now();
+        let eval = task.evaluate(model)?;
+        let cfg = &self.config;
+        let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("{}", shown.join(", "));
+        let summary = RunSummary {
+            model: cfg.model.clone(),
+            preset: cfg.preset.clone(),
+            params: model.num_trainable_params(),
+            steps: 0,
+            train_loss: f64::NAN,
+            eval,
+            items_per_sec: 0.0,
+            unit: cfg.unit.clone(),
+            peak_rss_bytes: peak_rss_bytes(),
+            device: cfg.device.clone(),
+            dtype: cfg.dtype.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            interrupted: false,
+        };
+        self.write_summary(&summary)?;
         Ok(summary)
     }
 

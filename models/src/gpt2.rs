@@ -79,6 +79,23 @@ pub type Gpt2Parity = Gpt2LMHeadModel<64, 16, 32, 2, 2, 128>;
 const _: () = assert!(Gpt2Small::PARAMS == 124_439_808);
 const _: () = assert!(Gpt2Medium::PARAMS == 354_823_168);
 
+/// GPT-2's initialisation (HF `GPT2PreTrainedModel._init_weights`, nanoGPT's `_init_weights`):
+/// matrices and embeddings from `N(0, 0.02²)`, biases zero, LayerNorms as built (ones and
+/// zeros), and the projections into the residual stream (`c_proj`) from
+/// `N(0, (0.02/√(2·layers))²)`, so that the stream's variance does not grow with depth. Use it
+/// with [`neural_arch::init::init_weights`].
+pub fn init_rule(layers: usize) -> impl Fn(&str, &[usize]) -> neural_arch::init::Init {
+    let base = neural_arch::init::transformer_rule(0.02);
+    let proj = 0.02 / (2.0 * layers as f64).sqrt();
+    move |name, shape| {
+        if name.ends_with("c_proj.weight") {
+            neural_arch::init::Init::Normal(proj)
+        } else {
+            base(name, shape)
+        }
+    }
+}
+
 /// Every preset with its summary, for the `model-summary` command.
 pub const PRESETS: &[(&str, fn() -> neural_arch::Summary)] = &[
     ("parity", Gpt2Parity::summary),

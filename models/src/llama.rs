@@ -86,6 +86,13 @@ pub type LlamaParity = LlamaForCausalLM<64, 32, 2, 4, 2, 8, 64, 10000>;
 // HF `LlamaForCausalLM(TinyLlama config).num_parameters()`.
 const _: () = assert!(TinyLlama::PARAMS == 1_100_048_384);
 
+/// Llama's initialisation (HF `LlamaPreTrainedModel._init_weights`): matrices and the
+/// embedding from `N(0, 0.02²)` (`initializer_range`), RMSNorm weights as built (ones). Use it
+/// with [`neural_arch::init::init_weights`].
+pub fn init_rule() -> impl Fn(&str, &[usize]) -> neural_arch::init::Init {
+    neural_arch::init::transformer_rule(0.02)
+}
+
 /// Every preset with its summary, for the `model-summary` command.
 pub const PRESETS: &[(&str, fn() -> neural_arch::Summary)] = &[
     ("parity", LlamaParity::summary),
