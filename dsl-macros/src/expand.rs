@@ -501,7 +501,12 @@ fn graph_impls(
         .iter()
         .map(|s| {
             let st = shape_type(s, scope);
-            quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+            match s.dtype {
+                Kind::Float => quote!(#p::Tensor<#st, __E, __Dev, __Tp>),
+                Kind::Ids => quote!(#p::Tensor<#st, usize, __Dev, __Tp>),
+                // A mask passed on, as a repeated block passes its padding mask to the next.
+                Kind::Mask => quote!(#p::Tensor<#st, bool, __Dev>),
+            }
         })
         .collect();
     let out_ty = if fwd.tuple_output {
