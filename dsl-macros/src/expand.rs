@@ -110,6 +110,10 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 /// DSL's words.
 pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenStream {
     let check = |o: &ShapeSpec, v: TokenStream| {
+        if o.dtype != Kind::Float {
+            // A mask or ids passed on: the signature's type checks it.
+            return v;
+        }
         let ty = respan(shape_type(o, scope), o.span);
         let span = o.span;
         quote_spanned!(span=> {

@@ -141,7 +141,7 @@ pub mod __private {
             $(#[$attr])*
             pub trait $name<A, B> {
                 /// `t` itself, typed with the shape it was checked to equal.
-                fn cast<E: dfdx::shapes::Unit, D: dfdx::tensor::Storage<E>, T>(
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
                     t: Tensor<B, E, D, T>,
                 ) -> Tensor<A, E, D, T>
                 where
@@ -150,7 +150,7 @@ pub mod __private {
             }
             #[diagnostic::do_not_recommend]
             impl<S> $name<S, S> for () {
-                fn cast<E: dfdx::shapes::Unit, D: dfdx::tensor::Storage<E>, T>(
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
                     t: Tensor<S, E, D, T>,
                 ) -> Tensor<S, E, D, T>
                 where
@@ -161,7 +161,7 @@ pub mod __private {
             }
             #[diagnostic::do_not_recommend]
             impl<S> $name<S, NotAShape<S>> for () {
-                fn cast<E: dfdx::shapes::Unit, D: dfdx::tensor::Storage<E>, T>(
+                fn cast<E: Dtype, D: dfdx::tensor::Storage<E>, T>(
                     _: Tensor<NotAShape<S>, E, D, T>,
                 ) -> Tensor<S, E, D, T>
                 where
@@ -211,13 +211,7 @@ pub mod __private {
     elementwise!(mul, try_mul, TryMul);
 
     /// The final value of a `forward` body, checked against the declared output shape.
-    pub fn declared_output<
-        W: Shape,
-        S: Shape,
-        E: dfdx::shapes::Unit,
-        D: dfdx::tensor::Storage<E>,
-        T,
-    >(
+    pub fn declared_output<W: Shape, S: Shape, E: Dtype, D: dfdx::tensor::Storage<E>, T>(
         t: Tensor<S, E, D, T>,
     ) -> Tensor<W, E, D, T>
     where

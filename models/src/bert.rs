@@ -407,7 +407,7 @@ pub type BertBaseForMaskedLM = BertForMaskedLM<30522, 512, 2, 768, 12, 12, 3072>
 const _: () = assert!(BertBaseForMaskedLM::PARAMS == 109_514_298);
 
 /// A BERT that trains on two CPU cores in minutes, masked-LM: the 8000-token vocabulary of
-/// the tiny presets, 128 positions, width 128, 4 layers, 4 heads, feed-forward 512 (1.8 M
+/// the tiny presets, 128 positions, width 128, 4 layers, 4 heads, feed-forward 512 (1.9 M
 /// parameters).
 pub type BertTiny = BertForMaskedLM<8000, 128, 2, 128, 4, 4, 512>;
 
