@@ -62,7 +62,7 @@ model! {
         /// Segment A/B vectors, `[TT, D]`.
         token_type_embeddings: Embedding<TT, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, 12>,
+        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
         dropout: Dropout<10>,
     }
     forward(input_ids: usize[B, T], token_type_ids: usize[B, T]) -> [B, T, D] {
@@ -91,7 +91,7 @@ model! {
     pub struct BertSelfOutput<const D: usize> {
         dense: Linear<D, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, 12>,
+        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
         dropout: Dropout<10>,
     }
     forward(h: [B, T, D], x: [B, T, D]) -> [B, T, D] {
@@ -128,7 +128,7 @@ model! {
     pub struct BertOutput<const D: usize, const F: usize> {
         dense: Linear<F, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, 12>,
+        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
         dropout: Dropout<10>,
     }
     forward(h: [B, T, F], x: [B, T, D]) -> [B, T, D] {
@@ -229,7 +229,7 @@ model! {
         dense: Linear<D, D>,
         act: Gelu,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, 12>,
+        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
     }
     forward(h: [B, T, D]) -> [B, T, D];
 }
@@ -462,6 +462,17 @@ mod tests {
             BertParityClassifier::PARAMS + (d * d + d + 2 * d + 64),
             BertParity::PARAMS + (d * d + d) + (3 * d + 3)
         );
+    }
+
+    #[test]
+    fn every_preset_summarises() {
+        for (name, summary) in PRESETS {
+            let s = summary();
+            assert!(s.total_params > 0 && !s.rows.is_empty(), "{name}");
+        }
+        let s = BertBase::summary();
+        assert_eq!(s.total_params, 109_482_240);
+        assert!(s.to_string().contains("pooler"), "{s}");
     }
 
     #[test]

@@ -31,6 +31,10 @@
 
 use neural_arch::prelude::*;
 
+/// `10^-12`, the LayerNorm epsilon of ViT (`layer_norm_eps`), as the exponent that
+/// [`LayerNorm`]'s second parameter takes.
+pub const LAYER_NORM_EPS_EXP: u32 = 12;
+
 // Const parameters, in this order wherever they appear:
 // - `IMG`: image height and width (`image_size`; 224 for ViT-B/16),
 // - `P`: patch height and width, dividing `IMG` (`patch_size`, 16),
@@ -118,9 +122,9 @@ model! {
     /// One pre-LN encoder layer: `h = x + attention(LN(x))`, `y = h + MLP(LN(h))`. HF
     /// `ViTLayer` (`encoder.layer.{i}`).
     pub struct ViTLayer<const D: usize, const H: usize, const F: usize> {
-        layernorm_before: LayerNorm<D, 12>,
+        layernorm_before: LayerNorm<D, LAYER_NORM_EPS_EXP>,
         attention: ViTAttention<D, H>,
-        layernorm_after: LayerNorm<D, 12>,
+        layernorm_after: LayerNorm<D, LAYER_NORM_EPS_EXP>,
         intermediate: ViTIntermediate<D, F>,
         output: ViTOutput<D, F>,
     }
@@ -153,7 +157,7 @@ model! {
     > {
         embeddings: ViTEmbeddings<P, C, D, N>,
         encoder: ViTEncoder<D, L, H, F>,
-        layernorm: LayerNorm<D, 12>,
+        layernorm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
     }
 }
 
@@ -252,6 +256,15 @@ mod tests {
                 "{k} {shape:?} missing from {names:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_preset_summarises() {
+        for (name, summary) in PRESETS {
+            let s = summary();
+            assert!(s.total_params > 0 && !s.rows.is_empty(), "{name}");
+        }
+        assert_eq!(VitB16::summary().total_params, 86_567_656);
     }
 
     #[test]
