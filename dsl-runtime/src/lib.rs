@@ -36,7 +36,9 @@ pub mod layers;
 pub mod losses;
 pub mod optim;
 pub mod parity;
+pub mod plot;
 mod summary;
+pub mod train;
 
 /// The README's examples, compiled as doctests so that they stay true.
 #[cfg(doctest)]

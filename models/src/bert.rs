@@ -423,8 +423,7 @@ pub type BertParity = BertForMaskedLM<64, 16, 2, 32, 2, 2, 64>;
 pub type BertParityClassifier = BertForSequenceClassification<64, 16, 2, 32, 2, 2, 64, 3>;
 
 /// Every preset with its summary, for the `model-summary` command.
-#[allow(clippy::type_complexity)] // the type every architecture's `PRESETS` has
-pub const PRESETS: &[(&str, fn() -> neural_arch::Summary)] = &[
+pub const PRESETS: crate::Presets = &[
     ("tiny", BertTiny::summary),
     ("tiny-classifier", BertTinyClassifier::<2>::summary),
     ("base", BertBase::summary),

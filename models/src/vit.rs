@@ -204,8 +204,7 @@ pub type VitParity = ViTForImageClassification<16, 4, 3, 32, 2, 2, 64, 5, 17>;
 const _: () = assert!(tokens(16, 4) == 17);
 
 /// Every preset with its summary, for the `model-summary` command.
-#[allow(clippy::type_complexity)] // the type every architecture's `PRESETS` has
-pub const PRESETS: &[(&str, fn() -> neural_arch::Summary)] = &[
+pub const PRESETS: crate::Presets = &[
     ("tiny", VitTiny::summary),
     ("b16", VitB16::summary),
     ("parity", VitParity::summary),

@@ -2,6 +2,9 @@
 //! (`tools/reference/arch_bert.py` writes them), then logits, loss and every gradient side by
 //! side. The batch pads one sequence through the attention mask and ignores some labels (-100).
 
+mod common;
+
+use common::{safetensors_view, write_f32_file};
 use neural_arch::checkpoint::tensor_names;
 use neural_arch::parity::{check_abs, check_rel, grads_by_name, Reference};
 use neural_arch::prelude::*;
@@ -154,5 +157,20 @@ fn a_wrong_file_is_an_error_naming_the_tensors() {
     assert!(
         e.contains("`bert.embeddings.word_embeddings.weight` is [64, 32] in the file, but the model needs [8000, 128]"),
         "{e}"
-    );
+    ); // The file with one tensor removed: the message names it, and the model is unchanged.
+    let bytes = std::fs::read(dir().join("weights.safetensors")).unwrap();
+    let gone = "bert.encoder.layer.1.output.LayerNorm.weight";
+    let kept: Vec<_> = safetensors_view(&bytes)
+        .into_iter()
+        .filter(|(k, _)| k != gone)
+        .collect();
+    let path =
+        std::env::temp_dir().join(format!("bert-one-less-{}.safetensors", std::process::id()));
+    write_f32_file(&path, &kept);
+    let before = mlm.cls.predictions.bias.bias.as_vec();
+    let e = mlm.load_safetensors(&path).unwrap_err().to_string();
+    std::fs::remove_file(&path).ok();
+    assert!(e.contains("1 missing from the file"), "{e}");
+    assert!(e.contains(&format!("`{gone}` [32]")), "{e}");
+    assert_eq!(mlm.cls.predictions.bias.bias.as_vec(), before);
 }

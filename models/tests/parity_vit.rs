@@ -2,6 +2,9 @@
 //! weights and images (`tools/reference/arch_vit.py` writes them), then logits, loss and every
 //! gradient side by side.
 
+mod common;
+
+use common::{safetensors_view, write_f32_file};
 use neural_arch::checkpoint::tensor_names;
 use neural_arch::parity::{check_abs, check_rel, grads_by_name, Reference};
 use neural_arch::prelude::*;
@@ -109,4 +112,23 @@ fn another_presets_file_is_an_error_naming_the_tensors() {
         before,
         "the model is unchanged"
     );
+}
+
+#[test]
+fn a_file_without_one_tensor_is_an_error_naming_it() {
+    let dev = Cpu::default();
+    let bytes = std::fs::read(dir().join("weights.safetensors")).unwrap();
+    let gone = "vit.embeddings.cls_token";
+    let kept: Vec<_> = safetensors_view(&bytes)
+        .into_iter()
+        .filter(|(k, _)| k != gone)
+        .collect();
+    let path =
+        std::env::temp_dir().join(format!("vit-one-less-{}.safetensors", std::process::id()));
+    write_f32_file(&path, &kept);
+    let mut model = dev.build_module::<VitParity, f32>();
+    let e = model.load_safetensors(&path).unwrap_err().to_string();
+    std::fs::remove_file(&path).ok();
+    assert!(e.contains("1 missing from the file"), "{e}");
+    assert!(e.contains("`vit.embeddings.cls_token` [1, 1, 32]"), "{e}");
 }
