@@ -110,6 +110,10 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 /// DSL's words.
 pub fn check_outputs(fwd: &Forward, scope: &Scope, tail: TokenStream) -> TokenStream {
     let check = |o: &ShapeSpec, v: TokenStream| {
+        if o.dtype != Kind::Float {
+            // A mask or ids passed on: the signature's type checks it.
+            return v;
+        }
         let ty = respan(shape_type(o, scope), o.span);
         let span = o.span;
         quote_spanned!(span=> {
@@ -502,7 +506,12 @@ fn graph_impls(
         .iter()
         .map(|s| {
             let st = shape_type(s, scope);
-            quote!(#p::Tensor<#st, __E, __Dev, __Tp>)
+            match s.dtype {
+                Kind::Float => quote!(#p::Tensor<#st, __E, __Dev, __Tp>),
+                Kind::Ids => quote!(#p::Tensor<#st, usize, __Dev, __Tp>),
+                // A mask passed on, as a repeated block passes its padding mask to the next.
+                Kind::Mask => quote!(#p::Tensor<#st, bool, __Dev>),
+            }
         })
         .collect();
     let out_ty = if fwd.tuple_output {

@@ -139,6 +139,20 @@ mod tests {
     }
 
     #[test]
+    fn layer_norm_takes_an_epsilon_exponent() -> syn::Result<()> {
+        assert!(
+            errors("struct M<const D: usize> { a: Linear<D, D>, b: LayerNorm<D, 12>, }")?
+                .is_empty()
+        );
+        let errs = errors("struct M { a: Linear<8, 4>, b: LayerNorm<8, 12>, }")?;
+        assert_eq!(
+            errs,
+            ["layer `b` expects input `[*, 8]`, but `a` produces `[*, 4]`"]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn unknown_layers_are_left_to_the_compiler() -> syn::Result<()> {
         assert!(
             errors("struct M { a: Linear<4, 8>, b: MyLayer<3>, c: Linear<5, 2>, }")?.is_empty()

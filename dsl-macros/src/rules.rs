@@ -196,7 +196,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             from: arg(0)?,
             to: arg(1)?,
         },
-        ("LayerNorm" | "RMSNorm", 1) => Rule::KeepLast(arg(0)?),
+        ("LayerNorm", 1 | 2) | ("RMSNorm", 1) => Rule::KeepLast(arg(0)?),
         ("SwiGLU", 2) => Rule::KeepLast(arg(0)?),
         (
             "ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax",

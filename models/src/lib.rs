@@ -6,12 +6,18 @@
 //! - [`gpt2`]: [`gpt2::Gpt2LMHeadModel`], GPT-2 with Hugging Face's keys, and KV-cached generation.
 //! - [`llama`]: [`llama::LlamaForCausalLM`], a Llama-style transformer (RoPE, GQA, SwiGLU, RMSNorm).
 //! - [`generate`]: temperature/top-k sampling and the generation loop the language models share.
+//! - [`bert`]: BERT, the bidirectional Transformer encoder, with masked-LM and sequence
+//!   classification heads (Hugging Face `BertForMaskedLM`, `BertForSequenceClassification`).
+//! - [`vit`]: the Vision Transformer for image classification (Hugging Face
+//!   `ViTForImageClassification`).
 #![deny(missing_docs)]
 
+pub mod bert;
 pub mod digits;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
+pub mod vit;
 
 /// The presets of one architecture: each name with its layer table.
 pub type Presets = &'static [(&'static str, fn() -> neural_arch::Summary)];
@@ -20,5 +26,7 @@ pub type Presets = &'static [(&'static str, fn() -> neural_arch::Summary)];
 pub const ARCHITECTURES: &[(&str, Presets)] = &[
     ("gpt2", gpt2::PRESETS),
     ("llama", llama::PRESETS),
+    ("bert", bert::PRESETS),
+    ("vit", vit::PRESETS),
     ("digits", digits::PRESETS),
 ];

@@ -10,8 +10,10 @@ use dfdx::shapes::{Axis, Const, Dim, Dtype, HasShape, Rank1, Shape};
 use dfdx::tensor::{PutTape, SplitTape, Storage, Tape, Tensor};
 use dfdx::tensor_ops::{BroadcastTo, Device, ReshapeTo, TryAdd, TryMul};
 
-/// `y = (x - mean(x)) / √(var(x) + ε) · weight + bias` over the last dimension, `ε = 1e-5`,
-/// with the biased variance.
+/// `y = (x - mean(x)) / √(var(x) + ε) · weight + bias` over the last dimension, with the
+/// biased variance and `ε = 10^-EPS_EXP`: `LayerNorm<M>` has PyTorch's default `ε = 1e-5`,
+/// `LayerNorm<M, 12>` the `1e-12` of BERT and ViT (`layer_norm_eps` in their Hugging Face
+/// configs; stable Rust has no float const generics, hence the exponent).
 ///
 /// # Shapes
 /// `[*, M] -> [*, M]`, for inputs of rank 1 to 4.
@@ -31,31 +33,50 @@ use dfdx::tensor_ops::{BroadcastTo, Device, ReshapeTo, TryAdd, TryMul};
 /// assert!((y.array()[0][0] + 1.0).abs() < 1e-4);
 /// ```
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct LayerNorm<const M: usize>;
+pub struct LayerNorm<const M: usize, const EPS_EXP: u32 = 5>;
 
-/// The built [`LayerNorm`].
+/// `10^-exp`, exactly as the literal `1e-{exp}` for `exp ≤ 22`: the powers of ten up to `1e22`
+/// are exact in `f64`, and one correctly rounded division follows.
+pub(crate) const fn eps_of(exp: u32) -> f64 {
+    let mut p = 1.0;
+    let mut i = 0;
+    while i < exp {
+        p *= 10.0;
+        i += 1;
+    }
+    1.0 / p
+}
+
+/// The built [`LayerNorm`]; `EPS_EXP` is carried so that a conversion (`to_dtype`,
+/// `to_device`), which rebuilds the module, keeps its `ε`.
 #[derive(Debug, Clone)]
-pub struct LayerNormModule<const M: usize, E: Dtype, D: Storage<E>> {
+pub struct LayerNormModule<const M: usize, E: Dtype, D: Storage<E>, const EPS_EXP: u32 = 5> {
     /// Scale, initialised to ones.
     pub weight: Tensor<Rank1<M>, E, D>,
     /// Shift, initialised to zeros.
     pub bias: Tensor<Rank1<M>, E, D>,
-    /// Added to the variance; PyTorch's default.
+    /// Added to the variance: `10^-EPS_EXP` when built (PyTorch's `1e-5` by default); a value
+    /// set at run time lasts until the module is converted.
     pub eps: f64,
 }
 
-impl<const M: usize> LayerInfo for LayerNorm<M> {
+impl<const M: usize, const X: u32> LayerInfo for LayerNorm<M, X> {
     const PARAMS: usize = 2 * M;
 }
 
-impl<const M: usize, E: Elem, D: Device<E>> BuildOnDevice<D, E> for LayerNorm<M> {
-    type Built = LayerNormModule<M, E, D>;
+impl<const M: usize, const X: u32, E: Elem, D: Device<E>> BuildOnDevice<D, E> for LayerNorm<M, X> {
+    type Built = LayerNormModule<M, E, D, X>;
 }
 
-impl<const M: usize, E: Dtype, D: Storage<E>> NonMutableModule for LayerNormModule<M, E, D> {}
+impl<const M: usize, const X: u32, E: Dtype, D: Storage<E>> NonMutableModule
+    for LayerNormModule<M, E, D, X>
+{
+}
 
-impl<const M: usize, E: Elem, D: Device<E>> TensorCollection<E, D> for LayerNormModule<M, E, D> {
-    type To<E2: Dtype, D2: Device<E2>> = LayerNormModule<M, E2, D2>;
+impl<const M: usize, const X: u32, E: Elem, D: Device<E>> TensorCollection<E, D>
+    for LayerNormModule<M, E, D, X>
+{
+    type To<E2: Dtype, D2: Device<E2>> = LayerNormModule<M, E2, D2, X>;
 
     fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
         visitor: &mut V,
@@ -78,7 +99,7 @@ impl<const M: usize, E: Elem, D: Device<E>> TensorCollection<E, D> for LayerNorm
             |(weight, bias)| LayerNormModule {
                 weight,
                 bias,
-                eps: 1e-5,
+                eps: eps_of(X),
             },
         )
     }
@@ -86,8 +107,8 @@ impl<const M: usize, E: Elem, D: Device<E>> TensorCollection<E, D> for LayerNorm
 
 macro_rules! layer_norm_rank {
     ($ax:literal, [$($d:ident),*], |$w:ident, $shape:ident| $bcast:expr) => {
-        impl<const M: usize, $($d: Dim,)* E: Dtype, D: Device<E>, T: Tape<E, D>>
-            Module<Tensor<($($d,)* Const<M>,), E, D, T>> for LayerNormModule<M, E, D>
+        impl<const M: usize, const X: u32, $($d: Dim,)* E: Dtype, D: Device<E>, T: Tape<E, D>>
+            Module<Tensor<($($d,)* Const<M>,), E, D, T>> for LayerNormModule<M, E, D, X>
         {
             type Output = Tensor<($($d,)* Const<M>,), E, D, T>;
             type Error = D::Err;
@@ -386,6 +407,26 @@ mod tests {
         let mut ln = ln.to_dtype::<f64>();
         let names: Vec<String> = named_values(&mut ln).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["weight", "bias"]);
+    }
+
+    #[test]
+    fn the_epsilon_exponent_is_kept_through_conversions() {
+        assert_eq!(super::eps_of(5), 1e-5);
+        assert_eq!(super::eps_of(6), 1e-6);
+        assert_eq!(super::eps_of(12), 1e-12);
+        let dev = Dev::default();
+        let ln = dev.build_module::<LayerNorm<2, 12>, f32>();
+        assert_eq!(ln.eps, 1e-12);
+        let ln = ln.to_dtype::<f64>();
+        assert_eq!(ln.eps, 1e-12);
+        assert_eq!(LayerNorm::<2, 12>::PARAMS, 4);
+        // Variance 2.5e-9: ε = 1e-12 barely changes it, ε = 1e-5 would dominate.
+        let x = dev.tensor([1.0, 1.0 + 1e-4]);
+        let sd = (2.5e-9f64 + 1e-12).sqrt();
+        both_paths(|path| {
+            let y = ln.forward(x.clone()).as_vec();
+            assert_close(path, &y, &[-5e-5 / sd, 5e-5 / sd], 1e-6);
+        });
     }
 
     #[test]

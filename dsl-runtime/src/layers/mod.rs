@@ -7,11 +7,13 @@
 mod activation;
 mod attention;
 mod batch_norm;
+mod bias;
 mod causal_attention;
 mod conv;
 mod cpu_fast;
 mod dropout;
 mod embedding;
+mod first_token;
 mod flatten;
 mod gqa;
 mod layer_norm;
@@ -33,10 +35,12 @@ pub use attention::{
     SelfAttention, SelfAttentionModule,
 };
 pub use batch_norm::{BatchNorm2d, BatchNorm2dModule};
+pub use bias::{Bias, BiasModule};
 pub use causal_attention::{CausalSelfAttention, CausalSelfAttentionModule};
 pub use conv::{Conv2d, Conv2dModule, PerGroup};
 pub use dropout::Dropout;
 pub use embedding::{Embedding, EmbeddingModule, PositionalEmbedding, PositionalEmbeddingModule};
+pub use first_token::FirstToken;
 pub use flatten::Flatten;
 pub use gqa::{GqaAttention, GqaAttentionModule};
 pub use layer_norm::{LayerNorm, LayerNormModule};
