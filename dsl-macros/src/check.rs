@@ -286,9 +286,18 @@ pub fn check(model: &Model, cx: &mut Ctxt) -> Analysis {
         }
     }
     let mut seen = HashSet::new();
+    let mut keys = HashSet::new();
     for f in &model.fields {
         if !seen.insert(f.name.to_string()) {
             cx.error(f.name.span(), format!("duplicate layer name `{}`", f.name));
+        } else if !keys.insert(f.key.clone()) {
+            cx.error(
+                f.name.span(),
+                format!(
+                    "layer `{}` has the checkpoint key `{}`, which another layer already has",
+                    f.name, f.key
+                ),
+            );
         }
         if let Some(n) = &f.repeat {
             if eval_const(n) == Some(0) {

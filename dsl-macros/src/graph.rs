@@ -162,8 +162,8 @@ impl Walk<'_, '_> {
             other => {
                 cx.error(
                     other.span(),
-                    "a forward body may use: variables, layer calls `layer(x)`, `+`, `-`, `*`, \
-                     tuples and parentheses",
+                    "a forward body may use: variables, layer calls `layer(x)`, layer methods \
+                     `layer.method(x)`, `+`, `-`, `*`, tuples and parentheses",
                 );
                 (Val::Unknown, TokenStream::new(), Source("this".into()))
             }
@@ -182,9 +182,14 @@ impl Walk<'_, '_> {
             _ => None,
         };
         let Some(field) = field.filter(|f| self.field_index.contains_key(&f.to_string())) else {
+            let method = &m.method;
             cx.error(
                 m.receiver.span(),
-                "a method is called on a layer of this model: `wte.unembed(h)`",
+                format!(
+                    "`.{method}()` is called on a value, but methods are called on layers of \
+                     this model (`wte.unembed(h)`); for an operation on a tensor, declare a \
+                     layer (`act: ReLU`) and call it (`act(x)`)"
+                ),
             );
             return (Val::Unknown, TokenStream::new(), Source("this".into()));
         };

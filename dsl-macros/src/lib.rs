@@ -16,16 +16,19 @@ use proc_macro::TokenStream;
 /// ```text
 /// model! {
 ///     /// docs
+///     #[checkpoint(base = "transformer.", transposed("c_attn.weight"), ignored("attn.bias"))]
 ///     pub struct Name<const P: usize, ...> {
 ///         layer_name: LayerType,            // one layer
 ///         blocks: [BlockType; N],           // N identical layers, run in order
+///         #[key = "LayerNorm"]              // checkpoint key other than the field name
+///         layer_norm: LayerNorm<768>,
 ///         ...
 ///     }
 ///     // optional:
 ///     forward(x: [B, 784]) -> [B, 10];      // a chain with a declared signature
 ///     forward(x: [B, T, D], y: [B, D]) -> ([B, T, D], [B, D]) {
 ///         let h = x + attn(ln_1(x));        // a graph: calls, + - *, let, tuples
-///         (h, y)
+///         (h, wte.unembed(y))               // a layer's method: a tied output layer
 ///     }
 /// }
 /// ```
@@ -35,6 +38,12 @@ use proc_macro::TokenStream;
 /// `ZeroGrads`, `ResetParams`, `ToDevice`, `ToDtype`, `NumParams`, safetensors, with checkpoint
 /// keys `layer.sub.weight`), `Module` (inference) and `ModuleMut` (training), the compile-time
 /// `Name::PARAMS` and `Name::summary()`.
+///
+/// Checkpoints: the module gets `load_safetensors(path)` and `save_safetensors(path)` under the
+/// layer names (`h.0.attn.c_attn.weight`); `#[key = ".."]` gives a layer the upstream name a Rust
+/// field cannot have (`self`, `LayerNorm`), and `#[checkpoint(..)]` states how upstream files
+/// differ: a `base` prefix a base-model file lacks, 2-D tensors stored `transposed`, and
+/// `ignored` buffers (patterns match a dotted key suffix, `*` one segment).
 ///
 /// Shapes: `[B, T, 768]` lists the dimensions; a number or a const parameter is fixed, any other
 /// name is a runtime size (batch, sequence). Braced arithmetic on literals is evaluated:

@@ -54,6 +54,12 @@ model! {
     forward(x: [B, 1, 32, 32]) -> [B, 10];
 }
 
+/// The presets, by name, with their layer tables.
+pub const PRESETS: crate::Presets = &[
+    ("mlp", DigitsMlp::<64>::summary),
+    ("cnn", DigitsCnn::summary),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

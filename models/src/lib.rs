@@ -8,3 +8,12 @@
 
 pub mod digits;
 pub mod resnet;
+
+/// The presets of one architecture: each name with its layer table.
+pub type Presets = &'static [(&'static str, fn() -> neural_arch::Summary)];
+
+/// Every architecture of this crate with its presets, for `model-summary` and the trainers.
+pub const ARCHITECTURES: &[(&str, Presets)] = &[
+    ("digits", digits::PRESETS),
+    ("resnet", resnet::PRESETS),
+];

@@ -416,7 +416,7 @@ const _: () = assert!(ResNet34::PARAMS == 21_797_672);
 const _: () = assert!(ResNet50::PARAMS == 25_557_032);
 
 /// Every preset with its summary, for `model-summary`.
-pub const PRESETS: &[(&str, fn() -> neural_arch::Summary)] = &[
+pub const PRESETS: crate::Presets = &[
     ("tiny", ResNetTiny::summary),
     ("parity", ResNetParity::summary),
     ("parity-bottleneck", ResNetParityBottleneck::summary),

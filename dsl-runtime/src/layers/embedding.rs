@@ -143,6 +143,7 @@ impl<const V: usize, const M: usize, E: Dtype, D: Device<E>> EmbeddingModule<V, 
     /// `weight`. In a `model!` forward: `wte.unembed(h)`.
     ///
     /// PyTorch: `h @ wte.weight.T` (Hugging Face's `lm_head` tied to `wte`).
+    #[allow(clippy::type_complexity, reason = "the shapes are the documentation")]
     pub fn unembed<B: Dim, S: Dim, T: Tape<E, D>>(
         &self,
         h: Tensor<(B, S, Const<M>), E, D, T>,

@@ -1,13 +1,17 @@
 //! The parameter-free core of multi-head attention, for models that name their projections
 //! themselves (BERT's `query`/`key`/`value`, CLIP's `q_proj`/.../`out_proj`).
 
+#![allow(
+    clippy::type_complexity,
+    reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
+)]
+
 use super::attention::{attend, merge_heads, split_heads};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
 use dfdx::shapes::{Axes2, Const, Dim, Dtype, HasShape, Shape};
 use dfdx::tensor::{HasErr, Storage, Tape, Tensor};
-use dfdx::tensor::{TensorFromVec, ZerosTensor};
 use dfdx::tensor_ops::{BroadcastTo, ChooseFrom, Device, TryNe};
 use std::marker::PhantomData;
 

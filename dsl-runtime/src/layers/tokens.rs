@@ -2,6 +2,11 @@
 //! position embeddings, stored under the field's own name (`cls_token`, not `cls_token.weight`),
 //! as Hugging Face's ViT and CLIP store them.
 
+#![allow(
+    clippy::type_complexity,
+    reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
+)]
+
 use super::embedding::fill_normal;
 use super::LayerInfo;
 use crate::{Elem, Error};
