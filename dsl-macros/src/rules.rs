@@ -199,7 +199,8 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
         ("LayerNorm" | "RMSNorm", 1) => Rule::KeepLast(arg(0)?),
         ("SwiGLU", 2) => Rule::KeepLast(arg(0)?),
         (
-            "ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax",
+            "ReLU" | "Gelu" | "GeluTanh" | "QuickGelu" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax"
+            | "LogSoftmax",
             0,
         )
         | ("Dropout", 1) => Rule::Identity,
