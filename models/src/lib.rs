@@ -4,8 +4,10 @@
 //!
 //! - [`digits`]: [`digits::DigitsMlp`], a small perceptron for the 8×8 UCI handwritten digits.
 //! - [`resnet`]: ResNet-18/34/50 as torchvision builds them, and small CIFAR-style ResNets.
+//! - [`clip`]: CLIP as Hugging Face's `CLIPModel`: a causal text and a ViT image transformer.
 #![deny(missing_docs)]
 
+pub mod clip;
 pub mod digits;
 pub mod resnet;
 
@@ -16,4 +18,5 @@ pub type Presets = &'static [(&'static str, fn() -> neural_arch::Summary)];
 pub const ARCHITECTURES: &[(&str, Presets)] = &[
     ("digits", digits::PRESETS),
     ("resnet", resnet::PRESETS),
+    ("clip", clip::PRESETS),
 ];
