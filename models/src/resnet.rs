@@ -27,7 +27,7 @@
 //! assert_eq!(ResNet18::PARAMS, 11_689_512); // torchvision's count, a compile-time constant
 //! let dev = Cpu::default();
 //! let model = dev.build_module::<ResNetParity, f32>();
-//! let x: Tensor<Rank4<2, 3, 32, 32>, f32, _> = dev.sample_normal();
+//! let x: Tensor<Rank4<2, 3, 24, 24>, f32, _> = dev.sample_normal();
 //! let logits = model.forward(x); // evaluation mode: running statistics
 //! assert_eq!(logits.shape(), &(Const::<2>, Const::<5>));
 //! ```
@@ -403,13 +403,14 @@ pub type ResNet50 = ResNetBottleneck<
 pub type ResNetTiny = ResNetCifar<16, 32, 64, 1, 0, 0, 32, 16, 8, 10>;
 
 /// The parity-test preset: [`ResNetBasic`] (the ResNet-18 structure: [2, 2, 2, 2] blocks,
-/// every downsample kind) with widths 4/8/8/16, 32×32 images, 5 classes.
-pub type ResNetParity = ResNetBasic<4, 8, 8, 16, 2, 1, 1, 1, 32, 16, 8, 4, 2, 1, 5>;
+/// every downsample kind) with widths 4/8/8/16, 24×24 images (12, 6, 3, 2, 1 after the stem
+/// and each stage: odd sizes too), 5 classes.
+pub type ResNetParity = ResNetBasic<4, 8, 8, 16, 2, 1, 1, 1, 24, 12, 6, 3, 2, 1, 5>;
 
 /// The bottleneck parity-test preset: [`ResNetBottleneck`] with blocks [1, 2, 1, 1], widths
-/// 4/8/8/8 inside and 16/32/32/32 outside, 32×32 images, 5 classes.
+/// 4/8/8/8 inside and 16/32/32/32 outside, 24×24 images, 5 classes.
 pub type ResNetParityBottleneck =
-    ResNetBottleneck<4, 8, 8, 8, 16, 32, 32, 32, 0, 1, 0, 0, 32, 16, 8, 4, 2, 1, 5>;
+    ResNetBottleneck<4, 8, 8, 8, 16, 32, 32, 32, 0, 1, 0, 0, 24, 12, 6, 3, 2, 1, 5>;
 
 const _: () = assert!(ResNet18::PARAMS == 11_689_512);
 const _: () = assert!(ResNet34::PARAMS == 21_797_672);
@@ -454,6 +455,7 @@ mod tests {
         assert_eq!(ResNetParityBottleneck::PARAMS, 8_489, "torchvision's count");
         let m = dev.build_module::<ResNetTiny, f32>();
         assert_eq!(ResNetTiny::PARAMS, m.num_trainable_params());
+        assert_eq!(ResNetTiny::PARAMS, 78_042);
     }
 
     #[test]

@@ -44,7 +44,7 @@ macro_rules! parity {
             report.ignored
         );
         let r = Reference::open(dir().join(concat!($name, "_expected.safetensors"))).unwrap();
-        let x: Tensor<Rank4<2, 3, 32, 32>, f32, _> =
+        let x: Tensor<Rank4<4, 3, 24, 24>, f32, _> =
             dev.tensor_from_vec(f32s(r.values("x").unwrap()), (Const, Const, Const, Const));
         let labels = r.ids("labels").unwrap();
         let mut fails = Vec::new();
