@@ -413,7 +413,8 @@ pub type ClipVitB32 =
 /// A small CLIP that trains on 2 CPU cores in minutes: 32×32 images (Fashion-MNIST padded and
 /// repeated over 3 channels, CIFAR-10) in 4×4 patches, short captions (32 tokens of a
 /// vocabulary of 8000, end-of-text 7999), both towers 128 wide with 3 layers of 4 heads,
-/// projection 128.
+/// projection 128. A training step on 64 image-caption pairs (16 tokens) takes about 2 s on 2
+/// shared CPU cores (test profile).
 pub type ClipTiny = ClipModel<8000, 32, 128, 4, 512, 3, 7999, 32, 4, 8, 65, 128, 4, 512, 3, 128>;
 
 /// The parity-test preset (`tools/reference/arch_clip.py`): text vocabulary 64, 8 positions,

@@ -399,7 +399,9 @@ pub type ResNet50 = ResNetBottleneck<
 
 /// A small CIFAR-style ResNet for 32×32 3-channel images and 10 classes (Fashion-MNIST padded
 /// to 32×32 and repeated over 3 channels, or CIFAR-10): widths 16/32/64, one basic block per
-/// stage, 78 042 parameters; trains on 2 CPU cores in minutes.
+/// stage, 78 042 parameters. A training step (forward, backward, Adam) on 64 images takes about
+/// 1 s on 2 shared CPU cores (test profile): an epoch of Fashion-MNIST in about 15 minutes, a
+/// few hundred steps in a few.
 pub type ResNetTiny = ResNetCifar<16, 32, 64, 1, 0, 0, 32, 16, 8, 10>;
 
 /// The parity-test preset: [`ResNetBasic`] (the ResNet-18 structure: [2, 2, 2, 2] blocks,
