@@ -14,6 +14,12 @@
 //! `quick_gelu`. Transformers 5.x does not save the `position_ids` buffers; files from older
 //! versions that hold them load too (they are skipped).
 //!
+//! Differences from Hugging Face: the text tower takes no `attention_mask` (with causal
+//! attention and the pooling at the first end-of-text token, right padding cannot change the
+//! result, and CLIP's tokenizer pads on the right); images must have the preset's size (no
+//! `interpolate_pos_encoding`); freshly built weights follow dfdx's and this crate's
+//! initialisers, not Hugging Face's `_init_weights` (load a checkpoint, or train from them).
+//!
 //! ```
 //! use neural_arch::prelude::*;
 //! use neural_arch_models::clip::{similarity_logits, ClipParity, ClipVitB32};

@@ -17,6 +17,10 @@
 //! the running statistics; `forward_mut` (training) is `model.train()`, normalising with the
 //! batch's statistics and updating the running ones.
 //!
+//! Freshly built weights follow PyTorch's default initialisers (convolutions and `fc` uniform
+//! in ±1/√fan-in, batch norm 1 and 0), not torchvision's Kaiming-normal (fan-out) for
+//! convolutions; loaded checkpoints are unaffected.
+//!
 //! Image sizes are part of the types (every spatial size is checked when the layers run), so a
 //! preset is for one input size: [`ResNet18`] and [`ResNet50`] take 224×224 images.
 //!
