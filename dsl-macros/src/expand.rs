@@ -387,7 +387,8 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                     ::neural_arch::checkpoint::load_safetensors(self, path, &Self::load_options())
                 }
 
-                /// Saves every tensor under its key, atomically.
+                /// Saves every tensor under its key, atomically, in the upstream layout (the
+                /// `transposed` tensors transposed back), so that it loads back as it was.
                 pub fn save_safetensors<__Dev: #p::Device<__E>>(
                     &self,
                     path: impl ::core::convert::AsRef<::std::path::Path>,
@@ -396,7 +397,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                     __E: ::neural_arch::checkpoint::CheckpointElem,
                     Self: #p::TensorCollection<__E, __Dev>,
                 {
-                    ::neural_arch::checkpoint::save_safetensors(self, path)
+                    ::neural_arch::checkpoint::save_safetensors_with(self, path, &Self::load_options())
                 }
             }
         };

@@ -346,6 +346,23 @@ where
     D: Device<E>,
     M: TensorCollection<E, D>,
 {
+    save_safetensors_with(model, path, &LoadOptions::default())
+}
+
+/// [`save_safetensors`] in the upstream layout that `options` describes: the tensors
+/// [`LoadOptions::transposed`] names are written transposed, so the file loads back with the
+/// same options (what a `model!`'s `save_safetensors` does) and upstream code reads it as its
+/// own (GPT-2's `Conv1D` weights as `[in, out]`).
+pub fn save_safetensors_with<E, D, M>(
+    model: &M,
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+) -> Result<(), Error>
+where
+    E: CheckpointElem,
+    D: Device<E>,
+    M: TensorCollection<E, D>,
+{
     struct Collect(Vec<(String, Vec<usize>, Vec<u8>)>);
     impl<E: CheckpointElem, D: Device<E>> TensorVisitor<E, D> for Collect {
         type Viewer = (ViewTensorRef, ViewTensorName);
@@ -370,6 +387,21 @@ where
         f: &mut c,
     });
     walked.unwrap_or_else(|e| match e {});
+    for (k, shape, data) in &mut c.0 {
+        if shape.len() == 2 && options.is_transposed(k) {
+            let (r, cols) = (shape[0], shape[1]);
+            let w = data.len() / (r * cols).max(1);
+            let src = std::mem::take(data);
+            // Element (i, j) of the [r, cols] tensor goes to (j, i) of the [cols, r] one.
+            *data = (0..r * cols)
+                .flat_map(|n| {
+                    let at = ((n % r) * cols + n / r) * w;
+                    src[at..at + w].to_vec()
+                })
+                .collect();
+            *shape = vec![cols, r];
+        }
+    }
     let views =
         c.0.iter()
             .map(|(k, shape, data)| {
@@ -567,6 +599,15 @@ mod tests {
             "transformer.h.11.attn.bias"
         ));
         assert!(!matches_suffix("attn.bias", "h.1.attn.c_attn.bias"));
+        // Saving with the options writes the upstream layout, which loads back as it was.
+        let mut n = dev.build_module::<Tiny, f32>();
+        save_safetensors_with(&want, &up, &opts)?;
+        let bytes = std::fs::read(&up).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("fc.weight").unwrap().shape(), [3, 2]);
+        assert_eq!(st.tensor("fc.weight").unwrap().data(), &wt[..]);
+        load_safetensors(&mut n, &up, &opts)?;
+        assert_eq!(n.fc.weight.as_vec(), want.fc.weight.as_vec());
         std::fs::remove_file(path).ok();
         std::fs::remove_file(up).ok();
         Ok(())

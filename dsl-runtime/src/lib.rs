@@ -32,11 +32,14 @@ extern crate self as neural_arch;
 
 pub mod checkpoint;
 pub mod gradcheck;
+pub mod init;
 pub mod layers;
 pub mod losses;
 pub mod optim;
 pub mod parity;
+pub mod plot;
 mod summary;
+pub mod train;
 
 /// The README's examples, compiled as doctests so that they stay true.
 #[cfg(doctest)]

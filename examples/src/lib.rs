@@ -30,6 +30,9 @@
 #![deny(missing_docs)]
 
 pub mod accuracy;
+pub mod bpe;
+pub mod cli;
+pub mod lm;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,779 @@
+//! One training loop for every model: learning-rate schedule, gradient clipping, evaluation,
+//! metrics, progress, checkpoints with exact resume, and the run summary.
+//!
+//! A model and its data come in as a [`Task`]: the task turns a step number into a batch, runs
+//! the forward pass and the loss, and evaluates. Everything else is here, once:
+//!
+//! - `DIR/metrics.jsonl`: one JSON object per step (`step`, `loss`, `lr`, `grad_norm`,
+//!   `items_per_sec`) and per evaluation (`step` and the task's metrics);
+//! - `DIR/checkpoint/`: `model.safetensors`, `optimizer.safetensors` and `state.json` (model,
+//!   preset, parameters, step, seed, configuration), replaced as a whole by a rename, so a
+//!   crash leaves the previous checkpoint intact;
+//! - `DIR/summary.json` at the end (see [`RunSummary`]).
+//!
+//! Batches are a function of the seed and the step (the task's contract), so a resumed run
+//! sees the same batches as an uninterrupted one, and with the model, the optimizer state and
+//! the step restored its metrics are the same, line for line. Ctrl-C finishes the current step,
+//! writes a checkpoint and stops.
+
+use crate::checkpoint::{
+    load_safetensors, save_safetensors, write_atomically, CheckpointElem, LoadOptions,
+};
+use crate::optim::{clip_grad_norm, Optim, OptimizerState, WarmupCosine};
+use crate::Error;
+use dfdx::nn::{TensorCollection, ZeroGrads};
+use dfdx::shapes::Dtype;
+use dfdx::tensor::safetensors::SafeDtype;
+use dfdx::tensor::Gradients;
+use dfdx::tensor_ops::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Metrics by name (`eval_loss`, `accuracy`, ...).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// What one training step computed.
+#[derive(Debug)]
+pub struct StepOutput<E: Dtype, D: Device<E>> {
+    /// The mean loss of the batch.
+    pub loss: f64,
+    /// The gradients of that loss.
+    pub grads: Gradients<E, D>,
+    /// Items the batch held (tokens or images), for the throughput.
+    pub items: usize,
+}
+
+/// A model's training data and objective, as the [`Trainer`] drives them.
+pub trait Task<M, E: Dtype, D: Device<E>> {
+    /// Runs the training batch of step `step` (a pure function of the run's seed and `step`):
+    /// forward pass in training mode on a tape from `grads`, loss, backward.
+    fn train_step(
+        &mut self,
+        model: &mut M,
+        step: usize,
+        grads: Gradients<E, D>,
+    ) -> Result<StepOutput<E, D>, Error>;
+
+    /// Evaluates on held-out data; the keys become the metrics' names (`eval_loss`, ...).
+    fn evaluate(&mut self, model: &mut M) -> Result<Metrics, Error>;
+
+    /// Lines to print after an evaluation, such as generated text. None by default.
+    fn samples(&mut self, model: &mut M) -> Result<Vec<String>, Error> {
+        let _ = model;
+        Ok(Vec::new())
+    }
+}
+
+/// The settings of a run; stored in the checkpoint so that a resume can check them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Architecture name (`gpt2`), recorded and checked on resume.
+    pub model: String,
+    /// Preset name (`tiny`), recorded and checked on resume.
+    pub preset: String,
+    /// Optimizer steps in all (a resumed run continues to this number).
+    pub steps: usize,
+    /// Examples per step, as recorded in the summary.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Steps of linear warm-up.
+    pub warmup_steps: usize,
+    /// Clip the gradient's global norm to this (none when `None`).
+    pub grad_clip: Option<f64>,
+    /// Evaluate every this many steps (and at the end); 0 = only at the end.
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps (and at the end); 0 = only at the end.
+    pub checkpoint_every: usize,
+    /// The seed of the data order and the initialisation.
+    pub seed: u64,
+    /// `cpu`, `cuda`, ..., as recorded in the summary.
+    pub device: String,
+    /// `f32`, ..., as recorded in the summary.
+    pub dtype: String,
+    /// What the items are: `tokens` or `images`.
+    pub unit: String,
+    /// The output directory.
+    pub out: PathBuf,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What `state.json` of a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Architecture name.
+    pub model: String,
+    /// Preset name.
+    pub preset: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Steps done.
+    pub step: usize,
+    /// The run's seed; with `step`, it fixes the position in the data.
+    pub seed: u64,
+    /// The run's settings.
+    pub config: TrainConfig,
+}
+
+/// The end of a run, written to `DIR/summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Architecture name.
+    pub model: String,
+    /// Preset name.
+    pub preset: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Steps done.
+    pub steps: usize,
+    /// Mean training loss over the last (up to) 20 steps.
+    pub train_loss: f64,
+    /// The last evaluation's metrics (`eval_loss`, accuracies, ...).
+    pub eval: Metrics,
+    /// Throughput over the steps of this process: tokens or images per second.
+    pub items_per_sec: f64,
+    /// What the items are (`tokens`, `images`).
+    pub unit: String,
+    /// Peak resident memory of the process, in bytes (`VmHWM`; 0 where unknown).
+    pub peak_rss_bytes: u64,
+    /// Device, as configured.
+    pub device: String,
+    /// Element type, as configured.
+    pub dtype: String,
+    /// Wall-clock seconds of this process's part of the run.
+    pub wall_seconds: f64,
+    /// Whether Ctrl-C stopped the run early (a checkpoint was written).
+    pub interrupted: bool,
+}
+
+impl RunSummary {
+    /// The summary as JSON, with `tokens_per_sec` or `images_per_sec` named after the unit.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.insert(
+                format!("{}_per_sec", self.unit),
+                serde_json::json!(self.items_per_sec),
+            );
+            for (k, val) in &self.eval {
+                map.insert(k.clone(), serde_json::json!(val));
+            }
+        }
+        v
+    }
+}
+
+/// Peak resident memory of this process in bytes, from `/proc/self/status` (0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn io_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+/// Reads a checkpoint's `state.json` and checks it is one of `config`'s model and preset.
+pub fn read_checkpoint_state(
+    dir: &Path,
+    config: &TrainConfig,
+    params: usize,
+) -> Result<CheckpointState, Error> {
+    let path = dir.join("checkpoint").join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::Checkpoint(format!(
+            "cannot resume from {}: {e}; is it the --out directory of an earlier run?",
+            path.display()
+        ))
+    })?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+        io_error(
+            &path,
+            format!("not a checkpoint state ({e}); the file is damaged"),
+        )
+    })?;
+    if state.model != config.model || state.preset != config.preset || state.params != params {
+        return Err(Error::Checkpoint(format!(
+            "{} is a checkpoint of {} preset `{}` ({} parameters), but this run trains {} preset \
+             `{}` ({} parameters); resume with the same model and preset, or start a new run \
+             with another --out",
+            dir.display(),
+            state.model,
+            state.preset,
+            state.params,
+            config.model,
+            config.preset,
+            params
+        )));
+    }
+    Ok(state)
+}
+
+/// The training loop. Build it with a configuration, then [`run`](Trainer::run) a task.
+pub struct Trainer {
+    config: TrainConfig,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// A trainer for `config`, after checking its values.
+    pub fn new(config: TrainConfig) -> Result<Self, Error> {
+        if config.steps == 0 {
+            return Err(Error::Config("--steps must be at least 1".into()));
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            return Err(Error::Config(format!(
+                "--lr must be a positive number, got {}",
+                config.lr
+            )));
+        }
+        if let Some(c) = config.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::Config(format!(
+                    "the gradient clip must be positive, got {c}"
+                )));
+            }
+        }
+        Ok(Trainer {
+            config,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Installs a Ctrl-C handler that makes the run stop after the current step, with a
+    /// checkpoint. Only the first call in a process installs one.
+    pub fn stop_on_ctrl_c(&self) {
+        let flag = self.stop.clone();
+        // A second handler cannot be installed; the first one keeps working for its trainer.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+
+    /// A flag that, once set, stops the run after the current step with a checkpoint (what
+    /// Ctrl-C sets).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Trains `model` with `opt` on `task`, from scratch or, with `resume`, from the checkpoint
+    /// in the output directory.
+    pub fn run<M, E, D, O, T>(
+        &self,
+        task: &mut T,
+        model: &mut M,
+        opt: &mut O,
+        resume: bool,
+    ) -> Result<RunSummary, Error>
+    where
+        E: Dtype + CheckpointElem + SafeDtype,
+        D: Device<E>,
+        M: TensorCollection<E, D> + ZeroGrads<E, D> + dfdx::nn::NumParams<E, D>,
+        O: Optim<M, E, D>,
+        T: Task<M, E, D>,
+        Error: From<D::Err>,
+    {
+        let cfg = &self.config;
+        let started = Instant::now();
+        std::fs::create_dir_all(&cfg.out).map_err(|e| io_error(&cfg.out, e))?;
+        let params = model.num_trainable_params();
+        let mut start = 0;
+        if resume {
+            let state = read_checkpoint_state(&cfg.out, cfg, params)?;
+            let dir = cfg.out.join("checkpoint");
+            load_safetensors(
+                model,
+                dir.join("model.safetensors"),
+                &LoadOptions::default(),
+            )?;
+            let st = OptimizerState::load_safetensors(dir.join("optimizer.safetensors"))?;
+            opt.load_state(model, &st)?;
+            start = state.step;
+            if start > cfg.steps {
+                return Err(Error::Config(format!(
+                    "the checkpoint is at step {start}, beyond --steps {}; ask for more steps",
+                    cfg.steps
+                )));
+            }
+        }
+        let metrics_path = cfg.out.join("metrics.jsonl");
+        let mut metrics = MetricsLog::open(&metrics_path, start, resume)?;
+        let schedule = WarmupCosine {
+            peak_lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup_steps: cfg.warmup_steps,
+            decay_steps: cfg.steps,
+        };
+        let bar = progress_bar(cfg, start);
+        let mut recent: Vec<f64> = Vec::new();
+        let mut items_total = 0usize;
+        let mut step_time = 0.0f64;
+        let mut eval = Metrics::new();
+        let mut grads = Some(model.try_alloc_grads()?);
+        let mut step = start;
+        let mut interrupted = false;
+        while step < cfg.steps {
+            let lr = schedule.apply(opt, step);
+            let t0 = Instant::now();
+            let mut g = grads
+                .take()
+                .ok_or_else(|| Error::Config("lost gradients".into()))?;
+            model.try_zero_grads(&mut g)?;
+            let out = task.train_step(model, step, g)?;
+            if !out.loss.is_finite() {
+                return Err(Error::Config(format!(
+                    "the loss became {} at step {step}; lower --lr (now {}) or check the data",
+                    out.loss, cfg.lr
+                )));
+            }
+            let mut g = out.grads;
+            let grad_norm = match cfg.grad_clip {
+                Some(c) => clip_grad_norm(&mut g, model, c)?,
+                None => f64::NAN,
+            };
+            opt.step(model, &mut g)?;
+            grads = Some(g);
+            let dt = t0.elapsed().as_secs_f64();
+            step_time += dt;
+            items_total += out.items;
+            step += 1;
+            recent.push(out.loss);
+            if recent.len() > 20 {
+                recent.remove(0);
+            }
+            let mut line = serde_json::json!({
+                "step": step, "loss": out.loss, "lr": lr,
+                "items_per_sec": out.items as f64 / dt.max(1e-9),
+            });
+            if grad_norm.is_finite() {
+                line["grad_norm"] = serde_json::json!(grad_norm);
+            }
+            metrics.write(&line)?;
+            if let Some(b) = &bar {
+                b.set_position(step as u64);
+                b.set_message(format!(
+                    "loss {:.4}  {:.0} {}/s",
+                    out.loss,
+                    items_total as f64 / step_time.max(1e-9),
+                    cfg.unit
+                ));
+            }
+            let last = step == cfg.steps;
+            interrupted = self.stop.load(Ordering::SeqCst) && !last;
+            if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+                eval = task.evaluate(model)?;
+                let mut line = serde_json::json!({ "step": step });
+                for (k, v) in &eval {
+                    line[k] = serde_json::json!(v);
+                }
+                metrics.write(&line)?;
+                let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                let samples = task.samples(model)?;
+                let mut text = format!("step {step}: {}", shown.join(", "));
+                for s in samples {
+                    text.push('\n');
+                    text.push_str(&s);
+                }
+                match &bar {
+                    Some(b) => b.println(text),
+                    None => println!("{text}"),
+                }
+            }
+            if last || interrupted || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
+            {
+                self.save_checkpoint(model, opt, step, params)?;
+            }
+            if interrupted {
+                break;
+            }
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let summary = RunSummary {
+            model: cfg.model.clone(),
+            preset: cfg.preset.clone(),
+            params,
+            steps: step,
+            train_loss: if recent.is_empty() {
+                f64::NAN
+            } else {
+                recent.iter().sum::<f64>() / recent.len() as f64
+            },
+            eval,
+            items_per_sec: items_total as f64 / step_time.max(1e-9),
+            unit: cfg.unit.clone(),
+            peak_rss_bytes: peak_rss_bytes(),
+            device: cfg.device.clone(),
+            dtype: cfg.dtype.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            interrupted,
+        };
+        self.write_summary(&summary)?;
+        let text =
+            std::fs::read_to_string(&metrics_path).map_err(|e| io_error(&metrics_path, e))?;
+        let title = format!("{} {} ({} steps)", cfg.model, cfg.preset, step);
+        crate::plot::write_png(
+            &crate::plot::Curves::from_jsonl(&text),
+            &title,
+            &cfg.out.join("curves.png"),
+        )?;
+        Ok(summary)
+    }
+
+    fn write_summary(&self, summary: &RunSummary) -> Result<(), Error> {
+        let json = serde_json::to_string_pretty(&summary.to_json())
+            .map_err(|e| Error::Checkpoint(format!("cannot encode the summary: {e}")))?;
+        std::fs::create_dir_all(&self.config.out).map_err(|e| io_error(&self.config.out, e))?;
+        write_atomically(
+            &self.config.out.join("summary.json"),
+            (json + "\n").as_bytes(),
+        )
+    }
+
+    /// Evaluates `model` once, without training, and writes `summary.json` (`--eval-only`).
+    pub fn evaluate_only<M, E, D, T>(
+        &self,
+        task: &mut T,
+        model: &mut M,
+    ) -> Result<RunSummary, Error>
+    where
+        E: Dtype,
+        D: Device<E>,
+        M: dfdx::nn::NumParams<E, D>,
+        T: Task<M, E, D>,
+    {
+        let started = Instant::now();
+        let eval = task.evaluate(model)?;
+        let cfg = &self.config;
+        let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("{}", shown.join(", "));
+        let summary = RunSummary {
+            model: cfg.model.clone(),
+            preset: cfg.preset.clone(),
+            params: model.num_trainable_params(),
+            steps: 0,
+            train_loss: f64::NAN,
+            eval,
+            items_per_sec: 0.0,
+            unit: cfg.unit.clone(),
+            peak_rss_bytes: peak_rss_bytes(),
+            device: cfg.device.clone(),
+            dtype: cfg.dtype.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            interrupted: false,
+        };
+        self.write_summary(&summary)?;
+        Ok(summary)
+    }
+
+    /// Writes `DIR/checkpoint/` through `DIR/checkpoint.tmp/` and renames.
+    fn save_checkpoint<M, E, D, O>(
+        &self,
+        model: &M,
+        opt: &mut O,
+        step: usize,
+        params: usize,
+    ) -> Result<(), Error>
+    where
+        E: Dtype + CheckpointElem + SafeDtype,
+        D: Device<E>,
+        M: TensorCollection<E, D>,
+        O: Optim<M, E, D>,
+        Error: From<D::Err>,
+    {
+        let cfg = &self.config;
+        let dir = cfg.out.join("checkpoint");
+        let tmp = cfg.out.join("checkpoint.tmp");
+        let old = cfg.out.join("checkpoint.old");
+        for d in [&tmp, &old] {
+            if d.exists() {
+                std::fs::remove_dir_all(d).map_err(|e| io_error(d, e))?;
+            }
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
+        save_safetensors(model, tmp.join("model.safetensors"))?;
+        opt.state(model)?
+            .save_safetensors(tmp.join("optimizer.safetensors"))?;
+        let state = CheckpointState {
+            model: cfg.model.clone(),
+            preset: cfg.preset.clone(),
+            params,
+            step,
+            seed: cfg.seed,
+            config: cfg.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state)
+            .map_err(|e| Error::Checkpoint(format!("cannot encode the checkpoint state: {e}")))?;
+        write_atomically(&tmp.join("state.json"), json.as_bytes())?;
+        // The old checkpoint stays until the new one is complete and in place.
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(|e| io_error(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| io_error(&tmp, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn progress_bar(cfg: &TrainConfig, start: usize) -> Option<indicatif::ProgressBar> {
+    if !cfg.progress {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("{} {}", cfg.model, cfg.preset));
+    bar.set_position(start as u64);
+    Some(bar)
+}
+
+/// `metrics.jsonl`, appended line by line; on resume, cut back to the checkpoint's step so the
+/// file reads as if the run had never stopped.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, step: usize, resume: bool) -> Result<Self, Error> {
+        let kept = if resume {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            text.lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        } else {
+            String::new()
+        };
+        write_atomically(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| io_error(path, e))?;
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<(), Error> {
+        writeln!(self.file, "{v}").map_err(|e| io_error(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    /// Linear regression on batches drawn from (seed, step): the smallest honest task. With
+    /// `stop_at`, it raises the trainer's stop flag during that step, as Ctrl-C would.
+    struct Regression {
+        seed: u64,
+        stop_at: Option<(usize, Arc<AtomicBool>)>,
+    }
+
+    type Model = Built<Linear<3, 1>, f32, Cpu>;
+
+    impl Regression {
+        fn batch(
+            &self,
+            step: usize,
+        ) -> (Tensor<Rank2<8, 3>, f32, Cpu>, Tensor<Rank2<8, 1>, f32, Cpu>) {
+            let dev = Cpu::seed_from_u64(self.seed ^ (step as u64).wrapping_mul(0x9e37_79b9));
+            let x: Tensor<Rank2<8, 3>, f32, Cpu> = dev.sample_normal();
+            let w = dev.tensor([[1.0f32], [-2.0], [0.5]]);
+            let y = x.clone().matmul(w) + 0.25;
+            (x, y)
+        }
+    }
+
+    impl Task<Model, f32, Cpu> for Regression {
+        fn train_step(
+            &mut self,
+            model: &mut Model,
+            step: usize,
+            grads: Gradients<f32, Cpu>,
+        ) -> Result<StepOutput<f32, Cpu>, Error> {
+            if let Some((at, flag)) = &self.stop_at {
+                if *at == step {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+            let (x, y) = self.batch(step);
+            let loss = mse(model.forward_mut(x.traced(grads)), y)?;
+            let value = loss.array() as f64;
+            Ok(StepOutput {
+                loss: value,
+                grads: loss.backward(),
+                items: 8,
+            })
+        }
+
+        fn evaluate(&mut self, model: &mut Model) -> Result<Metrics, Error> {
+            let (x, y) = self.batch(usize::MAX);
+            let loss = mse(model.forward(x), y)?.array() as f64;
+            Ok(Metrics::from([("eval_loss".to_string(), loss)]))
+        }
+    }
+
+    fn config(out: &Path) -> TrainConfig {
+        TrainConfig {
+            model: "regression".into(),
+            preset: "3-1".into(),
+            steps: 20,
+            batch_size: 8,
+            lr: 0.3,
+            min_lr: 0.03,
+            warmup_steps: 2,
+            grad_clip: Some(1.0),
+            eval_every: 4,
+            checkpoint_every: 5,
+            seed: 7,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            unit: "examples".into(),
+            out: out.to_path_buf(),
+            progress: false,
+        }
+    }
+
+    /// A run of 20 steps; `stop_at` interrupts it there, `resume` continues from the checkpoint.
+    fn run(out: &Path, stop_at: Option<usize>, resume: bool) -> Result<RunSummary, Error> {
+        let dev = Cpu::seed_from_u64(1);
+        let mut model = dev.build_module::<Linear<3, 1>, f32>();
+        let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(0.3, 0.01));
+        let trainer = Trainer::new(config(out))?;
+        let mut task = Regression {
+            seed: 7,
+            stop_at: stop_at.map(|s| (s, trainer.stop_flag())),
+        };
+        trainer.run(&mut task, &mut model, &mut opt, resume)
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("na-train-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        p
+    }
+
+    /// Metrics without the throughput, which differs between any two runs.
+    fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("items_per_sec");
+                v
+            })
+            .collect()
+    }
+
+    /// Interrupted at step 12 and resumed, a run writes the same metrics, value for value, as
+    /// one that never stopped; the summary and the checkpoint say where it is.
+    #[test]
+    fn an_interrupted_run_resumes_exactly() -> Result<(), Error> {
+        let (a, b) = (temp("whole"), temp("parts"));
+        let whole = run(&a, None, false)?;
+        assert!(!whole.interrupted && whole.steps == 20);
+        let first = metrics(&a)[4]["eval_loss"].as_f64().unwrap();
+        let last = whole.eval["eval_loss"];
+        assert!(last < first / 4.0, "the loss went down: {first} -> {last}");
+        let part = run(&b, Some(11), false)?;
+        assert!(part.interrupted && part.steps == 12, "{part:?}");
+        let state: CheckpointState = serde_json::from_str(
+            &std::fs::read_to_string(b.join("checkpoint/state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state.step, 12);
+        let rest = run(&b, None, true)?;
+        assert_eq!(rest.steps, 20);
+        assert_eq!(metrics(&a), metrics(&b));
+        assert_eq!(whole.eval, rest.eval);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap())
+                .unwrap();
+        for k in [
+            "model",
+            "preset",
+            "params",
+            "steps",
+            "train_loss",
+            "eval_loss",
+            "examples_per_sec",
+            "peak_rss_bytes",
+            "device",
+            "dtype",
+            "wall_seconds",
+        ] {
+            assert!(
+                summary.get(k).is_some(),
+                "summary.json lacks {k}: {summary}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_model_is_refused() -> Result<(), Error> {
+        let dir = temp("other");
+        run(&dir, None, false)?;
+        let mut cfg = config(&dir);
+        cfg.preset = "other".into();
+        let e = read_checkpoint_state(&dir, &cfg, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preset `3-1`") && e.contains("preset `other`"),
+            "{e}"
+        );
+        let e = read_checkpoint_state(&temp("none"), &cfg, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot resume"), "{e}");
+        std::fs::write(dir.join("checkpoint/model.safetensors"), b"truncated").unwrap();
+        let e = run(&dir, None, true).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+        Ok(())
+    }
+}

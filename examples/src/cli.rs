@@ -1,0 +1,145 @@
+//! The flags every trainer binary shares, and what they turn into.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use neural_arch::train::TrainConfig;
+use std::path::PathBuf;
+
+/// Flags common to `train-gpt2`, `train-llama`, ...
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct CommonArgs {
+    /// Model size: `tiny` trains on a laptop CPU in minutes; the others are the standard sizes.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Optimizer steps (default: the binary's own).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Passes over the training data, instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f64>,
+    /// Examples (sequences or images) per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate (AdamW, linear warm-up, cosine decay to a tenth).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// `cpu`, or `cuda` / `cuda:N` in a binary built with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Element type of the forward and backward passes: `f32` (`f16`, `bf16`: mixed
+    /// precision, not yet available).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory: metrics, curves, checkpoint, summary (default `runs/<model>-<preset>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run whose output directory this is, from its checkpoint.
+    #[arg(long, conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+    /// Evaluate every this many steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every this many steps (and at the end; Ctrl-C writes one too).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Start from these weights (a safetensors file with upstream key names).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Only evaluate (the weights of --init-from, or of a --resume checkpoint) and write the
+    /// summary.
+    #[arg(long)]
+    pub eval_only: bool,
+    /// No progress bar (the metrics still go to metrics.jsonl).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// What the binary's defaults are, where a flag is not given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Steps between evaluations.
+    pub eval_every: usize,
+    /// Steps of warm-up.
+    pub warmup_steps: usize,
+    /// What an example counts as: `tokens` or `images`.
+    pub unit: &'static str,
+}
+
+impl CommonArgs {
+    /// Refuses what this build cannot do, with the way to get it.
+    pub fn check_device(&self) -> Result<()> {
+        match self.device.as_str() {
+            "cpu" => {}
+            d if d == "cuda" || d.starts_with("cuda:") => bail!(
+                "--device {d}: this trainer runs on the CPU only for now (CUDA training is \
+                 issue #7); use --device cpu"
+            ),
+            d => bail!("--device {d}: unknown device; use cpu"),
+        }
+        match self.dtype.as_str() {
+            "f32" => Ok(()),
+            "f16" | "bf16" => bail!(
+                "--dtype {}: mixed precision is not available yet (issue #7); use --dtype f32",
+                self.dtype
+            ),
+            d => bail!("--dtype {d}: unknown element type; use f32"),
+        }
+    }
+
+    /// The trainer's configuration; `examples_per_epoch` turns --epochs into steps.
+    pub fn train_config(
+        &self,
+        model: &str,
+        d: &Defaults,
+        examples_per_epoch: usize,
+    ) -> Result<TrainConfig> {
+        let batch_size = self.batch_size.unwrap_or(d.batch_size);
+        if batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let steps = match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) if e > 0.0 => {
+                ((e * examples_per_epoch as f64) / batch_size as f64).ceil() as usize
+            }
+            (None, Some(e)) => bail!("--epochs must be positive, got {e}"),
+            (None, None) => d.steps,
+        };
+        if steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        let out = match (&self.resume, &self.out) {
+            (Some(r), _) => r.clone(),
+            (None, Some(o)) => o.clone(),
+            (None, None) => PathBuf::from("runs").join(format!("{model}-{}", self.preset)),
+        };
+        let lr = self.lr.unwrap_or(d.lr);
+        Ok(TrainConfig {
+            model: model.into(),
+            preset: self.preset.clone(),
+            steps,
+            batch_size,
+            lr,
+            min_lr: lr / 10.0,
+            warmup_steps: d.warmup_steps.min(steps / 10),
+            grad_clip: Some(1.0),
+            eval_every: self.eval_every.unwrap_or(d.eval_every),
+            checkpoint_every: self.checkpoint_every.unwrap_or(0),
+            seed: self.seed,
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            unit: d.unit.into(),
+            out,
+            progress: !self.no_progress,
+        })
+    }
+}

@@ -1,0 +1,534 @@
+//! Language-model training (GPT-2, Llama) on plain text: corpus, tokenizer, batches,
+//! evaluation, samples, and the `--eval-only --tokens` mode.
+//!
+//! Batches are random windows of `context + 1` tokens, drawn by an RNG seeded with the run's
+//! seed and the step, so a resumed run sees the same batches. Evaluation is the mean
+//! next-token loss over the validation text cut into consecutive windows; it is reported
+//! beside the loss of the unigram model of the training text (`unigram_loss`), the baseline a
+//! model that ignores context cannot beat.
+
+use crate::bpe::Bpe;
+use crate::cli::{CommonArgs, Defaults};
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, ValueEnum};
+use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::prelude::*;
+use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
+use neural_arch_models::generate::{generate, CausalLm, GenerateConfig, Sampling};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+
+/// The plays of the embedded slice (training), in the order they are concatenated.
+const EMBEDDED_TRAIN: [(&str, &str); 6] = [
+    ("hamlet", include_str!("../data/shakespeare/hamlet_gut.txt")),
+    (
+        "othello",
+        include_str!("../data/shakespeare/othello_gut.txt"),
+    ),
+    ("lear", include_str!("../data/shakespeare/lear_gut.txt")),
+    (
+        "macbeth",
+        include_str!("../data/shakespeare/macbeth_gut.txt"),
+    ),
+    (
+        "romeo_and_juliet",
+        include_str!("../data/shakespeare/romeo_and_juliet_gut.txt"),
+    ),
+    (
+        "julius_caesar",
+        include_str!("../data/shakespeare/julius_caesar_gut.txt"),
+    ),
+];
+/// The held-out play of the embedded slice.
+const EMBEDDED_VALID: &str = include_str!("../data/shakespeare/tempest_gut.txt");
+
+/// Plays held out of the full Shakespeare corpus for validation.
+pub const SHAKESPEARE_VALID: [&str; 2] = ["tempest_gut.txt", "midsummer_nights_dream_gut.txt"];
+
+/// Which text to train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Corpus {
+    /// Six plays shipped in the repository (940 KB with the held-out play); needs no set-up.
+    Embedded,
+    /// All of Shakespeare (`python3 tools/fetch_data.py shakespeare`).
+    Shakespeare,
+    /// The Brown corpus, 500 texts of 1961 American English (`python3 tools/fetch_data.py brown`).
+    Brown,
+}
+
+/// Flags of the language-model trainers.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct LmArgs {
+    /// The flags every trainer has.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The training text.
+    #[arg(long, value_enum)]
+    pub corpus: Option<Corpus>,
+    /// Tokens per training sequence (at most the model's positions, for GPT-2).
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// With --eval-only: a JSON array of token ids whose mean next-token loss is computed.
+    #[arg(long, requires = "eval_only")]
+    pub tokens: Option<PathBuf>,
+    /// Tokens of sample text printed at each evaluation.
+    #[arg(long, default_value_t = 120)]
+    pub sample_tokens: usize,
+    /// Validation tokens per evaluation (consecutive windows from the start of the held-out
+    /// text).
+    #[arg(long, default_value_t = 32_768)]
+    pub eval_tokens: usize,
+}
+
+/// The directory the fetch script fills: `$NEURAL_ARCH_DATA` or `~/.cache/neural-arch`.
+pub fn data_dir() -> PathBuf {
+    match std::env::var_os("NEURAL_ARCH_DATA") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".cache")
+            .join("neural-arch"),
+    }
+}
+
+/// The directory of a fetched data set, or an error that prints the command to fetch it.
+pub fn fetched(name: &str) -> Result<PathBuf> {
+    let dir = data_dir().join(name);
+    if !dir.join(".sha256").exists() {
+        bail!(
+            "the `{name}` data set is not in {}; fetch it with\n    python3 tools/fetch_data.py {name}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// One Brown-corpus file as plain text: `word/tag` tokens to words, one sentence per line.
+pub fn brown_to_text(raw: &str, file: &str) -> Result<String> {
+    let mut out = String::new();
+    for (n, line) in raw.lines().enumerate() {
+        let mut words = Vec::new();
+        for tok in line.split_whitespace() {
+            let Some((word, tag)) = tok.rsplit_once('/') else {
+                bail!(
+                    "{file}, line {}: `{tok}` is not a `word/tag` token; is the Brown corpus \
+                     file damaged? Fetch it again with python3 tools/fetch_data.py brown --force",
+                    n + 1
+                );
+            };
+            if word.is_empty() || tag.is_empty() {
+                bail!("{file}, line {}: `{tok}` has an empty word or tag", n + 1);
+            }
+            words.push(word);
+        }
+        if !words.is_empty() {
+            out.push_str(&words.join(" "));
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// Training and validation text of a corpus.
+pub fn load_corpus(corpus: Corpus) -> Result<(String, String)> {
+    match corpus {
+        Corpus::Embedded => Ok((
+            EMBEDDED_TRAIN
+                .iter()
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            EMBEDDED_VALID.to_string(),
+        )),
+        Corpus::Shakespeare => {
+            let dir = fetched("shakespeare")?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+                .collect();
+            files.sort();
+            let (mut train, mut valid) = (String::new(), String::new());
+            for f in files {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let part = if SHAKESPEARE_VALID.contains(&name) {
+                    &mut valid
+                } else {
+                    &mut train
+                };
+                part.push_str(&text);
+                part.push('\n');
+            }
+            ensure!(
+                !train.is_empty() && !valid.is_empty(),
+                "{} holds no plays",
+                dir.display()
+            );
+            Ok((train, valid))
+        }
+        Corpus::Brown => {
+            let dir = fetched("brown")?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.len() == 4 && n.starts_with('c'))
+                })
+                .collect();
+            files.sort();
+            let (mut train, mut valid) = (String::new(), String::new());
+            // Every tenth text is held out: all genres are in both parts.
+            for (i, f) in files.iter().enumerate() {
+                let raw = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let text = brown_to_text(&raw, &f.display().to_string())?;
+                if i % 10 == 9 { &mut valid } else { &mut train }.push_str(&text);
+            }
+            ensure!(
+                !train.is_empty() && !valid.is_empty(),
+                "{} holds no texts",
+                dir.display()
+            );
+            Ok((train, valid))
+        }
+    }
+}
+
+/// Cross-entropy (nats per token) of the add-one-smoothed unigram model of `train` on `valid`.
+pub fn unigram_loss(train: &[usize], valid: &[usize], vocab: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab];
+    for &t in train {
+        counts[t] += 1.0;
+    }
+    let total: f64 = counts.iter().sum();
+    let nll: f64 = valid.iter().map(|&t| -(counts[t] / total).ln()).sum();
+    nll / valid.len().max(1) as f64
+}
+
+/// The language-modelling task of one run.
+pub struct LmTask<const V: usize, D: Device<f32>> {
+    /// Training token ids.
+    pub train: Vec<usize>,
+    /// Validation token ids.
+    pub valid: Vec<usize>,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub context: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// Validation tokens per evaluation.
+    pub eval_tokens: usize,
+    /// The unigram baseline on the validation text.
+    pub unigram: f64,
+    /// The tokenizer, for samples.
+    pub bpe: Bpe,
+    /// Tokens of each sample.
+    pub sample_tokens: usize,
+    /// Where tensors are made.
+    pub dev: D,
+}
+
+impl<const V: usize, D: Device<f32>> std::fmt::Debug for LmTask<V, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LmTask({} train tokens, {} valid)",
+            self.train.len(),
+            self.valid.len()
+        )
+    }
+}
+
+type Ids<D, T> = Tensor<(usize, usize), usize, D, T>;
+type Logits<const V: usize, D, T> = Tensor<(usize, usize, Const<V>), f32, D, T>;
+
+impl<const V: usize, D: Device<f32>> LmTask<V, D> {
+    /// Inputs and next-token targets of step `step`'s batch.
+    pub fn batch_at(&self, step: usize) -> (Vec<usize>, Vec<usize>) {
+        let mut rng = StdRng::seed_from_u64(
+            self.seed ^ 0x4c4d_0000_0000 ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let span = self.train.len() - self.context - 1;
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for _ in 0..self.batch {
+            let at = rng.gen_range(0..=span);
+            x.extend_from_slice(&self.train[at..at + self.context]);
+            y.extend_from_slice(&self.train[at + 1..at + self.context + 1]);
+        }
+        (x, y)
+    }
+}
+
+/// Mean next-token loss of `model` over `tokens`, in windows of `context` predictions.
+pub fn sequence_loss<const V: usize, D, M>(
+    model: &M,
+    dev: &D,
+    tokens: &[usize],
+    context: usize,
+    batch: usize,
+) -> Result<f64>
+where
+    D: Device<f32>,
+    M: Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>,
+    ModelError: From<D::Err>,
+{
+    ensure!(
+        tokens.len() >= 2,
+        "need at least 2 tokens to compute a next-token loss, got {}",
+        tokens.len()
+    );
+    if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t >= V) {
+        bail!("token id {t} at position {i} is out of range for the model's vocabulary of {V} tokens (valid ids are 0..{V})");
+    }
+    // Windows of context + 1 tokens overlapping by one: every token after the first is
+    // predicted once.
+    let mut windows: Vec<&[usize]> = Vec::new();
+    let mut start = 0;
+    while start + 1 < tokens.len() {
+        let end = (start + context + 1).min(tokens.len());
+        windows.push(&tokens[start..end]);
+        start = end - 1;
+    }
+    let (mut total, mut count) = (0.0f64, 0usize);
+    // Windows of equal length go together; the last one may be shorter.
+    let (full, rest): (Vec<&[usize]>, Vec<&[usize]>) =
+        windows.iter().partition(|w| w.len() == context + 1);
+    for group in full.chunks(batch).chain(rest.chunks(1)) {
+        let n = group[0].len() - 1;
+        let x: Vec<usize> = group.iter().flat_map(|w| w[..n].iter().copied()).collect();
+        let y: Vec<usize> = group.iter().flat_map(|w| w[1..].iter().copied()).collect();
+        let ids = dev
+            .try_tensor_from_vec(x, (group.len(), n))
+            .map_err(ModelError::from)?;
+        let logits = model.try_forward(ids)?;
+        let loss = cross_entropy(logits, &y, Default::default())?;
+        total += loss.as_vec()[0] as f64 * y.len() as f64;
+        count += y.len();
+    }
+    Ok(total / count as f64)
+}
+
+impl<const V: usize, D, M> Task<M, f32, D> for LmTask<V, D>
+where
+    D: Device<f32>,
+    M: ModuleMut<
+            Ids<D, OwnedTape<f32, D>>,
+            Output = Logits<V, D, OwnedTape<f32, D>>,
+            Error = ModelError,
+        > + Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>
+        + CausalLm<V, f32, D>,
+    ModelError: From<D::Err>,
+{
+    fn train_step(
+        &mut self,
+        model: &mut M,
+        step: usize,
+        grads: Gradients<f32, D>,
+    ) -> Result<StepOutput<f32, D>, ModelError> {
+        let t = &*self;
+        let (x, y) = t.batch_at(step);
+        let ids = t.dev.try_tensor_from_vec(x, (t.batch, t.context))?;
+        let logits = model.try_forward_mut(ids.traced(grads))?;
+        let loss = cross_entropy(logits, &y, Default::default())?;
+        let value = loss.as_vec()[0] as f64;
+        Ok(StepOutput {
+            loss: value,
+            grads: loss.backward(),
+            items: y.len(),
+        })
+    }
+
+    fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
+        let t = &*self;
+        let n = t.eval_tokens.min(t.valid.len());
+        let loss = sequence_loss::<V, D, M>(model, &t.dev, &t.valid[..n], t.context, t.batch)
+            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        Ok(Metrics::from([
+            ("eval_loss".to_string(), loss),
+            ("unigram_loss".to_string(), t.unigram),
+        ]))
+    }
+
+    fn samples(&mut self, model: &mut M) -> Result<Vec<String>, ModelError> {
+        let t = &*self;
+        let prompt: Vec<usize> = t.valid.iter().take(8).copied().collect();
+        let cfg = GenerateConfig {
+            max_new_tokens: t.sample_tokens,
+            sampling: Sampling {
+                temperature: 0.8,
+                top_k: Some(40),
+            },
+            seed: t.seed,
+            stop_token: None,
+        };
+        let new = generate::<V, f32, D, M>(model, &prompt, &cfg)?;
+        let all: Vec<usize> = prompt.iter().chain(&new).copied().collect();
+        let text = t
+            .bpe
+            .decode(&all)
+            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        Ok(vec![
+            "---- sample ----".into(),
+            text,
+            "----------------".into(),
+        ])
+    }
+}
+
+/// `--eval-only --tokens FILE`: the mean next-token loss over a given sequence.
+struct TokensEval<const V: usize, D> {
+    tokens: Vec<usize>,
+    context: usize,
+    dev: D,
+}
+
+impl<const V: usize, D, M> Task<M, f32, D> for TokensEval<V, D>
+where
+    D: Device<f32>,
+    M: Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>,
+    ModelError: From<D::Err>,
+{
+    fn train_step(
+        &mut self,
+        _: &mut M,
+        _: usize,
+        _: Gradients<f32, D>,
+    ) -> Result<StepOutput<f32, D>, ModelError> {
+        Err(ModelError::Config(
+            "--tokens evaluates only; it does not train".into(),
+        ))
+    }
+
+    fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
+        let loss = sequence_loss::<V, D, M>(model, &self.dev, &self.tokens, self.context, 8)
+            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        Ok(Metrics::from([
+            ("eval_loss".to_string(), loss),
+            ("eval_tokens".to_string(), self.tokens.len() as f64),
+        ]))
+    }
+}
+
+/// Reads a JSON array of token ids.
+pub fn read_tokens(path: &Path) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let v: Vec<usize> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a JSON array of non-negative integer token ids, such as [464, 3290, 318]",
+            path.display()
+        )
+    })?;
+    Ok(v)
+}
+
+/// Trains (or, with `--eval-only`, evaluates) the language model `M` built on the CPU.
+pub fn run<const V: usize, B>(
+    arch: &str,
+    args: &LmArgs,
+    defaults: &Defaults,
+    load_options: LoadOptions,
+    default_corpus: Corpus,
+    init: impl Fn(&str, &[usize]) -> neural_arch::init::Init,
+) -> Result<RunSummary>
+where
+    B: BuildOnDevice<Cpu, f32>,
+    Built<B, f32, Cpu>: TensorCollection<f32, Cpu>
+        + ZeroGrads<f32, Cpu>
+        + NumParams<f32, Cpu>
+        + ModuleMut<
+            Ids<Cpu, OwnedTape<f32, Cpu>>,
+            Output = Logits<V, Cpu, OwnedTape<f32, Cpu>>,
+            Error = ModelError,
+        > + Module<Ids<Cpu, NoneTape>, Output = Logits<V, Cpu, NoneTape>, Error = ModelError>
+        + CausalLm<V, f32, Cpu>,
+{
+    let c = &args.common;
+    c.check_device()?;
+    let dev = Cpu::seed_from_u64(c.seed);
+    let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
+    neural_arch::init::init_weights(&mut model, c.seed, init)?;
+    if let Some(path) = &c.init_from {
+        load_safetensors(&mut model, path, &load_options)
+            .with_context(|| format!("cannot start from {}", path.display()))?;
+    }
+    if let (true, Some(tokens)) = (c.eval_only, &args.tokens) {
+        let mut config = c.train_config(arch, defaults, 1)?;
+        if c.out.is_none() {
+            config.out = PathBuf::from("runs").join(format!("{arch}-{}-eval", c.preset));
+        }
+        let mut task = TokensEval::<V, Cpu> {
+            tokens: read_tokens(tokens)?,
+            context: args.context,
+            dev,
+        };
+        return Ok(Trainer::new(config)?.evaluate_only(&mut task, &mut model)?);
+    }
+    let mut config = c.train_config(arch, defaults, 1)?;
+    if let Some(dir) = &c.resume {
+        // A resumed run continues with the settings it was started with.
+        let state =
+            neural_arch::train::read_checkpoint_state(dir, &config, model.num_trainable_params())?;
+        config = neural_arch::train::TrainConfig {
+            steps: c.steps.unwrap_or(state.config.steps),
+            progress: config.progress,
+            out: dir.clone(),
+            ..state.config
+        };
+    }
+    let corpus = args.corpus.unwrap_or(default_corpus);
+    let (train_text, valid_text) = load_corpus(corpus)?;
+    std::fs::create_dir_all(&config.out)?;
+    let tok_path = config.out.join("tokenizer.json");
+    let bpe = if c.resume.is_some() && tok_path.exists() {
+        Bpe::load(&tok_path)?
+    } else {
+        let bpe = Bpe::train(&[&train_text], V)?;
+        bpe.save(&tok_path)?;
+        bpe
+    };
+    let train = bpe.encode(&train_text)?;
+    let valid = bpe.encode(&valid_text)?;
+    ensure!(
+        train.len() > args.context + 1,
+        "the training text has {} tokens, fewer than --context {} + 1",
+        train.len(),
+        args.context
+    );
+    if c.epochs.is_some() {
+        config.steps = c
+            .train_config(arch, defaults, train.len() / args.context)?
+            .steps;
+    }
+    let unigram = unigram_loss(&train, &valid, V);
+    println!(
+        "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
+        c.preset, model.num_trainable_params(), corpus, train.len(), valid.len(), bpe.vocab_size()
+    );
+    let mut task = LmTask::<V, Cpu> {
+        train,
+        valid,
+        batch: config.batch_size,
+        context: args.context,
+        seed: config.seed,
+        eval_tokens: args.eval_tokens,
+        unigram,
+        bpe,
+        sample_tokens: args.sample_tokens,
+        dev: dev.clone(),
+    };
+    if c.eval_only {
+        let trainer = Trainer::new(config)?;
+        return Ok(trainer.evaluate_only(&mut task, &mut model)?);
+    }
+    let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(config.lr, 0.1));
+    let trainer = Trainer::new(config)?;
+    trainer.stop_on_ctrl_c();
+    let resume = c.resume.is_some();
+    Ok(trainer.run(&mut task, &mut model, &mut opt, resume)?)
+}
