@@ -26,7 +26,12 @@ enum Rule {
     /// `[B, CI, H, W] -> [B, CO, H', W']`.
     Conv(Conv),
     /// `[B, C, H, W] -> [B, C, H', W']`.
-    Pool { k: Sym, s: Sym, p: Sym },
+    Pool {
+        k: Sym,
+        s: Sym,
+        p: Sym,
+        out: Option<(Sym, Sym)>,
+    },
     /// `[B, C, H, W] -> [B, C]`.
     GlobalPool,
     /// `[B, C, H, W] -> [B, (H/P)·(W/P), D]`.
@@ -54,6 +59,25 @@ struct Conv {
     p: Sym,
     dil: Sym,
     g: Sym,
+    /// The output height and width written as the type's last two arguments (`Const<HO>`).
+    out: Option<(Sym, Sym)>,
+}
+
+/// The output sizes a window layer's type declares at `at` and `at + 1` (`.., Const<HO>,
+/// Const<WO>>`), when both are `Const<n>` or `Const<PARAM>`: a generic block cannot have the
+/// macro compute `(HI + 2·P − K) / S + 1` from a parameter, so it writes the result.
+fn declared_out(h: &Head, at: usize, scope: &Scope) -> Option<(Sym, Sym)> {
+    let dim = |i: usize| -> Option<Sym> {
+        let GenericArgument::Type(Type::Path(tp)) = &h.args.get(i)?.2 else {
+            return None;
+        };
+        let seg = tp.path.segments.last()?;
+        let PathArguments::AngleBracketed(a) = &seg.arguments else {
+            return None;
+        };
+        (seg.ident == "Const" && a.args.len() == 1).then(|| sym_of_arg(&a.args[0], scope))
+    };
+    Some((dim(at)?, dim(at + 1)?))
 }
 
 /// A layer's type split for rewriting: its path and its generic arguments as written.
@@ -129,6 +153,8 @@ fn divides(cx: &mut Ctxt, span: Span, message: String, num: &Sym, den: &Sym) -> 
             cx.error(span, format!("{message}, but it is 0"));
             false
         }
+        // Everything divides by 1 (and `C % 1` in the generated check trips clippy).
+        (_, Sym::Lit(1)) => true,
         (Sym::Lit(a), Sym::Lit(b)) if a % b != 0 => {
             cx.error(
                 span,
@@ -199,7 +225,8 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
         ("LayerNorm", 1 | 2) | ("RMSNorm", 1) => Rule::KeepLast(arg(0)?),
         ("SwiGLU", 2) => Rule::KeepLast(arg(0)?),
         (
-            "ReLU" | "Gelu" | "GeluTanh" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax",
+            "ReLU" | "Gelu" | "GeluTanh" | "QuickGelu" | "SiLU" | "Sigmoid" | "Tanh" | "Softmax"
+            | "LogSoftmax",
             0,
         )
         | ("Dropout", 1) => Rule::Identity,
@@ -243,7 +270,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             }
             Rule::KeepLast(arg(0)?)
         }
-        ("Conv2d", 3..=8) => {
+        ("Conv2d", 3..=10) => {
             let c = Conv {
                 ci: arg(0)?,
                 co: arg(1)?,
@@ -252,6 +279,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
                 p: or(4, 0),
                 dil: or(5, 1),
                 g: or(6, 1),
+                out: declared_out(&h, 8, scope),
             };
             let ok = at_least_one(cx, span_of(2), field, "kernel size", &c.k)
                 & at_least_one(cx, span_of(3), field, "stride", &c.s)
@@ -270,7 +298,7 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
             }
             Rule::Conv(c)
         }
-        ("MaxPool2d" | "AvgPool2d", 1..=3) => {
+        ("MaxPool2d" | "AvgPool2d", 1..=5) => {
             let k = arg(0)?;
             let (s, p) = (arg(1).unwrap_or_else(|| k.clone()), or(2, 0));
             if !(at_least_one(cx, span_of(0), field, "kernel size", &k)
@@ -290,7 +318,12 @@ fn rule_of(ty: &Type, scope: &Scope, cx: &mut Ctxt, field: &str) -> Option<(Rule
                     return None;
                 }
             }
-            Rule::Pool { k, s, p }
+            Rule::Pool {
+                k,
+                s,
+                p,
+                out: declared_out(&h, 3, scope),
+            }
         }
         ("GlobalAvgPool", 0) => Rule::GlobalPool,
         ("PatchEmbed", 3) => Rule::Patch {
@@ -441,7 +474,7 @@ pub fn apply_layer(
         Rule::Identity => (input.clone(), None),
         Rule::Flatten(given) => ctx.flatten(cx, given, input_shape),
         Rule::Conv(c) => ctx.conv(cx, &c, &head, input_shape),
-        Rule::Pool { k, s, p } => ctx.pool(cx, &k, &s, &p, &head, input_shape),
+        Rule::Pool { k, s, p, out } => ctx.pool(cx, &k, &s, &p, out, &head, input_shape),
         Rule::GlobalPool => match ctx.image(cx, input_shape, None) {
             Some(s) => (
                 Val::Known(Shp {
@@ -732,6 +765,35 @@ impl Apply<'_> {
         Some((out[0].clone(), out[1].clone()))
     }
 
+    /// The output sizes: those the type declares (`Const<HO>`) when it does, checked against
+    /// the computed ones where both are numbers.
+    fn declared(
+        &self,
+        cx: &mut Ctxt,
+        computed: (Sym, Sym),
+        declared: Option<(Sym, Sym)>,
+    ) -> Option<(Sym, Sym)> {
+        let Some((dh, dw)) = declared else {
+            return Some(computed);
+        };
+        for (axis, c, d) in [("height", &computed.0, &dh), ("width", &computed.1, &dw)] {
+            if let (Sym::Lit(c), Sym::Lit(d)) = (c, d) {
+                if c != d {
+                    cx.error(
+                        self.span,
+                        format!(
+                            "layer `{}`: the output {axis} is {c}, but the type declares \
+                             `Const<{d}>`",
+                            self.name
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some((dh, dw))
+    }
+
     /// The layer type with every const argument written out and the output sizes appended.
     fn sized(&self, head: &Head, consts: Vec<TokenStream>, sizes: &[&Sym]) -> Option<Type> {
         if head.args.len() > consts.len() {
@@ -763,6 +825,9 @@ impl Apply<'_> {
         let Some((h, w)) = self.spatial(cx, &s, &c.k, &c.s, &c.p, &c.dil) else {
             return (Val::Unknown, None);
         };
+        let Some((h, w)) = self.declared(cx, (h, w), c.out.clone()) else {
+            return (Val::Unknown, None);
+        };
         let w_ = |i: usize, d: TokenStream| Self::written_or(head, i, d);
         let consts = vec![
             w_(0, quote!()),
@@ -790,6 +855,7 @@ impl Apply<'_> {
         k: &Sym,
         st: &Sym,
         p: &Sym,
+        out: Option<(Sym, Sym)>,
         head: &Head,
         input: Option<Shp>,
     ) -> (Val, Option<Type>) {
@@ -797,6 +863,9 @@ impl Apply<'_> {
             return (Val::Unknown, None);
         };
         let Some((h, w)) = self.spatial(cx, &s, k, st, p, &Sym::Lit(1)) else {
+            return (Val::Unknown, None);
+        };
+        let Some((h, w)) = self.declared(cx, (h, w), out) else {
             return (Val::Unknown, None);
         };
         let k_tokens = Self::written_or(head, 0, quote!());
@@ -939,5 +1008,48 @@ impl Apply<'_> {
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::check::Ctxt;
+
+    /// A block generic in its image size writes its convolution's output size; the macro
+    /// reads it back instead of leaving the shape unknown.
+    #[test]
+    fn declared_output_sizes_are_read() -> syn::Result<()> {
+        let model: crate::ast::Model = syn::parse_str(
+            "struct Down<const HI: usize, const HO: usize> {
+                c: Conv2d<4, 8, 3, 2, 1, 1, 1, false, Const<HO>, Const<HO>>,
+                p: MaxPool2d<3, 1, 1, Const<HO>, Const<HO>>,
+            }
+            forward(x: [B, 4, HI, HI]) -> [B, 8, HO, HO];",
+        )?;
+        let mut cx = Ctxt::default();
+        let a = crate::check::check(&model, &mut cx);
+        cx.into_result()?;
+        let shapes: Vec<String> = a
+            .outputs
+            .iter()
+            .map(|o| o.as_ref().map(|s| s.to_string()).unwrap_or_default())
+            .collect();
+        assert_eq!(shapes, ["[B, 8, HO, HO]", "[B, 8, HO, HO]"]);
+
+        let model: crate::ast::Model = syn::parse_str(
+            "struct M { c: Conv2d<1, 2, 3, 2, 1, 1, 1, true, Const<13>, Const<14>>, }
+            forward(x: [B, 1, 28, 28]) -> [B, 2, 13, 14];",
+        )?;
+        let mut cx = Ctxt::default();
+        crate::check::check(&model, &mut cx);
+        let errs: Vec<String> = match cx.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        };
+        assert_eq!(
+            errs,
+            ["layer `c`: the output height is 14, but the type declares `Const<13>`"]
+        );
+        Ok(())
     }
 }

@@ -209,6 +209,8 @@ where
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
     let mut plan: BTreeMap<String, (String, bool)> = BTreeMap::new();
+    // Reported as of the wrong shape, so not again as unexpected.
+    let mut misshapen: BTreeSet<String> = BTreeSet::new();
     for (k, shape) in &wanted {
         let source = if stored.contains(k) {
             Some(k.clone())
@@ -241,6 +243,7 @@ where
                 "`{source}` is {:?} in the file, but the model needs {want:?}{layout}",
                 view.shape()
             ));
+            misshapen.insert(source);
             continue;
         }
         plan.insert(k.clone(), (source, transposed));
@@ -249,7 +252,7 @@ where
     let mut ignored = Vec::new();
     let mut unexpected = Vec::new();
     for k in &stored {
-        if used.contains(k) {
+        if used.contains(k) || misshapen.contains(k) {
             continue;
         }
         if options.is_ignored(k) {
@@ -545,6 +548,7 @@ mod tests {
         );
         assert!(e.contains("`extra` [3]"), "{e}");
         assert!(e.contains("3 missing from the file"), "{e}");
+        assert!(e.contains("1 in the file but not in the model"), "{e}");
         assert_eq!(m.fc.weight.as_vec(), before);
         std::fs::remove_file(path).ok();
         Ok(())

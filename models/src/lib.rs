@@ -10,13 +10,17 @@
 //!   classification heads (Hugging Face `BertForMaskedLM`, `BertForSequenceClassification`).
 //! - [`vit`]: the Vision Transformer for image classification (Hugging Face
 //!   `ViTForImageClassification`).
+//! - [`resnet`]: ResNet-18/34/50 as torchvision builds them, and small CIFAR-style ResNets.
+//! - [`clip`]: CLIP as Hugging Face's `CLIPModel`: a causal text and a ViT image transformer.
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod clip;
 pub mod digits;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
+pub mod resnet;
 pub mod vit;
 
 /// The presets of one architecture: each name with its layer table.
@@ -28,5 +32,7 @@ pub const ARCHITECTURES: &[(&str, Presets)] = &[
     ("llama", llama::PRESETS),
     ("bert", bert::PRESETS),
     ("vit", vit::PRESETS),
+    ("clip", clip::PRESETS),
+    ("resnet", resnet::PRESETS),
     ("digits", digits::PRESETS),
 ];

@@ -88,6 +88,22 @@ activation!(
     }
 );
 activation!(
+    /// `x·σ(1.702·x)`, the sigmoid approximation of GELU that OpenAI's CLIP was trained with
+    /// (Hendrycks & Gimpel, <https://arxiv.org/abs/1606.08415>, §2). Within 0.021 of exact
+    /// GELU, but a checkpoint trained with it must run with it.
+    ///
+    /// The gradient is `σ(1.702x) + 1.702·x·σ(1.702x)·(1 − σ(1.702x))`.
+    ///
+    /// PyTorch: `x * torch.sigmoid(1.702 * x)`; Hugging Face's `ACT2FN["quick_gelu"]`.
+    QuickGelu, |x| {
+        let s = x
+            .retaped::<T>()
+            .try_mul(E::from_f64(1.702).unwrap_or_default())?
+            .try_sigmoid()?;
+        x.try_mul(s)
+    }
+);
+activation!(
     /// `1 / (1 + e⁻ˣ)`. PyTorch: `torch.nn.Sigmoid()`.
     Sigmoid, |x| x.try_sigmoid()
 );
@@ -456,6 +472,23 @@ mod tests {
         // Φ(0.7) from a table of the normal distribution: 0.758036347776927.
         let g = Gelu.forward(dev.tensor([0.7f64])).array()[0];
         assert!((g - 0.7 * 0.758_036_347_776_927).abs() < 1e-12);
+    }
+
+    #[test]
+    fn quick_gelu_matches_its_formula_and_gradient() {
+        let dev = Cpu::default();
+        let xs = [-4.0f64, -1.3, -0.2, 0.0, 0.4, 1.0, 2.5];
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        close(
+            &QuickGelu.forward(dev.tensor(xs)).array(),
+            &xs.map(|v| v * sig(1.702 * v)),
+        );
+        let report = check_input_grads(&dev.tensor(xs), |x| QuickGelu.forward(x).sum());
+        assert!(report.max_abs_err < 1e-8, "QuickGelu gradient: {report}");
+        // f32, through the same composition.
+        let y = QuickGelu.forward(dev.tensor([1.0f32])).array()[0];
+        assert!((f64::from(y) - sig(1.702)).abs() < 1e-6);
+        assert_eq!(QuickGelu::PARAMS, 0);
     }
 
     type Taped<S> = Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>>;

@@ -29,7 +29,7 @@ mod swiglu;
 mod tokens;
 mod unflatten;
 
-pub use activation::{Gelu, GeluTanh, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh};
+pub use activation::{Gelu, GeluTanh, LogSoftmax, QuickGelu, ReLU, SiLU, Sigmoid, Softmax, Tanh};
 pub use attention::{
     ConstProd, CrossAttention, CrossAttentionModule, InProj, InProjNoBias, KvCache, OutProjNoBias,
     SelfAttention, SelfAttentionModule,
