@@ -37,9 +37,8 @@
 
 use neural_arch::prelude::*;
 
-/// `10^-12`, the LayerNorm epsilon of every BERT (`layer_norm_eps`), as the exponent that
-/// [`LayerNorm`]'s second parameter takes.
-pub const LAYER_NORM_EPS_EXP: u32 = 12;
+// Every LayerNorm here is `LayerNorm<D, 12>`: `ε = 1e-12` (`layer_norm_eps`), not PyTorch's
+// default 1e-5.
 
 // Const parameters, in this order wherever they appear:
 // - `V`: vocabulary size (`vocab_size`; 30522 for the uncased WordPiece vocabulary),
@@ -62,7 +61,7 @@ model! {
         /// Segment A/B vectors, `[TT, D]`.
         token_type_embeddings: Embedding<TT, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layer_norm: LayerNorm<D, 12>,
         dropout: Dropout<10>,
     }
     forward(input_ids: usize[B, T], token_type_ids: usize[B, T]) -> [B, T, D] {
@@ -91,7 +90,7 @@ model! {
     pub struct BertSelfOutput<const D: usize> {
         dense: Linear<D, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layer_norm: LayerNorm<D, 12>,
         dropout: Dropout<10>,
     }
     forward(h: [B, T, D], x: [B, T, D]) -> [B, T, D] {
@@ -128,7 +127,7 @@ model! {
     pub struct BertOutput<const D: usize, const F: usize> {
         dense: Linear<F, D>,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layer_norm: LayerNorm<D, 12>,
         dropout: Dropout<10>,
     }
     forward(h: [B, T, F], x: [B, T, D]) -> [B, T, D] {
@@ -229,7 +228,7 @@ model! {
         dense: Linear<D, D>,
         act: Gelu,
         #[key = "LayerNorm"]
-        layer_norm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layer_norm: LayerNorm<D, 12>,
     }
     forward(h: [B, T, D]) -> [B, T, D];
 }

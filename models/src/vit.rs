@@ -31,9 +31,8 @@
 
 use neural_arch::prelude::*;
 
-/// `10^-12`, the LayerNorm epsilon of ViT (`layer_norm_eps`), as the exponent that
-/// [`LayerNorm`]'s second parameter takes.
-pub const LAYER_NORM_EPS_EXP: u32 = 12;
+// Every LayerNorm here is `LayerNorm<D, 12>`: `ε = 1e-12` (`layer_norm_eps`), not PyTorch's
+// default 1e-5.
 
 // Const parameters, in this order wherever they appear:
 // - `IMG`: image height and width (`image_size`; 224 for ViT-B/16),
@@ -122,9 +121,9 @@ model! {
     /// One pre-LN encoder layer: `h = x + attention(LN(x))`, `y = h + MLP(LN(h))`. HF
     /// `ViTLayer` (`encoder.layer.{i}`).
     pub struct ViTLayer<const D: usize, const H: usize, const F: usize> {
-        layernorm_before: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layernorm_before: LayerNorm<D, 12>,
         attention: ViTAttention<D, H>,
-        layernorm_after: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layernorm_after: LayerNorm<D, 12>,
         intermediate: ViTIntermediate<D, F>,
         output: ViTOutput<D, F>,
     }
@@ -157,7 +156,7 @@ model! {
     > {
         embeddings: ViTEmbeddings<P, C, D, N>,
         encoder: ViTEncoder<D, L, H, F>,
-        layernorm: LayerNorm<D, LAYER_NORM_EPS_EXP>,
+        layernorm: LayerNorm<D, 12>,
     }
 }
 

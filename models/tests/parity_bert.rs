@@ -114,6 +114,25 @@ fn masked_lm_matches_hugging_face() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The head's LayerNorm sees a variance ~1e-6 in the reference: PyTorch's default eps (1e-5)
+/// instead of BERT's 1e-12 moves the logits far beyond the tolerance, so the parity above
+/// checks the eps.
+#[test]
+fn the_default_eps_would_not_match() {
+    let dev = Cpu::default();
+    let r = Reference::open(dir().join("expected.safetensors")).unwrap();
+    let mut model = dev.build_module::<BertParity, f32>();
+    model
+        .load_safetensors(dir().join("weights.safetensors"))
+        .unwrap();
+    assert_eq!(model.cls.predictions.transform.layer_norm.eps, 1e-12);
+    model.cls.predictions.transform.layer_norm.eps = 1e-5;
+    let (ids, mask, types) = batch(&dev, &r);
+    let logits = f64s(model.forward((ids, mask, types)).as_vec());
+    let d = neural_arch::parity::diff(&logits, r.values("logits").unwrap()).unwrap();
+    assert!(d.max_abs > 1e-2, "eps 1e-5 is indistinguishable: {d:?}");
+}
+
 #[test]
 fn sequence_classifier_matches_hugging_face() {
     let dev = Cpu::default();

@@ -86,6 +86,38 @@ fn image_classifier_matches_hugging_face() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The first LayerNorm sees a variance ~1e-6 in the reference: PyTorch's default eps (1e-5)
+/// instead of ViT's 1e-12 moves the logits far beyond the tolerance, so the parity above checks
+/// the eps.
+#[test]
+fn the_default_eps_would_not_match() {
+    let dev = Cpu::default();
+    let r = Reference::open(dir().join("expected.safetensors")).unwrap();
+    let mut model = dev.build_module::<VitParity, f32>();
+    model
+        .load_safetensors(dir().join("weights.safetensors"))
+        .unwrap();
+    let first = &mut model.vit.encoder.layer.modules[0].layernorm_before;
+    assert_eq!(first.eps, 1e-12);
+    first.eps = 1e-5;
+    let pixels: Vec<f32> = r
+        .values("pixel_values")
+        .unwrap()
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let x: Tensor<(usize, Const<3>, Const<16>, Const<16>), f32, _> =
+        dev.tensor_from_vec(pixels, (2, Const, Const, Const));
+    let logits: Vec<f64> = model
+        .forward(x)
+        .as_vec()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let d = neural_arch::parity::diff(&logits, r.values("logits").unwrap()).unwrap();
+    assert!(d.max_abs > 1e-2, "eps 1e-5 is indistinguishable: {d:?}");
+}
+
 #[test]
 fn another_presets_file_is_an_error_naming_the_tensors() {
     let dev = Cpu::default();

@@ -15,7 +15,8 @@ the second sequence padded after 5 tokens through `attention_mask`, two token ty
   (3 labels, with the pooler) on the same batch: its checkpoint and its `logits` [2, 3].
 
 Weights are drawn with std 0.2 (not HF's 0.02) and LayerNorm weights and all biases are
-perturbed, so that attention is far from uniform and a wrong scale, mask or eps shows.
+perturbed, so that attention is far from uniform and a wrong scale or mask shows; the head's
+transform is scaled down so that its LayerNorm's input variance is ~1e-6 and a wrong eps shows.
 
     /opt/torch-venv/bin/python tools/reference/arch_bert.py
 """
@@ -69,6 +70,11 @@ def saved(model):
 mlm = BertForMaskedLM(config)
 assert mlm.config._attn_implementation == "eager"
 randomise(mlm)
+# The head's LayerNorm sees a variance ~1e-6, so that eps = 1e-12 and 1e-5 give different
+# logits: the test sees a wrong eps.
+with torch.no_grad():
+    mlm.cls.predictions.transform.dense.weight.mul_(0.005)
+    mlm.cls.predictions.transform.dense.bias.mul_(0.005)
 mlm.eval()
 
 B, T = 2, 8

@@ -15,7 +15,8 @@ fixed seed, runs one batch of B = 2 images with labels, and writes to
   (under its checkpoint name), after `loss.backward()`.
 
 Weights are drawn with std 0.2 (not HF's 0.02) and LayerNorm weights and all biases are
-perturbed, so that attention is far from uniform and a wrong scale or eps shows.
+perturbed, so that attention is far from uniform and a wrong scale shows; the embeddings are
+scaled down so that the first LayerNorm's input variance is ~1e-6 and a wrong eps shows.
 
     /opt/torch-venv/bin/python tools/reference/arch_vit.py
 """
@@ -59,6 +60,11 @@ with torch.no_grad():
             p.copy_(0.1 * torch.randn_like(p))
         else:
             p.copy_(0.2 * torch.randn_like(p))
+    # The embeddings are scaled down so that the first LayerNorm sees a variance ~1e-6, where
+    # eps = 1e-12 and 1e-5 give different outputs: the test sees a wrong eps.
+    emb = model.vit.embeddings
+    for p in [emb.cls_token, emb.position_embeddings, *emb.patch_embeddings.parameters()]:
+        p.mul_(0.005)
 model.eval()
 
 with tempfile.TemporaryDirectory() as d:
