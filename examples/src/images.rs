@@ -1,0 +1,582 @@
+//! Image classification on Fashion-MNIST (ViT, ResNet): the IDX reader, preprocessing to the
+//! CIFAR-shaped input of the `tiny` presets, batches, evaluation and the trainer's `run`.
+//!
+//! The data set is Zalando's Fashion-MNIST (60 000 training and 10 000 test images of 28×28
+//! grey pixels, 10 classes), fetched with `python3 tools/fetch_data.py fashion-mnist` into
+//! `$NEURAL_ARCH_DATA/fashion-mnist/` (default `~/.cache/neural-arch/fashion-mnist/`) as the
+//! four gzipped IDX files of the original release.
+//!
+//! Preprocessing turns each image into the `[3, 32, 32]` input of [`VitTiny`] and
+//! [`ResNetTiny`] (CIFAR-shaped presets): pixels scaled to `[0, 1]`, placed in a 32×32 black
+//! canvas (2 pixels of zeros on each side; the background of the images is black too), the
+//! grey channel repeated three times, and normalised with Fashion-MNIST's mean 0.2860 and
+//! standard deviation 0.3530. With augmentation (ResNet's default), the 28×28 image lands at a
+//! random offset of 0..=4 pixels in each direction (a random 32×32 crop of the image padded by
+//! 4 pixels) and is flipped left-right with probability ½.
+//!
+//! Batches are a pure function of the run's seed and the step: position `p = step·B + i` of
+//! the stream is example `perm_e[p mod N]` of epoch `e = p div N`, where `perm_e` is a
+//! permutation drawn from a generator seeded with the seed and `e`; augmentation draws from a
+//! generator seeded with the seed and `p`. A resumed run therefore sees the same batches.
+//!
+//! [`VitTiny`]: neural_arch_models::vit::VitTiny
+//! [`ResNetTiny`]: neural_arch_models::resnet::ResNetTiny
+
+use crate::cli::{CommonArgs, Defaults};
+use crate::lm::fetched;
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::prelude::*;
+use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Classes of Fashion-MNIST.
+pub const CLASSES: usize = 10;
+/// Side of a Fashion-MNIST image.
+pub const SIDE: usize = 28;
+/// Side of the model input (the CIFAR-shaped presets).
+pub const INPUT: usize = 32;
+/// Mean of Fashion-MNIST's training pixels, scaled to `[0, 1]`.
+pub const MEAN: f32 = 0.2860;
+/// Standard deviation of Fashion-MNIST's training pixels, scaled to `[0, 1]`.
+pub const STD: f32 = 0.3530;
+/// Training examples of the full data set (what `--epochs` counts in).
+pub const TRAIN_EXAMPLES: usize = 60_000;
+
+/// The class names, in label order.
+pub const CLASS_NAMES: [&str; CLASSES] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// Flags of the image trainers.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct ImageArgs {
+    /// The flags every trainer has.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Evaluate on only the first N test images (all 10 000 by default), for speed.
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+}
+
+/// Labelled 28×28 grey images, as stored in the IDX files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Images {
+    /// `len() · 28 · 28` pixels, row-major, 0 (black) to 255.
+    pub pixels: Vec<u8>,
+    /// The class of each image, in `0..10`.
+    pub labels: Vec<u8>,
+}
+
+impl Images {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.pixels[i * SIDE * SIDE..(i + 1) * SIDE * SIDE]
+    }
+}
+
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot open {}; fetch the data set again with\n    python3 tools/fetch_data.py fashion-mnist --force",
+            path.display()
+        )
+    })?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut bytes)
+        .with_context(|| {
+            format!(
+                "{} is not a readable gzip file; fetch the data set again with\n    \
+                 python3 tools/fetch_data.py fashion-mnist --force",
+                path.display()
+            )
+        })?;
+    Ok(bytes)
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Parses an IDX file of unsigned bytes with `dims` dimensions (magic `0x0000080{dims}`),
+/// returning the dimensions and the data; `name` is the file named in errors.
+pub fn parse_idx(bytes: &[u8], dims: usize, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let refetch =
+        "fetch the data set again with\n    python3 tools/fetch_data.py fashion-mnist --force";
+    let header = 4 + 4 * dims;
+    ensure!(
+        bytes.len() >= header,
+        "{name}: truncated IDX file: {} bytes, shorter than the {header}-byte header; {refetch}",
+        bytes.len()
+    );
+    let magic = be_u32(bytes, 0);
+    let expected = 0x0800 | dims as u32;
+    ensure!(
+        magic == expected,
+        "{name}: wrong magic number {magic:#010x}, expected {expected:#010x} (an IDX file of \
+         unsigned bytes with {dims} dimension(s)); is it the right file, not damaged? {refetch}"
+    );
+    let shape: Vec<usize> = (0..dims)
+        .map(|d| be_u32(bytes, 4 + 4 * d) as usize)
+        .collect();
+    let body: usize = shape.iter().product();
+    ensure!(
+        bytes.len() - header == body,
+        "{name}: truncated or padded IDX file: the header announces {shape:?} = {body} bytes of \
+         data, the file holds {}; {refetch}",
+        bytes.len() - header
+    );
+    Ok((shape, bytes[header..].to_vec()))
+}
+
+/// Reads a pair of gzipped IDX files: `images` (`n`×28×28) and `labels` (`n`, each `< 10`).
+pub fn read_idx_pair(images: &Path, labels: &Path) -> Result<Images> {
+    let (ishape, pixels) = parse_idx(&read_gz(images)?, 3, &images.display().to_string())?;
+    ensure!(
+        ishape[1] == SIDE && ishape[2] == SIDE,
+        "{}: images of {}×{} pixels, expected {SIDE}×{SIDE} (Fashion-MNIST)",
+        images.display(),
+        ishape[1],
+        ishape[2]
+    );
+    let (lshape, labels_v) = parse_idx(&read_gz(labels)?, 1, &labels.display().to_string())?;
+    ensure!(
+        ishape[0] == lshape[0],
+        "{} holds {} images but {} holds {} labels; the files do not belong together, fetch \
+         the data set again with\n    python3 tools/fetch_data.py fashion-mnist --force",
+        images.display(),
+        ishape[0],
+        labels.display(),
+        lshape[0]
+    );
+    ensure!(ishape[0] > 0, "{} holds no images", images.display());
+    if let Some((i, &l)) = labels_v
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= CLASSES)
+    {
+        bail!(
+            "{}: label {l} of image {i} is not a class (0..{CLASSES}); fetch the data set again \
+             with\n    python3 tools/fetch_data.py fashion-mnist --force",
+            labels.display()
+        );
+    }
+    Ok(Images {
+        pixels,
+        labels: labels_v,
+    })
+}
+
+/// The training and test sets of Fashion-MNIST from the fetched directory (or an error that
+/// prints the fetch command).
+pub fn load_fashion_mnist() -> Result<(Images, Images)> {
+    let dir = fetched("fashion-mnist")?;
+    let train = read_idx_pair(
+        &dir.join("train-images-idx3-ubyte.gz"),
+        &dir.join("train-labels-idx1-ubyte.gz"),
+    )?;
+    let test = read_idx_pair(
+        &dir.join("t10k-images-idx3-ubyte.gz"),
+        &dir.join("t10k-labels-idx1-ubyte.gz"),
+    )?;
+    Ok((train, test))
+}
+
+/// Appends image `img` (28×28 bytes) to `out` as the normalised `[3, 32, 32]` input, placed at
+/// offset `(dy, dx)` in the canvas (2, 2 is centred) and flipped left-right if `flip`.
+pub fn preprocess_into(img: &[u8], dy: usize, dx: usize, flip: bool, out: &mut Vec<f32>) {
+    let bg = (0.0 - MEAN) / STD;
+    let mut plane = vec![bg; INPUT * INPUT];
+    for r in 0..SIDE {
+        for c in 0..SIDE {
+            let src = if flip { SIDE - 1 - c } else { c };
+            let v = img[r * SIDE + src] as f32 / 255.0;
+            plane[(r + dy) * INPUT + c + dx] = (v - MEAN) / STD;
+        }
+    }
+    for _ in 0..3 {
+        out.extend_from_slice(&plane);
+    }
+}
+
+type Batch<D, T> = Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), f32, D, T>;
+type Logits<D, T> = Tensor<(usize, Const<CLASSES>), f32, D, T>;
+
+/// The classification task of one run.
+pub struct ImageTask<D: Device<f32>> {
+    /// Training images.
+    pub train: Images,
+    /// Test images.
+    pub test: Images,
+    /// Images per training step.
+    pub batch: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// Random crops and flips of the training images.
+    pub augment: bool,
+    /// Test images per evaluation (the first ones).
+    pub eval_limit: usize,
+    /// Where tensors are made.
+    pub dev: D,
+    /// The permutation of the last epoch used, by epoch number.
+    perm: Option<(usize, Vec<usize>)>,
+}
+
+impl<D: Device<f32>> std::fmt::Debug for ImageTask<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ImageTask({} train images, {} test, batch {})",
+            self.train.len(),
+            self.test.len(),
+            self.batch
+        )
+    }
+}
+
+fn mix(seed: u64, salt: u64, n: u64) -> u64 {
+    seed ^ salt ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl<D: Device<f32>> ImageTask<D> {
+    /// A task over `train` and `test`.
+    pub fn new(
+        train: Images,
+        test: Images,
+        batch: usize,
+        seed: u64,
+        augment: bool,
+        eval_limit: usize,
+        dev: D,
+    ) -> Self {
+        ImageTask {
+            train,
+            test,
+            batch,
+            seed,
+            augment,
+            eval_limit,
+            dev,
+            perm: None,
+        }
+    }
+
+    fn example_at(&mut self, position: usize) -> usize {
+        let n = self.train.len();
+        let epoch = position / n;
+        if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut p: Vec<usize> = (0..n).collect();
+            p.shuffle(&mut StdRng::seed_from_u64(mix(
+                self.seed,
+                0x4550_4f43_4800_0000,
+                epoch as u64,
+            )));
+            self.perm = Some((epoch, p));
+        }
+        self.perm
+            .as_ref()
+            .map(|(_, p)| p[position % n])
+            .unwrap_or(0)
+    }
+
+    /// The inputs (`[B, 3, 32, 32]`, flattened) and labels of step `step`'s batch.
+    pub fn batch_at(&mut self, step: usize) -> (Vec<f32>, Vec<usize>) {
+        let mut x = Vec::with_capacity(self.batch * 3 * INPUT * INPUT);
+        let mut y = Vec::with_capacity(self.batch);
+        for i in 0..self.batch {
+            let position = step * self.batch + i;
+            let idx = self.example_at(position);
+            let (dy, dx, flip) = if self.augment {
+                let mut rng =
+                    StdRng::seed_from_u64(mix(self.seed, 0x4155_4700_0000_0000, position as u64));
+                let pad = INPUT - SIDE;
+                (
+                    rng.gen_range(0..=pad),
+                    rng.gen_range(0..=pad),
+                    rng.gen_bool(0.5),
+                )
+            } else {
+                ((INPUT - SIDE) / 2, (INPUT - SIDE) / 2, false)
+            };
+            preprocess_into(self.train.image(idx), dy, dx, flip, &mut x);
+            y.push(self.train.labels[idx] as usize);
+        }
+        (x, y)
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl<D, M> Task<M, f32, D> for ImageTask<D>
+where
+    D: Device<f32>,
+    M: ModuleMut<
+            Batch<D, OwnedTape<f32, D>>,
+            Output = Logits<D, OwnedTape<f32, D>>,
+            Error = ModelError,
+        > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>,
+    ModelError: From<D::Err>,
+{
+    fn train_step(
+        &mut self,
+        model: &mut M,
+        step: usize,
+        grads: Gradients<f32, D>,
+    ) -> Result<StepOutput<f32, D>, ModelError> {
+        let (x, y) = self.batch_at(step);
+        let x = self
+            .dev
+            .try_tensor_from_vec(x, (y.len(), Const, Const, Const))?;
+        let logits = model.try_forward_mut(x.traced(grads))?;
+        let loss = cross_entropy(logits, &y, Default::default())?;
+        let value = loss.as_vec()[0] as f64;
+        Ok(StepOutput {
+            loss: value,
+            grads: loss.backward(),
+            items: y.len(),
+        })
+    }
+
+    fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
+        let n = self.eval_limit.min(self.test.len());
+        let chunk = self.batch.clamp(1, 256);
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        let centre = (INPUT - SIDE) / 2;
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let mut x = Vec::with_capacity((end - start) * 3 * INPUT * INPUT);
+            for i in start..end {
+                preprocess_into(self.test.image(i), centre, centre, false, &mut x);
+            }
+            let y: Vec<usize> = self.test.labels[start..end]
+                .iter()
+                .map(|&l| l as usize)
+                .collect();
+            let x = self
+                .dev
+                .try_tensor_from_vec(x, (y.len(), Const, Const, Const))?;
+            let logits = model.try_forward(x)?;
+            let rows = logits.as_vec();
+            correct += rows
+                .chunks_exact(CLASSES)
+                .zip(&y)
+                .filter(|(row, &label)| argmax(row) == label)
+                .count();
+            let loss = cross_entropy(logits, &y, Default::default())?;
+            loss_sum += loss.as_vec()[0] as f64 * y.len() as f64;
+        }
+        let n = n.max(1) as f64;
+        Ok(Metrics::from([
+            ("eval_loss".to_string(), loss_sum / n),
+            ("accuracy".to_string(), correct as f64 / n),
+        ]))
+    }
+}
+
+/// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
+pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
+
+/// Trains (or, with `--eval-only`, evaluates) the image classifier `B` built on the CPU.
+/// `init` sets the fresh weights by name (none: the layers' defaults); `augment` turns on
+/// random crops and flips.
+pub fn run<B>(
+    arch: &str,
+    args: &ImageArgs,
+    defaults: &Defaults,
+    load_options: LoadOptions,
+    init: Option<&InitRule>,
+    augment: bool,
+) -> Result<RunSummary>
+where
+    B: BuildOnDevice<Cpu, f32>,
+    Built<B, f32, Cpu>: TensorCollection<f32, Cpu>
+        + ZeroGrads<f32, Cpu>
+        + NumParams<f32, Cpu>
+        + ModuleMut<
+            Batch<Cpu, OwnedTape<f32, Cpu>>,
+            Output = Logits<Cpu, OwnedTape<f32, Cpu>>,
+            Error = ModelError,
+        > + Module<Batch<Cpu, NoneTape>, Output = Logits<Cpu, NoneTape>, Error = ModelError>,
+{
+    let c = &args.common;
+    c.check_device()?;
+    let dev = Cpu::seed_from_u64(c.seed);
+    let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
+    if let Some(rule) = init {
+        neural_arch::init::init_weights(&mut model, c.seed, rule)?;
+    }
+    if let Some(path) = &c.init_from {
+        load_safetensors(&mut model, path, &load_options)
+            .with_context(|| format!("cannot start from {}", path.display()))?;
+    }
+    let mut config = c.train_config(arch, defaults, TRAIN_EXAMPLES)?;
+    if let Some(dir) = &c.resume {
+        // A resumed run continues with the settings it was started with.
+        let state =
+            neural_arch::train::read_checkpoint_state(dir, &config, model.num_trainable_params())?;
+        config = neural_arch::train::TrainConfig {
+            steps: c.steps.unwrap_or(state.config.steps),
+            progress: config.progress,
+            out: dir.clone(),
+            ..state.config
+        };
+    }
+    let (train, test) = load_fashion_mnist()?;
+    if c.epochs.is_some() && c.resume.is_none() {
+        config.steps = c.train_config(arch, defaults, train.len())?.steps;
+    }
+    let eval_limit = args.eval_limit.unwrap_or(test.len());
+    ensure!(eval_limit >= 1, "--eval-limit must be at least 1");
+    println!(
+        "{arch} {}: {} parameters; Fashion-MNIST: {} training and {} test images (evaluating on {}){}",
+        c.preset,
+        model.num_trainable_params(),
+        train.len(),
+        test.len(),
+        eval_limit.min(test.len()),
+        if augment { "; random crops and flips" } else { "" }
+    );
+    let mut task = ImageTask::new(
+        train,
+        test,
+        config.batch_size,
+        config.seed,
+        augment,
+        eval_limit,
+        dev.clone(),
+    );
+    if c.eval_only {
+        let trainer = Trainer::new(config)?;
+        return Ok(trainer.evaluate_only(&mut task, &mut model)?);
+    }
+    let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(config.lr, 0.05));
+    let trainer = Trainer::new(config)?;
+    trainer.stop_on_ctrl_c();
+    let resume = c.resume.is_some();
+    Ok(trainer.run(&mut task, &mut model, &mut opt, resume)?)
+}
+
+/// What the binaries print at the end of a run, or the error; the process's exit code.
+pub fn report(arch: &str, args: &ImageArgs, result: Result<RunSummary>) -> std::process::ExitCode {
+    match result {
+        Ok(s) => {
+            let out = args
+                .common
+                .out
+                .clone()
+                .or(args.common.resume.clone())
+                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{arch}-{}", s.preset)));
+            println!(
+                "done: {} steps, train loss {:.4}, {:?}, {:.0} images/s, summary in {}",
+                s.steps,
+                s.train_loss,
+                s.eval,
+                s.items_per_sec,
+                out.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(magic: u32, dims: &[u32], body: &[u8]) -> Vec<u8> {
+        let mut v = magic.to_be_bytes().to_vec();
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn idx_headers_are_checked() {
+        let ok = idx(0x801, &[3], &[1, 2, 3]);
+        assert_eq!(parse_idx(&ok, 1, "f").unwrap(), (vec![3], vec![1, 2, 3]));
+        let e = parse_idx(&idx(0x803, &[3], &[1, 2, 3]), 1, "lbl").unwrap_err();
+        assert!(e.to_string().contains("lbl: wrong magic number"), "{e}");
+        let e = parse_idx(&idx(0x801, &[4], &[1, 2, 3]), 1, "lbl").unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = parse_idx(&[0, 0, 8], 1, "lbl").unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn preprocessing_pads_repeats_and_normalises() {
+        let img = vec![255u8; SIDE * SIDE];
+        let mut out = Vec::new();
+        preprocess_into(&img, 2, 2, false, &mut out);
+        assert_eq!(out.len(), 3 * INPUT * INPUT);
+        let bg = -MEAN / STD;
+        let fg = (1.0 - MEAN) / STD;
+        assert!((out[0] - bg).abs() < 1e-6 && (out[2 * INPUT + 2] - fg).abs() < 1e-6);
+        assert_eq!(out[..INPUT * INPUT], out[2 * INPUT * INPUT..]);
+        let mut row = vec![0u8; SIDE * SIDE];
+        row[0] = 255;
+        let mut flipped = Vec::new();
+        preprocess_into(&row, 0, 0, true, &mut flipped);
+        assert!((flipped[SIDE - 1] - fg).abs() < 1e-6);
+    }
+
+    #[test]
+    fn batches_are_a_function_of_seed_and_step() {
+        let n = 10;
+        let data = Images {
+            pixels: (0..n * SIDE * SIDE)
+                .map(|i| (i / (SIDE * SIDE)) as u8)
+                .collect(),
+            labels: (0..n as u8).collect(),
+        };
+        let mk = || ImageTask::new(data.clone(), data.clone(), 4, 7, true, 10, Cpu::default());
+        let (mut a, mut b) = (mk(), mk());
+        let later = a.batch_at(5);
+        for s in 0..5 {
+            b.batch_at(s);
+        }
+        assert_eq!(later, b.batch_at(5));
+        // One epoch (steps 0, 1 and half of 2) sees every image once.
+        let mut seen: Vec<usize> = (0..3).flat_map(|s| a.batch_at(s).1).take(n).collect();
+        seen.sort();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+    }
+}
