@@ -1,0 +1,230 @@
+//! `train-vit` and `train-resnet` on a tiny synthetic data set in Fashion-MNIST's format
+//! (gzipped IDX files in a temporary `NEURAL_ARCH_DATA`): short runs, the summary, the
+//! checkpoint, a falling loss, resume; and the errors for damaged or missing data.
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SIDE: usize = 28;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn idx(magic: u32, dims: &[usize], body: &[u8]) -> Vec<u8> {
+    let mut v = magic.to_be_bytes().to_vec();
+    for &d in dims {
+        v.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+fn write_gz(path: &Path, bytes: &[u8]) {
+    let mut gz = GzEncoder::new(std::fs::File::create(path).unwrap(), Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap();
+}
+
+/// `n` images whose class is the size of a centred bright square (invariant under the
+/// crops and flips of the augmentation), with a little deterministic noise.
+fn images(n: usize, salt: usize) -> (Vec<u8>, Vec<u8>) {
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let class = (i * 7 + salt) % 10;
+        let half = 2 + class;
+        for r in 0..SIDE {
+            for c in 0..SIDE {
+                let inside = r.abs_diff(13) < half && c.abs_diff(13) < half;
+                let noise = ((i * 31 + r * 17 + c * 13) % 23) as u8;
+                pixels.push(if inside { 230 - noise } else { noise });
+            }
+        }
+        labels.push(class as u8);
+    }
+    (pixels, labels)
+}
+
+/// A data directory holding `fashion-mnist/` with 64 training and 32 test images.
+fn synthetic_data(name: &str) -> PathBuf {
+    let root = tmp(name);
+    let dir = root.join("fashion-mnist");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".sha256"), "synthetic\n").unwrap();
+    for (prefix, n, salt) in [("train", 64, 0), ("t10k", 32, 3)] {
+        let (pixels, labels) = images(n, salt);
+        write_gz(
+            &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            &idx(0x803, &[n, SIDE, SIDE], &pixels),
+        );
+        write_gz(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+            &idx(0x801, &[n], &labels),
+        );
+    }
+    root
+}
+
+fn run(bin: &str, data: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .arg("--no-progress")
+        .env("NEURAL_ARCH_DATA", data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn step_losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn trains_and_resumes(bin: &str, name: &str, params: u64) {
+    let data = synthetic_data(&format!("{name}-data"));
+    let out = tmp(&format!("{name}-run"));
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, stderr) = run(
+        bin,
+        &data,
+        &[
+            "--steps",
+            "16",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "8",
+            "--checkpoint-every",
+            "8",
+            "--out",
+            out_s,
+        ],
+    );
+    assert!(ok, "{name} failed:\n{stdout}\n{stderr}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for field in [
+        "model",
+        "preset",
+        "params",
+        "steps",
+        "train_loss",
+        "eval_loss",
+        "accuracy",
+        "images_per_sec",
+        "peak_rss_bytes",
+        "device",
+        "dtype",
+        "wall_seconds",
+    ] {
+        assert!(summary.get(field).is_some(), "no {field} in {summary}");
+    }
+    assert_eq!(summary["model"], name);
+    assert_eq!(summary["preset"], "tiny");
+    assert_eq!(summary["params"], params);
+    assert_eq!(summary["steps"], 16);
+    let acc = summary["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{summary}");
+    assert!(summary["eval_loss"].as_f64().unwrap().is_finite());
+    assert!(out.join("checkpoint").join("model.safetensors").exists());
+
+    let losses = step_losses(&out);
+    assert_eq!(losses.len(), 16);
+    let mean = |l: &[(u64, f64)]| l.iter().map(|x| x.1).sum::<f64>() / l.len() as f64;
+    let (first, last) = (mean(&losses[..4]), mean(&losses[12..]));
+    assert!(
+        last < first,
+        "{name}: the loss did not go down: first steps {first:.4}, last {last:.4}"
+    );
+
+    let (ok, stdout, stderr) = run(bin, &data, &["--resume", out_s, "--steps", "20"]);
+    assert!(ok, "{name} --resume failed:\n{stdout}\n{stderr}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 20);
+    let steps: Vec<u64> = step_losses(&out).iter().map(|x| x.0).collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+}
+
+#[test]
+fn vit_trains_and_resumes() {
+    trains_and_resumes(env!("CARGO_BIN_EXE_train-vit"), "vit", 809_354);
+}
+
+#[test]
+fn resnet_trains_and_resumes() {
+    trains_and_resumes(env!("CARGO_BIN_EXE_train-resnet"), "resnet", 78_042);
+}
+
+fn fails_with(data: &Path, expected: &[&str]) {
+    let (ok, stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_train-resnet"),
+        data,
+        &[
+            "--steps",
+            "1",
+            "--out",
+            tmp("resnet-bad-out").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "succeeded on bad data:\n{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
+    }
+}
+
+#[test]
+fn bad_or_missing_data_is_a_clear_error() {
+    let data = synthetic_data("bad-magic");
+    let file = data.join("fashion-mnist/train-images-idx3-ubyte.gz");
+    write_gz(&file, &idx(0x801, &[1, SIDE, SIDE], &[0; SIDE * SIDE]));
+    fails_with(
+        &data,
+        &[
+            "train-images-idx3-ubyte.gz",
+            "wrong magic number",
+            "fetch_data.py",
+        ],
+    );
+
+    let data = synthetic_data("truncated");
+    let file = data.join("fashion-mnist/t10k-labels-idx1-ubyte.gz");
+    write_gz(&file, &idx(0x801, &[32], &[1; 20]));
+    fails_with(&data, &["t10k-labels-idx1-ubyte.gz", "truncated"]);
+
+    let data = synthetic_data("mismatch");
+    let file = data.join("fashion-mnist/train-labels-idx1-ubyte.gz");
+    write_gz(&file, &idx(0x801, &[63], &[1; 63]));
+    fails_with(&data, &["64 images", "63 labels"]);
+
+    let data = synthetic_data("bad-label");
+    let file = data.join("fashion-mnist/train-labels-idx1-ubyte.gz");
+    let mut labels = vec![1u8; 64];
+    labels[5] = 10;
+    write_gz(&file, &idx(0x801, &[64], &labels));
+    fails_with(
+        &data,
+        &["train-labels-idx1-ubyte.gz", "label 10 of image 5"],
+    );
+
+    let empty = tmp("no-data");
+    fails_with(&empty, &["python3 tools/fetch_data.py fashion-mnist"]);
+}
