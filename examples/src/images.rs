@@ -144,11 +144,13 @@ pub fn parse_idx(bytes: &[u8], dims: usize, name: &str) -> Result<(Vec<usize>, V
     let shape: Vec<usize> = (0..dims)
         .map(|d| be_u32(bytes, 4 + 4 * d) as usize)
         .collect();
-    let body: usize = shape.iter().product();
+    // Checked: a damaged header may announce more bytes than a usize holds.
+    let body = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     ensure!(
-        bytes.len() - header == body,
-        "{name}: truncated or padded IDX file: the header announces {shape:?} = {body} bytes of \
+        body == Some(bytes.len() - header),
+        "{name}: truncated or padded IDX file: the header announces {shape:?} = {} bytes of \
          data, the file holds {}; {refetch}",
+        body.map_or_else(|| "too many".to_string(), |b| b.to_string()),
         bytes.len() - header
     );
     Ok((shape, bytes[header..].to_vec()))
@@ -455,8 +457,10 @@ where
         };
     }
     let (train, test) = load_fashion_mnist()?;
-    if c.epochs.is_some() && c.resume.is_none() {
-        config.steps = c.train_config(arch, defaults, train.len())?.steps;
+    if let Some(epochs) = c.epochs {
+        // Counted in the run's own batch size (a resumed run keeps the one it started with).
+        config.steps = ((epochs * train.len() as f64) / config.batch_size as f64).ceil() as usize;
+        ensure!(config.steps >= 1, "--epochs must be positive, got {epochs}");
     }
     let eval_limit = args.eval_limit.unwrap_or(test.len());
     ensure!(eval_limit >= 1, "--eval-limit must be at least 1");
@@ -479,6 +483,11 @@ where
         dev.clone(),
     );
     if c.eval_only {
+        if let Some(dir) = &c.resume {
+            let path = dir.join("checkpoint").join("model.safetensors");
+            load_safetensors(&mut model, &path, &LoadOptions::default())
+                .with_context(|| format!("cannot evaluate {}", path.display()))?;
+        }
         let trainer = Trainer::new(config)?;
         return Ok(trainer.evaluate_only(&mut task, &mut model)?);
     }
@@ -537,6 +546,9 @@ mod tests {
         assert!(e.to_string().contains("lbl: wrong magic number"), "{e}");
         let e = parse_idx(&idx(0x801, &[4], &[1, 2, 3]), 1, "lbl").unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
+        let huge = idx(0x803, &[u32::MAX, u32::MAX, u32::MAX], &[0]);
+        let e = parse_idx(&huge, 3, "img").unwrap_err();
+        assert!(e.to_string().contains("too many"), "{e}");
         let e = parse_idx(&[0, 0, 8], 1, "lbl").unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
     }

@@ -161,6 +161,20 @@ fn trains_and_resumes(bin: &str, name: &str, params: u64) {
     assert_eq!(summary["steps"], 20);
     let steps: Vec<u64> = step_losses(&out).iter().map(|x| x.0).collect();
     assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+
+    // --eval-only --resume scores the checkpoint's weights: the final evaluation again.
+    let (ok, stdout, stderr) = run(bin, &data, &["--resume", out_s, "--eval-only"]);
+    assert!(ok, "{name} --eval-only failed:\n{stdout}\n{stderr}");
+    let again: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (a, b) = (
+        again["eval_loss"].as_f64().unwrap(),
+        summary["eval_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-5,
+        "{name}: eval-only {a} vs end of training {b}"
+    );
 }
 
 #[test]
@@ -227,4 +241,29 @@ fn bad_or_missing_data_is_a_clear_error() {
 
     let empty = tmp("no-data");
     fails_with(&empty, &["python3 tools/fetch_data.py fashion-mnist"]);
+}
+
+#[test]
+fn epochs_count_the_training_images() {
+    let data = synthetic_data("epochs-data");
+    let out = tmp("epochs-run");
+    let (ok, stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_train-resnet"),
+        &data,
+        &[
+            "--epochs",
+            "0.5",
+            "--batch-size",
+            "8",
+            "--eval-limit",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // Half of the 64 training images, 8 per step.
+    assert_eq!(summary["steps"], 4, "{summary}");
 }
