@@ -104,6 +104,10 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Stop after this step, with a checkpoint, as Ctrl-C would (a time-sliced job resumes
+    /// later with `--resume`); `None` runs to `steps`.
+    #[serde(default)]
+    pub stop_after: Option<usize>,
 }
 
 /// What `state.json` of a checkpoint holds.
@@ -386,7 +390,8 @@ impl Trainer {
                 ));
             }
             let last = step == cfg.steps;
-            interrupted = self.stop.load(Ordering::SeqCst) && !last;
+            interrupted =
+                (self.stop.load(Ordering::SeqCst) || cfg.stop_after == Some(step)) && !last;
             if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
                 eval = task.evaluate(model)?;
                 let mut line = serde_json::json!({ "step": step });
@@ -673,6 +678,7 @@ mod tests {
             unit: "examples".into(),
             out: out.to_path_buf(),
             progress: false,
+            stop_after: None,
         }
     }
 

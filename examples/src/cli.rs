@@ -55,6 +55,9 @@ pub struct CommonArgs {
     /// No progress bar (the metrics still go to metrics.jsonl).
     #[arg(long)]
     pub no_progress: bool,
+    /// Stop after this step with a checkpoint, as Ctrl-C does; continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
 }
 
 /// What the binary's defaults are, where a flag is not given.
@@ -140,6 +143,7 @@ impl CommonArgs {
             unit: d.unit.into(),
             out,
             progress: !self.no_progress,
+            stop_after: self.stop_after,
         })
     }
 }

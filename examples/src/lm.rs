@@ -478,6 +478,7 @@ where
             steps: c.steps.unwrap_or(state.config.steps),
             progress: config.progress,
             out: dir.clone(),
+            stop_after: c.stop_after,
             ..state.config
         };
     }

@@ -1,0 +1,209 @@
+//! The language-model trainers end to end: a few steps on the embedded Shakespeare, the
+//! summary and checkpoint they leave, an exact resume, and clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn temp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("na-lm-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+/// Runs a trainer binary with small settings and `extra` flags; (success, stdout, stderr).
+fn train(bin: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "--corpus",
+        "embedded",
+        "--batch-size",
+        "2",
+        "--context",
+        "16",
+        "--eval-tokens",
+        "256",
+        "--sample-tokens",
+        "4",
+        "--eval-every",
+        "4",
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(bin)
+        .args(&args)
+        .output()
+        .expect("the trainer runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// The metrics without the throughput, which differs between any two runs.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            v.as_object_mut()
+                .expect("an object")
+                .remove("items_per_sec");
+            v
+        })
+        .collect()
+}
+
+const GPT2: &str = env!("CARGO_BIN_EXE_train-gpt2");
+const LLAMA: &str = env!("CARGO_BIN_EXE_train-llama");
+
+#[test]
+fn a_short_run_learns_and_leaves_a_summary_and_a_checkpoint() {
+    for (bin, name) in [(GPT2, "gpt2"), (LLAMA, "llama")] {
+        let dir = temp(name);
+        let (ok, out, err) = train(bin, &["--steps", "12", "--out", dir.to_str().unwrap()]);
+        assert!(ok, "{name}: {err}");
+        assert!(out.contains("sample"), "{name} prints samples: {out}");
+        let s = json(&dir.join("summary.json"));
+        for k in [
+            "model",
+            "preset",
+            "params",
+            "steps",
+            "train_loss",
+            "eval_loss",
+            "tokens_per_sec",
+            "peak_rss_bytes",
+            "device",
+            "dtype",
+            "wall_seconds",
+        ] {
+            assert!(s.get(k).is_some(), "{name}: summary.json lacks {k}: {s}");
+        }
+        assert_eq!(s["steps"], 12);
+        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            assert!(
+                dir.join("checkpoint").join(f).exists(),
+                "{name}: no checkpoint/{f}"
+            );
+        }
+        assert!(dir.join("curves.png").exists() && dir.join("tokenizer.json").exists());
+        let m = metrics(&dir);
+        let losses: Vec<f64> = m.iter().filter_map(|v| v["loss"].as_f64()).collect();
+        let first = losses[0];
+        let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+        assert!(
+            last < first - 0.5,
+            "{name}: the loss went from {first} to {last}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_metrics() {
+    let (a, b) = (temp("whole"), temp("parts"));
+    let (ok, _, err) = train(GPT2, &["--steps", "8", "--out", a.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = train(
+        GPT2,
+        &[
+            "--steps",
+            "8",
+            "--stop-after",
+            "5",
+            "--out",
+            b.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json(&b.join("summary.json"))["interrupted"], true);
+    let (ok, _, err) = train(GPT2, &["--resume", b.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(metrics(&a), metrics(&b));
+    assert_eq!(
+        json(&a.join("summary.json"))["eval_loss"],
+        json(&b.join("summary.json"))["eval_loss"]
+    );
+
+    // A damaged checkpoint is refused with its name, not a panic.
+    let model = b.join("checkpoint/model.safetensors");
+    let bytes = std::fs::read(&model).expect("checkpoint");
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).expect("truncate");
+    let (ok, _, err) = train(GPT2, &["--resume", b.to_str().unwrap(), "--steps", "9"]);
+    assert!(!ok);
+    assert!(err.contains("model.safetensors"), "{err}");
+    // So is a checkpoint of another model.
+    let (ok, _, err) = train(LLAMA, &["--resume", a.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("checkpoint of gpt2"), "{err}");
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn eval_only_scores_a_token_file_and_rejects_bad_ids() {
+    let dir = temp("tokens");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.json");
+    std::fs::write(
+        &good,
+        "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let (ok, _, err) = train(
+        GPT2,
+        &[
+            "--eval-only",
+            "--tokens",
+            good.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let loss = json(&out.join("summary.json"))["eval_loss"]
+        .as_f64()
+        .expect("eval_loss");
+    assert!(loss > 1.0 && loss.is_finite(), "{loss}");
+
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "[1, 2, 8000, 3]").unwrap();
+    let (ok, _, err) = train(GPT2, &["--eval-only", "--tokens", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("token id 8000 at position 2") && err.contains("0..8000"),
+        "{err}"
+    );
+
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, "[1, 2,").unwrap();
+    let (ok, _, err) = train(GPT2, &["--eval-only", "--tokens", broken.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("not a JSON array"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn missing_data_and_unavailable_devices_say_what_to_do() {
+    let empty = temp("nodata");
+    let out = Command::new(LLAMA)
+        .args(["--corpus", "brown", "--steps", "1", "--no-progress"])
+        .env("NEURAL_ARCH_DATA", &empty)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("python3 tools/fetch_data.py brown"), "{err}");
+    let (ok, _, err) = train(GPT2, &["--device", "cuda", "--steps", "1"]);
+    assert!(!ok && err.contains("--device cuda"), "{err}");
+    let (ok, _, err) = train(GPT2, &["--preset", "huge"]);
+    assert!(!ok && err.contains("choose tiny or small"), "{err}");
+}
