@@ -524,6 +524,12 @@ where
         dev: dev.clone(),
     };
     if c.eval_only {
+        // The weights to score: --init-from's (loaded above), or the checkpoint's.
+        if let Some(dir) = &c.resume {
+            let path = dir.join("checkpoint").join("model.safetensors");
+            load_safetensors(&mut model, &path, &LoadOptions::default())
+                .with_context(|| format!("cannot evaluate {}", path.display()))?;
+        }
         let trainer = Trainer::new(config)?;
         return Ok(trainer.evaluate_only(&mut task, &mut model)?);
     }

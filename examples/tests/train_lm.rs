@@ -98,7 +98,7 @@ fn a_short_run_learns_and_leaves_a_summary_and_a_checkpoint() {
         let first = losses[0];
         let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
         assert!(
-            last < first - 0.5,
+            last < first - 0.2,
             "{name}: the loss went from {first} to {last}"
         );
         std::fs::remove_dir_all(dir).ok();
