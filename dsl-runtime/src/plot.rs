@@ -65,102 +65,87 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// Draws `curves` into a 1200×450 PNG at `path` (atomically: a temporary file, then a rename).
+/// One line of a panel: its name, points, colour and width.
+type Line<'a> = (&'a str, &'a [(f64, f64)], RGBAColor, u32);
+
+/// One chart: `lines` over steps `0..last_step`, with a legend.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    last_step: f64,
+    lines: &[Line<'_>],
+) -> Result<(), Error> {
+    let (lo, hi) = span(lines.iter().flat_map(|l| l.1.iter()).map(|p| p.1));
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .caption(caption, (FAMILY, 18))
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..last_step, lo..hi)
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(plot_error)?;
+    for &(name, points, color, width) in lines {
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(width),
+            ))
+            .map_err(plot_error)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 13))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)
+}
+
+/// Draws `curves` into a 1200×450 PNG at `path` (atomically: a temporary file, then a rename):
+/// the training loss with the evaluation losses on the left, other evaluation metrics on the
+/// right.
 pub fn write_png(curves: &Curves, title: &str, path: &Path) -> Result<(), Error> {
     // Registering the same family again is harmless; the bytes are 'static.
     plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
         .map_err(|_| plot_error("the embedded font is unreadable"))?;
+    let colors = [RED, GREEN, MAGENTA, CYAN, BLACK, BLUE];
+    let mut losses: Vec<Line<'_>> = vec![("train loss", &curves.train_loss, BLUE.mix(0.6), 1)];
+    let mut others: Vec<Line<'_>> = Vec::new();
+    for (i, (name, points)) in curves.eval.iter().enumerate() {
+        let line = (
+            name.as_str(),
+            points.as_slice(),
+            colors[i % colors.len()].to_rgba(),
+            2,
+        );
+        if name.contains("loss") {
+            losses.push(line);
+        } else {
+            others.push(line);
+        }
+    }
+    let last_step = curves
+        .train_loss
+        .iter()
+        .chain(curves.eval.values().flatten())
+        .map(|p| p.0)
+        .fold(1.0, f64::max);
     let tmp = path.with_extension("tmp.png");
     {
         let root = BitMapBackend::new(&tmp, (1200, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
         let root = root.titled(title, (FAMILY, 22)).map_err(plot_error)?;
         let (left, right) = root.split_horizontally(600);
-        let is_loss = |k: &str| k.contains("loss");
-        let losses: Vec<(&String, &Vec<(f64, f64)>)> =
-            curves.eval.iter().filter(|(k, _)| is_loss(k)).collect();
-        let others: Vec<(&String, &Vec<(f64, f64)>)> =
-            curves.eval.iter().filter(|(k, _)| !is_loss(k)).collect();
-        let last_step = curves
-            .train_loss
-            .iter()
-            .chain(curves.eval.values().flatten())
-            .map(|p| p.0)
-            .fold(1.0, f64::max);
-        let (lo, hi) = span(
-            curves
-                .train_loss
-                .iter()
-                .chain(losses.iter().flat_map(|(_, v)| v.iter()))
-                .map(|p| p.1),
-        );
-        let mut chart = ChartBuilder::on(&left)
-            .margin(12)
-            .caption("loss", (FAMILY, 18))
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..last_step, lo..hi)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .label_style((FAMILY, 13))
-            .draw()
-            .map_err(plot_error)?;
-        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-        chart
-            .draw_series(LineSeries::new(
-                curves.train_loss.iter().copied(),
-                BLUE.mix(0.6),
-            ))
-            .map_err(plot_error)?
-            .label("train loss")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
-        for (i, (name, series)) in losses.iter().enumerate() {
-            let c = colors[(i + 1) % colors.len()];
-            chart
-                .draw_series(LineSeries::new(series.iter().copied(), c.stroke_width(2)))
-                .map_err(plot_error)?
-                .label(name.as_str())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c));
-        }
-        chart
-            .configure_series_labels()
-            .label_font((FAMILY, 13))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        panel(&left, "loss", last_step, &losses)?;
         if !others.is_empty() {
-            let (lo, hi) = span(others.iter().flat_map(|(_, v)| v.iter()).map(|p| p.1));
-            let mut chart = ChartBuilder::on(&right)
-                .margin(12)
-                .caption("evaluation", (FAMILY, 18))
-                .x_label_area_size(36)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0.0..last_step, lo..hi)
-                .map_err(plot_error)?;
-            chart
-                .configure_mesh()
-                .x_desc("step")
-                .label_style((FAMILY, 13))
-                .draw()
-                .map_err(plot_error)?;
-            for (i, (name, series)) in others.iter().enumerate() {
-                let c = colors[(i + 2) % colors.len()];
-                chart
-                    .draw_series(LineSeries::new(series.iter().copied(), c.stroke_width(2)))
-                    .map_err(plot_error)?
-                    .label(name.as_str())
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c));
-            }
-            chart
-                .configure_series_labels()
-                .label_font((FAMILY, 13))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_error)?;
+            panel(&right, "evaluation", last_step, &others)?;
         }
         root.present().map_err(plot_error)?;
     }
