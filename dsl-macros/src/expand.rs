@@ -325,6 +325,11 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
 
             impl<#cparams> #p::LayerInfo for #builder {
                 const PARAMS: usize = Self::PARAMS;
+                #[allow(clippy::let_unit_value)]
+                const CHECKS: () = {
+                    let () = Self::__CONST_CHECKS;
+                    #( let () = <#layer_tys as #p::LayerInfo>::CHECKS; )*
+                };
                 fn children(prefix: &str, depth: usize) -> #p::Vec<#p::SummaryRow> {
                     let prefix = if prefix.is_empty() { #p::String::new() } else { #p::format!("{}.", prefix) };
                     let mut rows = #p::Vec::new();
@@ -341,7 +346,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                 type Built = #built;
                 fn try_build_on_device(device: &__Dev) -> ::core::result::Result<Self::Built, <__Dev as ::neural_arch::dfdx::tensor::HasErr>::Err> {
                     #[allow(clippy::let_unit_value)]
-                    let () = Self::__CONST_CHECKS;
+                    let () = <Self as #p::LayerInfo>::CHECKS;
                     <Self::Built as ::neural_arch::dfdx::nn::BuildModule<__Dev, __E>>::try_build(device)
                 }
             }

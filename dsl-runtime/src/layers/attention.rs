@@ -574,6 +574,7 @@ impl<const M: usize, const H: usize, const K: usize, const V: usize> LayerInfo
     for SelfAttention<M, H, K, V>
 {
     const PARAMS: usize = 2 * (M * K + K) + (M * V + V) + (V * M + M);
+    const CHECKS: () = SelfAttention::<M, H, K, V>::TYPE_CHECK;
 }
 
 impl<const M: usize, const H: usize, const K: usize, const V: usize, E: Elem, D: Device<E>>
@@ -774,6 +775,7 @@ pub struct CrossAttentionModule<const M: usize, const H: usize, E: Dtype, D: Sto
 
 impl<const M: usize, const H: usize> LayerInfo for CrossAttention<M, H> {
     const PARAMS: usize = 4 * (M * M + M);
+    const CHECKS: () = Self::TYPE_CHECK;
 }
 
 impl<const M: usize, const H: usize, E: Elem, D: Device<E>> BuildOnDevice<D, E>

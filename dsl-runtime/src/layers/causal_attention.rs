@@ -69,6 +69,7 @@ pub struct CausalSelfAttentionModule<const M: usize, const H: usize, E: Dtype, D
 
 impl<const M: usize, const H: usize> LayerInfo for CausalSelfAttention<M, H> {
     const PARAMS: usize = (M * 3 * M + 3 * M) + (M * M + M);
+    const CHECKS: () = Self::TYPE_CHECK;
 }
 
 impl<const M: usize, const H: usize, E: Elem, D: Device<E>> BuildOnDevice<D, E>

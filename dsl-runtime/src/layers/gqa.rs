@@ -105,6 +105,7 @@ impl<const M: usize, const H: usize, const KVH: usize, const HD: usize, const TH
     LayerInfo for GqaAttention<M, H, KVH, HD, THETA>
 {
     const PARAMS: usize = 2 * M * H * HD + 2 * M * KVH * HD;
+    const CHECKS: () = Self::TYPE_CHECK;
 }
 
 impl<

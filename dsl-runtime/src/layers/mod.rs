@@ -66,6 +66,11 @@ pub trait LayerInfo {
     /// Trainable parameters of one instance of the layer.
     const PARAMS: usize;
 
+    /// The layer's compile-time checks (heads dividing widths, ...) and its children's:
+    /// evaluating it fails the build of any model that contains an impossible layer, nested at
+    /// any depth. `()` for layers without checks.
+    const CHECKS: () = ();
+
     /// Summary rows of the layer's children, named below `prefix` (empty for leaf layers).
     fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
         let _ = (prefix, depth);
@@ -78,6 +83,7 @@ pub use dfdx::nn::builders::Repeated;
 
 impl<L: LayerInfo, const N: usize> LayerInfo for Repeated<L, N> {
     const PARAMS: usize = N * L::PARAMS;
+    const CHECKS: () = L::CHECKS;
     fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
         // Listing all N copies would repeat the same table N times: show the first, as torchinfo
         // does with `depth`, and let the parent row carry the total.

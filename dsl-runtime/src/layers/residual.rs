@@ -28,6 +28,7 @@ pub struct ResidualModule<M>(pub M);
 
 impl<F: LayerInfo> LayerInfo for Residual<F> {
     const PARAMS: usize = F::PARAMS;
+    const CHECKS: () = F::CHECKS;
     fn children(prefix: &str, depth: usize) -> Vec<SummaryRow> {
         F::children(&format!("{prefix}.0"), depth)
     }
