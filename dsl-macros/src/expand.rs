@@ -379,6 +379,7 @@ pub fn expand(model: &Model, analysis: &Analysis, scope: &Scope) -> TokenStream 
                         base_prefix: #base,
                         transposed: #p::vec![#(#p::String::from(#transposed)),*],
                         ignored: #p::vec![#(#p::String::from(#ignored)),*],
+                        fresh: #p::vec![],
                     }
                 }
 

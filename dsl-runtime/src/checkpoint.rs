@@ -38,9 +38,22 @@ pub struct LoadOptions {
     /// Upstream tensors that are not parameters of the model and are skipped (causal-mask
     /// buffers, BatchNorm's `num_batches_tracked`, a tied head's duplicate).
     pub ignored: Vec<String>,
+    /// Tensors of the model that the file may lack: they keep their current (freshly
+    /// initialised) values and are listed in [`LoadReport::fresh`]. This is how a new task
+    /// head goes on a pre-trained trunk (HF's "newly initialized" weights), such as a
+    /// classifier on a masked-LM checkpoint: `fresh: vec!["classifier.*".into()]`. A pattern
+    /// matches a key's dot-separated suffix, `*` standing for any one segment, or, ending in
+    /// `.*`, any key under that prefix.
+    pub fresh: Vec<String>,
 }
 
 impl LoadOptions {
+    fn is_fresh(&self, key: &str) -> bool {
+        self.fresh.iter().any(|p| match p.strip_suffix(".*") {
+            Some(prefix) => key.starts_with(&format!("{prefix}.")),
+            None => matches_suffix(p, key),
+        })
+    }
     fn is_transposed(&self, key: &str) -> bool {
         self.transposed.iter().any(|p| matches_suffix(p, key))
     }
@@ -66,6 +79,9 @@ pub struct LoadReport {
     pub loaded: usize,
     /// Upstream keys skipped because [`LoadOptions::ignored`] names them.
     pub ignored: Vec<String>,
+    /// Model tensors the file lacked and [`LoadOptions::fresh`] allowed: they kept their
+    /// values.
+    pub fresh: Vec<String>,
 }
 
 /// A checkpoint key from dfdx's visitor path: a tensor named `""` (a class token, a logit
@@ -207,6 +223,7 @@ where
 
     // Which stored key feeds each tensor: the key itself, or the key without the base prefix.
     let mut missing = Vec::new();
+    let mut fresh = Vec::new();
     let mut wrong = Vec::new();
     let mut plan: BTreeMap<String, (String, bool)> = BTreeMap::new();
     // Reported as of the wrong shape, so not again as unexpected.
@@ -223,7 +240,11 @@ where
                 .map(str::to_string)
         };
         let Some(source) = source else {
-            missing.push(format!("`{k}` {shape:?}"));
+            if options.is_fresh(k) {
+                fresh.push(k.clone());
+            } else {
+                missing.push(format!("`{k}` {shape:?}"));
+            }
             continue;
         };
         let view = st.tensor(&source).map_err(|e| read_error(path, e))?;
@@ -333,6 +354,7 @@ where
     Ok(LoadReport {
         loaded: set.1,
         ignored,
+        fresh,
     })
 }
 
@@ -555,6 +577,41 @@ mod tests {
     }
 
     #[test]
+    fn fresh_tensors_may_be_missing_and_keep_their_values() -> Result<(), Error> {
+        let dev = Cpu::default();
+        let mut m = dev.build_module::<Tiny, f32>();
+        let norm = m.norm.weight.as_vec();
+        let w: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let b = [0u8; 4 * 2];
+        let views = vec![
+            (
+                "fc.weight",
+                TensorView::new(SafeDtype::F32, vec![2, 3], &w).unwrap(),
+            ),
+            (
+                "fc.bias",
+                TensorView::new(SafeDtype::F32, vec![2], &b).unwrap(),
+            ),
+        ];
+        let path = temp("trunk.safetensors");
+        ::safetensors::tensor::serialize_to_file(views, &None, &path).unwrap();
+        let mut opts = LoadOptions {
+            fresh: vec!["LayerNorm.*".into()],
+            ..Default::default()
+        };
+        let e = load_safetensors(&mut m, &path, &opts).unwrap_err().to_string();
+        assert!(e.contains("1 missing from the file") && e.contains("`cls`"), "{e}");
+        opts.fresh.push("cls".into());
+        let r = load_safetensors(&mut m, &path, &opts)?;
+        assert_eq!(r.loaded, 2);
+        assert_eq!(r.fresh, ["LayerNorm.weight", "LayerNorm.bias", "cls"]);
+        assert_eq!(m.fc.weight.as_vec(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(m.norm.weight.as_vec(), norm);
+        std::fs::remove_file(path).ok();
+        Ok(())
+    }
+
+    #[test]
     fn conventions_prefix_transpose_and_ignore() -> Result<(), Error> {
         let dev = Cpu::default();
         let mut m = dev.build_module::<Tiny, f32>();
@@ -590,6 +647,7 @@ mod tests {
             base_prefix: None,
             transposed: vec!["fc.weight".into()],
             ignored: vec!["num_batches_tracked".into()],
+            fresh: vec![],
         };
         let r = load_safetensors(&mut m, &up, &opts)?;
         assert_eq!(r.ignored, ["fc.num_batches_tracked"]);
