@@ -599,8 +599,13 @@ mod tests {
             fresh: vec!["LayerNorm.*".into()],
             ..Default::default()
         };
-        let e = load_safetensors(&mut m, &path, &opts).unwrap_err().to_string();
-        assert!(e.contains("1 missing from the file") && e.contains("`cls`"), "{e}");
+        let e = load_safetensors(&mut m, &path, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1 missing from the file") && e.contains("`cls`"),
+            "{e}"
+        );
         opts.fresh.push("cls".into());
         let r = load_safetensors(&mut m, &path, &opts)?;
         assert_eq!(r.loaded, 2);

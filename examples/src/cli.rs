@@ -1,8 +1,10 @@
 //! The flags every trainer binary shares, and what they turn into.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use neural_arch::train::TrainConfig;
+use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::prelude::*;
+use neural_arch::train::{RunSummary, Task, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 /// Flags common to `train-gpt2`, `train-llama`, ...
@@ -146,4 +148,69 @@ impl CommonArgs {
             stop_after: self.stop_after,
         })
     }
+}
+
+/// The run's configuration: from the flags, or, with `--resume`, the settings the run was
+/// started with (only `--steps` and `--stop-after` may change). `params` is the model's
+/// parameter count, which a checkpoint must match.
+pub fn run_config(
+    c: &CommonArgs,
+    arch: &str,
+    defaults: &Defaults,
+    params: usize,
+) -> Result<TrainConfig> {
+    let config = c.train_config(arch, defaults, 1)?;
+    let Some(dir) = &c.resume else {
+        return Ok(config);
+    };
+    let state = neural_arch::train::read_checkpoint_state(dir, &config, params)?;
+    Ok(TrainConfig {
+        steps: c.steps.unwrap_or(state.config.steps),
+        progress: config.progress,
+        out: dir.clone(),
+        stop_after: c.stop_after,
+        ..state.config
+    })
+}
+
+/// Turns `--epochs` into steps over `examples` training examples, in the run's own batch size
+/// (a resumed run keeps the one it started with). Without `--epochs`, nothing changes.
+pub fn apply_epochs(c: &CommonArgs, config: &mut TrainConfig, examples: usize) -> Result<()> {
+    if let Some(epochs) = c.epochs {
+        config.steps = ((epochs * examples as f64) / config.batch_size as f64).ceil() as usize;
+        anyhow::ensure!(
+            config.steps >= 1,
+            "--epochs {epochs} is less than one batch of {} examples",
+            config.batch_size
+        );
+    }
+    Ok(())
+}
+
+/// Trains `model` on `task` with AdamW (`weight_decay`) under the shared trainer, continuing
+/// the checkpoint with `--resume`; or, with `--eval-only`, evaluates it once (the weights of
+/// the `--resume` checkpoint when given, else the model as it is) and writes the summary.
+pub fn train_or_evaluate<M, T>(
+    c: &CommonArgs,
+    config: TrainConfig,
+    task: &mut T,
+    model: &mut M,
+    weight_decay: f64,
+) -> Result<RunSummary>
+where
+    M: TensorCollection<f32, Cpu> + ZeroGrads<f32, Cpu> + NumParams<f32, Cpu>,
+    T: Task<M, f32, Cpu>,
+{
+    if c.eval_only {
+        if let Some(dir) = &c.resume {
+            let path = dir.join("checkpoint").join("model.safetensors");
+            load_safetensors(model, &path, &LoadOptions::default())
+                .with_context(|| format!("cannot evaluate {}", path.display()))?;
+        }
+        return Ok(Trainer::new(config)?.evaluate_only(task, model)?);
+    }
+    let mut opt: Adam<M, f32, Cpu> = Adam::new(model, adamw(config.lr, weight_decay));
+    let trainer = Trainer::new(config)?;
+    trainer.stop_on_ctrl_c();
+    Ok(trainer.run(task, model, &mut opt, c.resume.is_some())?)
 }

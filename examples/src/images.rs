@@ -22,13 +22,13 @@
 //! [`VitTiny`]: neural_arch_models::vit::VitTiny
 //! [`ResNetTiny`]: neural_arch_models::resnet::ResNetTiny
 
-use crate::cli::{CommonArgs, Defaults};
+use crate::cli::{apply_epochs, run_config, train_or_evaluate, CommonArgs, Defaults};
 use crate::lm::fetched;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
+use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -444,24 +444,9 @@ where
         load_safetensors(&mut model, path, &load_options)
             .with_context(|| format!("cannot start from {}", path.display()))?;
     }
-    let mut config = c.train_config(arch, defaults, TRAIN_EXAMPLES)?;
-    if let Some(dir) = &c.resume {
-        // A resumed run continues with the settings it was started with.
-        let state =
-            neural_arch::train::read_checkpoint_state(dir, &config, model.num_trainable_params())?;
-        config = neural_arch::train::TrainConfig {
-            steps: c.steps.unwrap_or(state.config.steps),
-            progress: config.progress,
-            out: dir.clone(),
-            ..state.config
-        };
-    }
+    let mut config = run_config(c, arch, defaults, model.num_trainable_params())?;
     let (train, test) = load_fashion_mnist()?;
-    if let Some(epochs) = c.epochs {
-        // Counted in the run's own batch size (a resumed run keeps the one it started with).
-        config.steps = ((epochs * train.len() as f64) / config.batch_size as f64).ceil() as usize;
-        ensure!(config.steps >= 1, "--epochs must be positive, got {epochs}");
-    }
+    apply_epochs(c, &mut config, train.len())?;
     let eval_limit = args.eval_limit.unwrap_or(test.len());
     ensure!(eval_limit >= 1, "--eval-limit must be at least 1");
     println!(
@@ -482,20 +467,7 @@ where
         eval_limit,
         dev.clone(),
     );
-    if c.eval_only {
-        if let Some(dir) = &c.resume {
-            let path = dir.join("checkpoint").join("model.safetensors");
-            load_safetensors(&mut model, &path, &LoadOptions::default())
-                .with_context(|| format!("cannot evaluate {}", path.display()))?;
-        }
-        let trainer = Trainer::new(config)?;
-        return Ok(trainer.evaluate_only(&mut task, &mut model)?);
-    }
-    let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(config.lr, 0.05));
-    let trainer = Trainer::new(config)?;
-    trainer.stop_on_ctrl_c();
-    let resume = c.resume.is_some();
-    Ok(trainer.run(&mut task, &mut model, &mut opt, resume)?)
+    train_or_evaluate(c, config, &mut task, &mut model, 0.05)
 }
 
 /// What the binaries print at the end of a run, or the error; the process's exit code.

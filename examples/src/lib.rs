@@ -30,10 +30,12 @@
 #![deny(missing_docs)]
 
 pub mod accuracy;
+pub mod bert;
 pub mod bpe;
 pub mod cli;
 pub mod images;
 pub mod lm;
+pub mod wordpiece;
 
 use std::fs;
 use std::path::{Path, PathBuf};

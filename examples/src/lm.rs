@@ -8,7 +8,7 @@
 //! model that ignores context cannot beat.
 
 use crate::bpe::Bpe;
-use crate::cli::{CommonArgs, Defaults};
+use crate::cli::{apply_epochs, run_config, train_or_evaluate, CommonArgs, Defaults};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
@@ -469,19 +469,7 @@ where
         };
         return Ok(Trainer::new(config)?.evaluate_only(&mut task, &mut model)?);
     }
-    let mut config = c.train_config(arch, defaults, 1)?;
-    if let Some(dir) = &c.resume {
-        // A resumed run continues with the settings it was started with.
-        let state =
-            neural_arch::train::read_checkpoint_state(dir, &config, model.num_trainable_params())?;
-        config = neural_arch::train::TrainConfig {
-            steps: c.steps.unwrap_or(state.config.steps),
-            progress: config.progress,
-            out: dir.clone(),
-            stop_after: c.stop_after,
-            ..state.config
-        };
-    }
+    let mut config = run_config(c, arch, defaults, model.num_trainable_params())?;
     let corpus = args.corpus.unwrap_or(default_corpus);
     let (train_text, valid_text) = load_corpus(corpus)?;
     std::fs::create_dir_all(&config.out)?;
@@ -501,11 +489,8 @@ where
         train.len(),
         args.context
     );
-    if c.epochs.is_some() {
-        config.steps = c
-            .train_config(arch, defaults, train.len() / args.context)?
-            .steps;
-    }
+    // An epoch is one pass over the training tokens, in windows of --context.
+    apply_epochs(c, &mut config, train.len() / args.context)?;
     let unigram = unigram_loss(&train, &valid, V);
     println!(
         "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
@@ -523,19 +508,5 @@ where
         sample_tokens: args.sample_tokens,
         dev: dev.clone(),
     };
-    if c.eval_only {
-        // The weights to score: --init-from's (loaded above), or the checkpoint's.
-        if let Some(dir) = &c.resume {
-            let path = dir.join("checkpoint").join("model.safetensors");
-            load_safetensors(&mut model, &path, &LoadOptions::default())
-                .with_context(|| format!("cannot evaluate {}", path.display()))?;
-        }
-        let trainer = Trainer::new(config)?;
-        return Ok(trainer.evaluate_only(&mut task, &mut model)?);
-    }
-    let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(config.lr, 0.1));
-    let trainer = Trainer::new(config)?;
-    trainer.stop_on_ctrl_c();
-    let resume = c.resume.is_some();
-    Ok(trainer.run(&mut task, &mut model, &mut opt, resume)?)
+    train_or_evaluate(c, config, &mut task, &mut model, 0.1)
 }
