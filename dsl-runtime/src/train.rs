@@ -350,6 +350,10 @@ impl Trainer {
                 .take()
                 .ok_or_else(|| Error::Config("lost gradients".into()))?;
             model.try_zero_grads(&mut g)?;
+            // Dropout masks from (seed, step): a resumed run drops what this one would.
+            crate::layers::dropout::seed_dropout(
+                cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
             let out = task.train_step(model, step, g)?;
             if !out.loss.is_finite() {
                 return Err(Error::Config(format!(

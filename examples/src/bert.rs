@@ -838,6 +838,8 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 .try_build_module::<BertTiny, f32>()
                 .map_err(ModelError::from)?;
             neural_arch::init::init_weights(&mut model, c.seed, &rule)?;
+            let mut config = run_config(c, "bert-mlm", mlm, model.num_trainable_params())?;
+            let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
                 load_safetensors(
                     &mut model,
@@ -846,8 +848,6 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 )
                 .with_context(|| format!("cannot start from {}", path.display()))?;
             }
-            let mut config = run_config(c, "bert-mlm", mlm, model.num_trainable_params())?;
-            let tok = tokenizer(args, &config.out)?;
             let (train, valid) = mlm_text()?;
             let mut task = MlmTask::new(
                 tok,
@@ -877,6 +877,9 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 .try_build_module::<Clf, f32>()
                 .map_err(ModelError::from)?;
             neural_arch::init::init_weights(&mut model, c.seed, &rule)?;
+            let mut config =
+                run_config(c, "bert-sentiment", sentiment, model.num_trainable_params())?;
+            let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
                 // A masked-LM checkpoint: its trunk, a fresh pooler and classifier.
                 let mut opts = <Built<Clf, f32, Cpu>>::load_options();
@@ -898,9 +901,6 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                     }
                 );
             }
-            let mut config =
-                run_config(c, "bert-sentiment", sentiment, model.num_trainable_params())?;
-            let tok = tokenizer(args, &config.out)?;
             let snippets = load_snippets()?;
             let uci = load_uci()?;
             let mut task = SentimentTask::new(

@@ -1,10 +1,29 @@
-//! Dropout with its probability in the type.
+//! Dropout with its probability in the type, and masks that a training run can reproduce.
+//!
+//! dfdx's own dropout draws its masks from the device's generator, whose state a checkpoint
+//! cannot save, so a resumed run would drop other units than the uninterrupted one. Here the
+//! masks come from a per-thread generator that [`seed_dropout`] re-seeds; the trainer seeds it
+//! with the run's seed and the step before every step, which makes each step's masks a pure
+//! function of `(seed, step)`.
 
 use super::LayerInfo;
 use dfdx::nn::{Module, ModuleMut, ZeroSizedModule};
-use dfdx::shapes::{Dtype, Shape};
-use dfdx::tensor::{Tape, Tensor};
-use dfdx::tensor_ops::Device;
+use dfdx::shapes::{Dtype, HasShape, Shape};
+use dfdx::tensor::{Tape, Tensor, TensorFromVec};
+use dfdx::tensor_ops::{Device, TryMul};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+
+thread_local! {
+    static MASKS: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
+}
+
+/// Re-seeds this thread's dropout masks: the `forward_mut` calls that follow draw the same
+/// masks for the same seed. [`Trainer`](crate::train::Trainer) calls it before each step.
+pub fn seed_dropout(seed: u64) {
+    MASKS.with(|m| *m.borrow_mut() = StdRng::seed_from_u64(seed));
+}
 
 /// Zeroes each element with probability `PERCENT / 100` and scales the rest by `1 / (1 - p)`,
 /// in training only: `forward_mut` drops, `forward` is the identity (evaluation mode).
@@ -42,8 +61,8 @@ impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>> Module<Ten
     }
 }
 
-impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>> ModuleMut<Tensor<S, E, D, T>>
-    for Dropout<P>
+impl<const P: usize, S: Shape, E: Dtype, D: Device<E> + TensorFromVec<E>, T: Tape<E, D>>
+    ModuleMut<Tensor<S, E, D, T>> for Dropout<P>
 {
     type Output = Tensor<S, E, D, T>;
     type Error = D::Err;
@@ -51,7 +70,20 @@ impl<const P: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>> ModuleMut<
         if P == 0 {
             return Ok(x);
         }
-        x.try_dropout(Self::P)
+        let p = Self::P;
+        let (drop, keep) = (
+            E::from_f64(0.0).unwrap_or_default(),
+            E::from_f64(1.0 / (1.0 - p)).unwrap_or_default(),
+        );
+        let shape = *x.shape();
+        let mask: Vec<E> = MASKS.with(|m| {
+            let mut rng = m.borrow_mut();
+            (0..shape.num_elements())
+                .map(|_| if rng.gen_bool(p) { drop } else { keep })
+                .collect()
+        });
+        let mask = x.device().try_tensor_from_vec(mask, shape)?;
+        x.try_mul(mask)
     }
 }
 
@@ -74,5 +106,20 @@ mod tests {
         assert!(y
             .iter()
             .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-12));
+    }
+
+    #[test]
+    fn masks_follow_the_seed() {
+        let dev = Cpu::default();
+        let x: Tensor<Rank1<64>, f32, _> = dev.ones();
+        let mut d = Dropout::<50>;
+        let mut draw = |seed| {
+            super::seed_dropout(seed);
+            (d.forward_mut(x.clone()).as_vec(), d.forward_mut(x.clone()).as_vec())
+        };
+        let (a1, a2) = draw(7);
+        assert_ne!(a1, a2, "successive calls draw new masks");
+        assert_eq!(draw(7), (a1.clone(), a2));
+        assert_ne!(draw(8).0, a1);
     }
 }

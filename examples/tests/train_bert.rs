@@ -1,0 +1,270 @@
+//! `train-bert` on small synthetic data sets in the fetched formats (Brown `word/tag` files,
+//! VADER's snippet file, UCI's JSON), in a temporary `NEURAL_ARCH_DATA`: masked-LM training,
+//! the summary, the checkpoint, a falling loss, an exact resume, fine-tuning from the
+//! masked-LM checkpoint; and the errors for a damaged or missing data set.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_train-bert");
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const GOOD: [&str; 6] = [
+    "wonderful",
+    "moving",
+    "brilliant",
+    "funny",
+    "charming",
+    "great",
+];
+const BAD: [&str; 6] = ["dull", "tedious", "boring", "awful", "clumsy", "weak"];
+const NOUNS: [&str; 5] = ["film", "movie", "story", "cast", "script"];
+
+fn sentence(i: usize, good: bool) -> String {
+    let adj = if good { GOOD } else { BAD };
+    format!(
+        "the {} is {} and {} .",
+        NOUNS[i % 5],
+        adj[i % 6],
+        adj[(i / 6 + 1) % 6]
+    )
+}
+
+/// A data directory with `brown/` (10 texts), `vader/` (200 snippets) and `sentiment/`.
+fn synthetic_data(name: &str, snippets: Option<&str>) -> PathBuf {
+    let root = tmp(name);
+    let mark = |d: &Path| std::fs::write(d.join(".sha256"), "synthetic\n").unwrap();
+    let brown = root.join("brown");
+    std::fs::create_dir_all(&brown).unwrap();
+    mark(&brown);
+    for f in 0..10 {
+        let text: String = (0..20)
+            .map(|i| {
+                let s = sentence(f * 20 + i, i % 2 == 0);
+                let tagged: Vec<String> = s.split(' ').map(|w| format!("{w}/nn")).collect();
+                tagged.join(" ") + "\n"
+            })
+            .collect();
+        std::fs::write(brown.join(format!("ca{f:02}")), text).unwrap();
+    }
+    let vader = root.join("vader");
+    std::fs::create_dir_all(&vader).unwrap();
+    mark(&vader);
+    let text = snippets.map(str::to_string).unwrap_or_else(|| {
+        (1..=200)
+            .map(|id| {
+                let good = id % 3 != 0;
+                let rating = if good { 2.5 } else { -2.0 };
+                format!("{id}\t{rating}\t{}\n", sentence(id * 7, good))
+            })
+            .collect()
+    });
+    std::fs::write(vader.join("movieReviewSnippets_GroundTruth.txt"), text).unwrap();
+    let uci = root.join("sentiment");
+    std::fs::create_dir_all(&uci).unwrap();
+    mark(&uci);
+    for site in ["imdb", "yelp", "amazon"] {
+        let v: Vec<Value> = (0..10)
+            .map(|i| serde_json::json!({"text": sentence(i * 11, i % 2 == 1), "class": i % 2}))
+            .collect();
+        std::fs::write(
+            uci.join(format!("{site}.json")),
+            Value::Array(v).to_string(),
+        )
+        .unwrap();
+    }
+    root
+}
+
+fn run(data: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--no-progress")
+        .env("NEURAL_ARCH_DATA", data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+const MLM: [&str; 12] = [
+    "--steps",
+    "12",
+    "--batch-size",
+    "8",
+    "--context",
+    "16",
+    "--lr",
+    "3e-3",
+    "--eval-every",
+    "6",
+    "--eval-examples",
+    "16",
+];
+
+#[test]
+fn masked_lm_trains_resumes_exactly_and_fine_tunes() {
+    let data = synthetic_data("bert-data", None);
+    let a = tmp("bert-mlm-a");
+    let mut args = MLM.to_vec();
+    args.extend(["--out", a.to_str().unwrap()]);
+    let (ok, stdout, stderr) = run(&data, &args);
+    assert!(ok, "train-bert failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("masked [guess|truth]:"), "{stdout}");
+    let s = summary(&a);
+    for field in [
+        "model",
+        "preset",
+        "params",
+        "steps",
+        "train_loss",
+        "eval_loss",
+        "masked_accuracy",
+        "tokens_per_sec",
+        "peak_rss_bytes",
+        "device",
+        "dtype",
+        "wall_seconds",
+    ] {
+        assert!(s.get(field).is_some(), "no {field} in {s}");
+    }
+    assert_eq!(
+        (s["model"].as_str(), s["steps"].as_u64()),
+        (Some("bert-mlm"), Some(12))
+    );
+    assert_eq!(s["params"], 1_858_752);
+    assert!(a.join("checkpoint").join("model.safetensors").exists());
+    assert!(a.join("tokenizer.json").exists());
+    let la = losses(&a);
+    let mean = |l: &[(u64, f64)]| l.iter().map(|x| x.1).sum::<f64>() / l.len() as f64;
+    assert!(
+        mean(&la[9..]) < mean(&la[..3]),
+        "the loss did not go down: {la:?}"
+    );
+
+    // Stopped at step 6 and resumed: the same losses as the uninterrupted run.
+    let b = tmp("bert-mlm-b");
+    let mut args = MLM.to_vec();
+    args.extend(["--out", b.to_str().unwrap(), "--stop-after", "6"]);
+    let (ok, stdout, stderr) = run(&data, &args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(losses(&b).len(), 6);
+    let (ok, stdout, stderr) = run(&data, &["--resume", b.to_str().unwrap()]);
+    assert!(ok, "--resume failed:\n{stdout}\n{stderr}");
+    assert_eq!(losses(&b), la);
+    assert_eq!(summary(&b)["eval_loss"], s["eval_loss"]);
+
+    // Fine-tuning from the masked-LM checkpoint, with its tokenizer.
+    let c = tmp("bert-sentiment");
+    let init = a.join("checkpoint").join("model.safetensors");
+    let (ok, stdout, stderr) = run(
+        &data,
+        &[
+            "--task",
+            "sentiment",
+            "--init-from",
+            init.to_str().unwrap(),
+            "--steps",
+            "10",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--out",
+            c.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "fine-tuning failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("new: bert.pooler.dense.weight, bert.pooler.dense.bias, classifier"),
+        "{stdout}"
+    );
+    let s = summary(&c);
+    assert_eq!(s["model"], "bert-sentiment");
+    for field in ["accuracy", "ood_accuracy", "ood_accuracy_imdb", "eval_loss"] {
+        let v = s[field].as_f64().unwrap_or(-1.0);
+        assert!(
+            (0.0..=1.0).contains(&v) || field == "eval_loss",
+            "{field}: {s}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(c.join("tokenizer.json")).unwrap(),
+        std::fs::read(a.join("tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn damaged_or_missing_data_is_named_with_the_fix() {
+    let data = synthetic_data(
+        "bert-bad-data",
+        Some("1\t2.5\tfine film .\n2\tgreat film with no rating\n"),
+    );
+    let out = tmp("bert-bad-out");
+    let (ok, _, stderr) = run(&data, &["--steps", "1", "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("movieReviewSnippets_GroundTruth.txt, line 2")
+            && stderr.contains("python3 tools/fetch_data.py vader --force"),
+        "{stderr}"
+    );
+    let data = synthetic_data("bert-bad-data2", None);
+    std::fs::remove_dir_all(data.join("sentiment")).unwrap();
+    let (ok, _, stderr) = run(
+        &data,
+        &[
+            "--task",
+            "sentiment",
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("python3 tools/fetch_data.py sentiment"),
+        "{stderr}"
+    );
+    // A fine-tuning start without the tokenizer it was trained with.
+    let lone = tmp("bert-lone").join("model.safetensors");
+    std::fs::write(&lone, b"").unwrap();
+    let (ok, _, stderr) = run(
+        &data,
+        &[
+            "--task",
+            "sentiment",
+            "--init-from",
+            lone.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("pass it with --tokenizer FILE"), "{stderr}");
+}
