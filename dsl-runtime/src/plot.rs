@@ -153,9 +153,93 @@ pub fn write_png(curves: &Curves, title: &str, path: &Path) -> Result<(), Error>
         .map_err(|e| Error::Checkpoint(format!("cannot write {}: {e}", path.display())))
 }
 
+/// One picture of a [`write_tiles`] grid: `side`×`side` RGB pixels, row-major, and a caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tile {
+    /// Pixels per side.
+    pub side: usize,
+    /// `side · side` colours, row by row.
+    pub rgb: Vec<[u8; 3]>,
+    /// The text under the picture (ASCII).
+    pub caption: String,
+}
+
+/// Draws `tiles` into a PNG at `path` (atomically), `columns` to a row, each pixel enlarged to
+/// `scale`×`scale`, captions under the pictures and `title` on top. For pictures a person
+/// should look at: attention maps, samples of a data set.
+pub fn write_tiles(
+    tiles: &[Tile],
+    columns: usize,
+    scale: u32,
+    title: &str,
+    path: &Path,
+) -> Result<(), Error> {
+    plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+        .map_err(|_| plot_error("the embedded font is unreadable"))?;
+    let side = tiles.iter().map(|t| t.side).max().unwrap_or(1) as u32;
+    let columns = columns.clamp(1, tiles.len().max(1)) as u32;
+    let rows = (tiles.len() as u32).div_ceil(columns).max(1);
+    let (cell_w, cell_h) = ((side * scale + 16).max(150), side * scale + 30);
+    let (w, h) = (columns * cell_w, rows * cell_h + 40);
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        root.draw(&Text::new(
+            title.to_string(),
+            (8, 8),
+            (FAMILY, 20).into_font().color(&BLACK),
+        ))
+        .map_err(plot_error)?;
+        for (i, t) in tiles.iter().enumerate() {
+            let (col, row) = (i as u32 % columns, i as u32 / columns);
+            let x0 = (col * cell_w + (cell_w - t.side as u32 * scale) / 2) as i32;
+            let y0 = (40 + row * cell_h) as i32;
+            for (p, c) in t.rgb.iter().enumerate().take(t.side * t.side) {
+                let (x, y) = (
+                    x0 + ((p % t.side) as u32 * scale) as i32,
+                    y0 + ((p / t.side) as u32 * scale) as i32,
+                );
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + scale as i32, y + scale as i32)],
+                    RGBColor(c[0], c[1], c[2]).filled(),
+                ))
+                .map_err(plot_error)?;
+            }
+            root.draw(&Text::new(
+                t.caption.clone(),
+                (
+                    (col * cell_w + 6) as i32,
+                    y0 + (t.side as u32 * scale) as i32 + 6,
+                ),
+                (FAMILY, 14).into_font().color(&BLACK),
+            ))
+            .map_err(plot_error)?;
+        }
+        root.present().map_err(plot_error)?;
+    }
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::Checkpoint(format!("cannot write {}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draws_a_grid_of_pictures() -> Result<(), Error> {
+        let tile = |c: u8| Tile {
+            side: 4,
+            rgb: vec![[c, 0, 255 - c]; 16],
+            caption: format!("colour {c}"),
+        };
+        let path = std::env::temp_dir().join(format!("na-tiles-{}.png", std::process::id()));
+        write_tiles(&[tile(0), tile(128), tile(255)], 2, 8, "tiles", &path)?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        assert_eq!(&bytes[1..4], b"PNG");
+        std::fs::remove_file(path).ok();
+        Ok(())
+    }
 
     #[test]
     fn reads_metrics_and_draws_a_png() -> Result<(), Error> {

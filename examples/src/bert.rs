@@ -164,7 +164,7 @@ pub fn load_snippets() -> Result<Vec<Snippet>> {
 }
 
 /// One labelled sentence of the UCI set.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sentence {
     /// The sentence.
     pub text: String,
@@ -175,19 +175,31 @@ pub struct Sentence {
 /// The UCI sites, as the fetched files are named.
 pub const UCI_SITES: [&str; 3] = ["imdb", "yelp", "amazon"];
 
-/// Parses one UCI file (a JSON array of `{"text", "class"}`); `file` names it in errors.
+/// Parses one UCI file (a JSON array of `{"text", "class"}`); `file` names it in errors. The
+/// published files end with an empty entry (`{"text": "", "class": null}`), which is skipped.
 pub fn parse_sentences(text: &str, file: &str) -> Result<Vec<Sentence>> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        text: String,
+        class: Option<usize>,
+    }
     let refetch = "fetch it again with\n    python3 tools/fetch_data.py sentiment --force";
-    let v: Vec<Sentence> = serde_json::from_str(text).with_context(|| {
+    let v: Vec<Raw> = serde_json::from_str(text).with_context(|| {
         format!("{file} is not a JSON array of {{\"text\": .., \"class\": 0 or 1}}; {refetch}")
     })?;
-    if let Some((i, s)) = v.iter().enumerate().find(|(_, s)| s.class > 1) {
-        bail!(
-            "{file}: sentence {i} has class {}, not 0 or 1; {refetch}",
-            s.class
-        );
+    let mut out = Vec::with_capacity(v.len());
+    for (i, r) in v.into_iter().enumerate() {
+        match r.class {
+            None if r.text.trim().is_empty() => continue,
+            Some(class @ (0 | 1)) => out.push(Sentence {
+                text: r.text,
+                class,
+            }),
+            Some(c) => bail!("{file}: sentence {i} has class {c}, not 0 or 1; {refetch}"),
+            None => bail!("{file}: sentence {i} has no class; {refetch}"),
+        }
     }
-    Ok(v)
+    Ok(out)
 }
 
 /// The UCI sentences of each site, from the fetched `sentiment` data set.
@@ -955,8 +967,14 @@ mod tests {
 
     #[test]
     fn uci_sentences_parse_and_bad_classes_are_named() {
-        let v = parse_sentences(r#"[{"text":"Great.","class":1}]"#, "f").unwrap();
-        assert_eq!(v[0].class, 1);
+        let v = parse_sentences(
+            r#"[{"text":"Great.","class":1},{"text":"","class":null}]"#,
+            "f",
+        )
+        .unwrap();
+        assert_eq!((v.len(), v[0].class), (1, 1));
+        let e = parse_sentences(r#"[{"text":"Fine.","class":null}]"#, "imdb.json").unwrap_err();
+        assert!(e.to_string().contains("sentence 0 has no class"), "{e}");
         let e = parse_sentences(r#"[{"text":"x","class":2}]"#, "yelp.json").unwrap_err();
         assert!(
             e.to_string().contains("yelp.json: sentence 0 has class 2"),

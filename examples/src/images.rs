@@ -411,9 +411,12 @@ where
 /// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
 pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
 
+/// A picture drawn from the trained model and the test images into the run's directory.
+pub type Picture<M> = dyn Fn(&M, &Images, &Path) -> Result<()>;
+
 /// Trains (or, with `--eval-only`, evaluates) the image classifier `B` built on the CPU.
 /// `init` sets the fresh weights by name (none: the layers' defaults); `augment` turns on
-/// random crops and flips.
+/// random crops and flips; `picture`, if any, is drawn at the end.
 pub fn run<B>(
     arch: &str,
     args: &ImageArgs,
@@ -421,6 +424,7 @@ pub fn run<B>(
     load_options: LoadOptions,
     init: Option<&InitRule>,
     augment: bool,
+    picture: Option<&Picture<Built<B, f32, Cpu>>>,
 ) -> Result<RunSummary>
 where
     B: BuildOnDevice<Cpu, f32>,
@@ -467,7 +471,12 @@ where
         eval_limit,
         dev.clone(),
     );
-    train_or_evaluate(c, config, &mut task, &mut model, 0.05)
+    let out = config.out.clone();
+    let summary = train_or_evaluate(c, config, &mut task, &mut model, 0.05)?;
+    if let Some(draw) = picture {
+        draw(&model, &task.test, &out)?;
+    }
+    Ok(summary)
 }
 
 /// What the binaries print at the end of a run, or the error; the process's exit code.

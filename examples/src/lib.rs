@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod accuracy;
+pub mod attention;
 pub mod bert;
 pub mod bpe;
 pub mod cli;

@@ -115,7 +115,10 @@ mod tests {
         let mut d = Dropout::<50>;
         let mut draw = |seed| {
             super::seed_dropout(seed);
-            (d.forward_mut(x.clone()).as_vec(), d.forward_mut(x.clone()).as_vec())
+            (
+                d.forward_mut(x.clone()).as_vec(),
+                d.forward_mut(x.clone()).as_vec(),
+            )
         };
         let (a1, a2) = draw(7);
         assert_ne!(a1, a2, "successive calls draw new masks");

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             <Built<ResNetTiny, f32, Cpu>>::load_options(),
             None,
             true,
+            None,
         ),
         "18" | "34" | "50" | "resnet18" | "resnet34" | "resnet50" => Err(anyhow::anyhow!(
             "preset `{}` takes 224×224 images (ImageNet), not Fashion-MNIST; use --preset tiny",

@@ -1,6 +1,8 @@
 //! Trains the Vision Transformer (`tiny` preset: 32×32×3 input, 4×4 patches, 10 classes) on
 //! Fashion-MNIST, each image padded to 32×32 and repeated over 3 channels. Needs the data set:
-//! `python3 tools/fetch_data.py fashion-mnist`. Prints the test accuracy at each evaluation.
+//! `python3 tools/fetch_data.py fashion-mnist`. Prints the test accuracy at each evaluation and
+//! draws `attention.png` at the end: attention rollout over 8 test images, where the class
+//! token looks.
 //!
 //! Fresh weights follow Hugging Face's ViT rule (`neural_arch::init::transformer_rule(0.02)`):
 //! matrices, the class token and the positions from `N(0, 0.02²)`, biases zero.
@@ -13,6 +15,7 @@
 
 use clap::Parser;
 use neural_arch::prelude::*;
+use neural_arch_examples::attention;
 use neural_arch_examples::cli::Defaults;
 use neural_arch_examples::images::{self, ImageArgs};
 use neural_arch_models::vit::VitTiny;
@@ -45,6 +48,12 @@ fn main() -> ExitCode {
             <Built<VitTiny, f32, Cpu>>::load_options(),
             Some(&rule),
             false,
+            Some(&|model, test, out| {
+                let path = out.join("attention.png");
+                attention::write_attention_png(model, test, 8, &path)?;
+                println!("attention maps of 8 test images in {}", path.display());
+                Ok(())
+            }),
         ),
         "b16" => Err(anyhow::anyhow!(
             "preset `b16` takes 224×224 images (ImageNet), not Fashion-MNIST; use --preset tiny"
