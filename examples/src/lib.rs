@@ -32,6 +32,7 @@
 pub mod accuracy;
 pub mod bpe;
 pub mod cli;
+pub mod clip_data;
 pub mod images;
 pub mod lm;
 
