@@ -217,7 +217,7 @@ impl Scene {
                 offset: (rng.gen_range(-1..=1), rng.gen_range(-1..=1)),
             });
             let mention = if partial {
-                let colour = rng.gen_bool(0.9);
+                let colour = rng.gen_bool(0.75);
                 Mention {
                     size: rng.gen_bool(0.8),
                     colour,
