@@ -222,6 +222,88 @@ pub fn write_tiles(
         .map_err(|e| Error::Checkpoint(format!("cannot write {}: {e}", path.display())))
 }
 
+/// Draws a heat map of `values` (`row_labels.len()` rows, row-major) into a PNG at `path`
+/// (atomically): cells from blue (smallest) through white to red (largest), each with its
+/// value, rows labelled on the left, columns headed by their index and, where `thumbnails`
+/// holds one per column, that RGB image (`side × side` pixels, row-major). For CLIP's
+/// image-caption similarity matrix: captions as rows, images as columns.
+pub fn write_heatmap(
+    values: &[f64],
+    row_labels: &[String],
+    thumbnails: &[Vec<[u8; 3]>],
+    side: usize,
+    title: &str,
+    path: &Path,
+) -> Result<(), Error> {
+    plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+        .map_err(|_| plot_error("the embedded font is unreadable"))?;
+    let rows = row_labels.len().max(1);
+    let cols = values.len() / rows;
+    let (lo, hi) = span(values.iter().copied());
+    // Room for the longest label (about 7 px a character at 12 px).
+    let longest = row_labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let (cell, left, top) = (40i32, 40 + 7 * longest as i32, 60 + side as i32 + 22);
+    let size = (
+        (left + cell * cols as i32 + 20) as u32,
+        (top + cell * rows as i32 + 20) as u32,
+    );
+    let colour = |v: f64| {
+        let t = ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+        // Blue (49, 54, 149) -> white -> red (165, 0, 38).
+        let (a, b, f) = if t < 0.5 {
+            ((49.0, 54.0, 149.0), (255.0, 255.0, 255.0), t * 2.0)
+        } else {
+            ((255.0, 255.0, 255.0), (165.0, 0.0, 38.0), t * 2.0 - 1.0)
+        };
+        let m = |x: f64, y: f64| (x + (y - x) * f) as u8;
+        RGBColor(m(a.0, b.0), m(a.1, b.1), m(a.2, b.2))
+    };
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        root.draw_text(title, &TextStyle::from((FAMILY, 20)), (10, 10))
+            .map_err(plot_error)?;
+        let small = TextStyle::from((FAMILY, 12));
+        for j in 0..cols {
+            let x = left + cell * j as i32;
+            root.draw_text(&j.to_string(), &small, (x + cell / 2 - 6, 44))
+                .map_err(plot_error)?;
+            if let Some(img) = thumbnails.get(j) {
+                let x0 = x + (cell - side as i32) / 2;
+                for (k, p) in img.iter().enumerate().take(side * side) {
+                    let (px, py) = (x0 + (k % side) as i32, 60 + (k / side) as i32);
+                    root.draw_pixel((px, py), &RGBColor(p[0], p[1], p[2]))
+                        .map_err(plot_error)?;
+                }
+            }
+        }
+        for (i, label) in row_labels.iter().enumerate() {
+            let y = top + cell * i as i32;
+            root.draw_text(&format!("{i:>2} {label}"), &small, (6, y + cell / 2 - 6))
+                .map_err(plot_error)?;
+            for j in 0..cols {
+                let v = values[i * cols + j];
+                let x = left + cell * j as i32;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell - 1, y + cell - 1)],
+                    colour(v).filled(),
+                ))
+                .map_err(plot_error)?;
+                root.draw_text(&format!("{v:.2}"), &small, (x + 6, y + cell / 2 - 6))
+                    .map_err(plot_error)?;
+            }
+        }
+        root.present().map_err(plot_error)?;
+    }
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::Checkpoint(format!("cannot write {}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +333,25 @@ mod tests {
         assert_eq!(c.eval["accuracy"], [(2.0, 0.4)]);
         let path = std::env::temp_dir().join(format!("na-curves-{}.png", std::process::id()));
         write_png(&c, "test run", &path)?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        assert_eq!(&bytes[1..4], b"PNG");
+        std::fs::remove_file(path).ok();
+        Ok(())
+    }
+
+    #[test]
+    fn draws_a_heatmap() -> Result<(), Error> {
+        let path = std::env::temp_dir().join(format!("na-heat-{}.png", std::process::id()));
+        let labels = vec!["a red circle".to_string(), "a blue square".to_string()];
+        let thumbs = vec![vec![[255, 0, 0]; 4], vec![[0, 0, 255]; 4]];
+        write_heatmap(
+            &[0.9, 0.1, -0.2, 0.8],
+            &labels,
+            &thumbs,
+            2,
+            "similarity",
+            &path,
+        )?;
         let bytes = std::fs::read(&path).map_err(|e| Error::Checkpoint(e.to_string()))?;
         assert_eq!(&bytes[1..4], b"PNG");
         std::fs::remove_file(path).ok();

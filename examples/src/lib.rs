@@ -34,6 +34,7 @@ pub mod attention;
 pub mod bert;
 pub mod bpe;
 pub mod cli;
+pub mod clip_data;
 pub mod images;
 pub mod lm;
 pub mod wordpiece;
