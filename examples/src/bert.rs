@@ -97,7 +97,7 @@ pub struct Snippet {
 impl Snippet {
     /// Held out from all training (ids that are multiples of 10).
     pub fn held_out(&self) -> bool {
-        self.id % 10 == 0
+        self.id.is_multiple_of(10)
     }
 
     /// 1 for a positive rating, 0 for a negative one, `None` for exactly 0.
@@ -297,7 +297,7 @@ fn tensors<D: Device<f32> + TensorFromVec<bool>>(
     dev: &D,
     p: &Padded,
     rows: usize,
-) -> Result<(Ids<D, NoneTape>, Mask<D>, Ids<D, NoneTape>), ModelError>
+) -> Result<Input<D, NoneTape>, ModelError>
 where
     ModelError: From<D::Err>,
 {
@@ -475,6 +475,7 @@ fn argmax(row: &[f32]) -> usize {
 pub type Mlm = Built<BertTiny, f32, Cpu>;
 const WIDTH: usize = 128;
 type Hidden<T> = Tensor<(usize, usize, Const<WIDTH>), f32, Cpu, T>;
+type MlmLogits<T> = Tensor<(usize, usize, Const<VOCAB>), f32, Cpu, T>;
 
 /// The vocabulary logits at the predicted positions only (labels other than `-100`), as
 /// `[1, M, V]`, with their targets. HF's `BertForMaskedLM` projects every position and
@@ -484,13 +485,7 @@ fn head_at_labels<T: Tape<f32, Cpu> + Merge<NoneTape>>(
     model: &Mlm,
     hidden: Hidden<T>,
     labels: &[i64],
-) -> Result<
-    (
-        Tensor<(usize, usize, Const<VOCAB>), f32, Cpu, T>,
-        Vec<usize>,
-    ),
-    ModelError,
-> {
+) -> Result<(MlmLogits<T>, Vec<usize>), ModelError> {
     let (b, t, _) = *hidden.shape();
     let (at, targets): (Vec<usize>, Vec<usize>) = labels
         .iter()
