@@ -430,6 +430,9 @@ where
     );
     let mut grads = model.alloc_grads();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    // Dropout masks come from a per-thread generator: seeded here, the same seed gives the same
+    // run even after other training on this thread.
+    neural_arch::layers::seed_dropout(cfg.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut history = Vec::with_capacity(cfg.epochs);
     let mut steps = 0;
