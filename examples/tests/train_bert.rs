@@ -1,6 +1,6 @@
 //! `train-bert` on small synthetic data sets in the fetched formats (Brown `word/tag` files,
 //! VADER's snippet file, UCI's JSON), in a temporary `NEURAL_ARCH_DATA`: masked-LM training,
-//! the summary, the checkpoint, a falling loss, an exact resume, fine-tuning from the
+//! the summary, the checkpoint, a falling loss, fine-tuning from the
 //! masked-LM checkpoint; and the errors for a damaged or missing data set. (The exact-resume
 //! test is ignored: a known bug, see `masked_lm_resumes_exactly`.)
 
