@@ -108,6 +108,11 @@ pub struct TrainConfig {
     /// later with `--resume`); `None` runs to `steps`.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// The task's own settings (a binary's flags beyond these, such as the context length),
+    /// stored with the checkpoint so that a resumed run rebuilds the same task. `null` when
+    /// the task has none.
+    #[serde(default)]
+    pub task: serde_json::Value,
 }
 
 /// What `state.json` of a checkpoint holds.
@@ -683,6 +688,7 @@ mod tests {
             out: out.to_path_buf(),
             progress: false,
             stop_after: None,
+            task: serde_json::Value::Null,
         }
     }
 

@@ -31,7 +31,9 @@
 //! Batches and masks are pure functions of the seed and the step, so a resumed run sees what
 //! an uninterrupted one would.
 
-use crate::cli::{apply_epochs, run_config, train_or_evaluate, CommonArgs, Defaults};
+use crate::cli::{
+    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+};
 use crate::lm::{fetched, load_corpus, Corpus};
 use crate::wordpiece::{WordPiece, CLS, MASK, PAD, SEP};
 use anyhow::{bail, ensure, Context, Result};
@@ -53,7 +55,8 @@ pub const MAX_CONTEXT: usize = 128;
 pub const MASK_RATE: f64 = 0.15;
 
 /// What `train-bert` trains.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BertTask {
     /// Masked-language-model pre-training on Brown and the snippets.
     Mlm,
@@ -81,6 +84,14 @@ pub struct BertArgs {
     /// Held-out sequences per masked-LM evaluation.
     #[arg(long, default_value_t = 512)]
     pub eval_examples: usize,
+}
+
+/// The settings of a run that a resume keeps (see [`task_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    task: BertTask,
+    context: usize,
+    eval_examples: usize,
 }
 
 /// One rated movie-review snippet.
@@ -839,13 +850,22 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
     );
     let dev = Cpu::seed_from_u64(c.seed);
     let rule = neural_arch::init::transformer_rule(0.02);
-    match args.task {
+    let settings = task_settings(
+        c,
+        Settings {
+            task: args.task,
+            context: args.context,
+            eval_examples: args.eval_examples,
+        },
+    )?;
+    match settings.task {
         BertTask::Mlm => {
             let mut model = dev
                 .try_build_module::<BertTiny, f32>()
                 .map_err(ModelError::from)?;
             neural_arch::init::init_weights(&mut model, c.seed, &rule)?;
-            let mut config = run_config(c, "bert-mlm", mlm, model.num_trainable_params())?;
+            let mut config =
+                run_config(c, "bert-mlm", mlm, model.num_trainable_params(), &settings)?;
             let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
                 load_safetensors(
@@ -861,9 +881,9 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 &train,
                 &valid,
                 config.batch_size,
-                args.context,
+                settings.context,
                 config.seed,
-                args.eval_examples,
+                settings.eval_examples,
                 dev.clone(),
             )?;
             apply_epochs(c, &mut config, task.starts.len())?;
@@ -874,7 +894,7 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 task.starts.len(),
                 task.stream.len(),
                 task.valid.len(),
-                args.context
+                settings.context
             );
             train_or_evaluate(c, config, &mut task, &mut model, 0.01)
         }
@@ -884,8 +904,13 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 .try_build_module::<Clf, f32>()
                 .map_err(ModelError::from)?;
             neural_arch::init::init_weights(&mut model, c.seed, &rule)?;
-            let mut config =
-                run_config(c, "bert-sentiment", sentiment, model.num_trainable_params())?;
+            let mut config = run_config(
+                c,
+                "bert-sentiment",
+                sentiment,
+                model.num_trainable_params(),
+                &settings,
+            )?;
             let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
                 // A masked-LM checkpoint: its trunk, a fresh pooler and classifier.
@@ -914,7 +939,7 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 &tok,
                 &snippets,
                 &uci,
-                args.context,
+                settings.context,
                 config.batch_size,
                 config.seed,
                 dev.clone(),

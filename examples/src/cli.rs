@@ -146,20 +146,24 @@ impl CommonArgs {
             out,
             progress: !self.no_progress,
             stop_after: self.stop_after,
+            task: serde_json::Value::Null,
         })
     }
 }
 
 /// The run's configuration: from the flags, or, with `--resume`, the settings the run was
 /// started with (only `--steps` and `--stop-after` may change). `params` is the model's
-/// parameter count, which a checkpoint must match.
+/// parameter count, which a checkpoint must match; `task` the task's own settings (from
+/// [`task_settings`]), which the checkpoint keeps.
 pub fn run_config(
     c: &CommonArgs,
     arch: &str,
     defaults: &Defaults,
     params: usize,
+    task: &impl serde::Serialize,
 ) -> Result<TrainConfig> {
-    let config = c.train_config(arch, defaults, 1)?;
+    let mut config = c.train_config(arch, defaults, 1)?;
+    config.task = serde_json::to_value(task)?;
     let Some(dir) = &c.resume else {
         return Ok(config);
     };
@@ -169,8 +173,47 @@ pub fn run_config(
         progress: config.progress,
         out: dir.clone(),
         stop_after: c.stop_after,
+        task: config.task,
         ..state.config
     })
+}
+
+/// The task's own settings for this run: `given` (from the binary's flags), or, with
+/// `--resume`, the ones the run was started with, which its checkpoint records (see
+/// [`run_config`]). A resumed run's batches, masks and held-out set depend on them, and its
+/// metrics must continue those of the first part; where the flags differ, a note says so.
+pub fn task_settings<S>(c: &CommonArgs, given: S) -> Result<S>
+where
+    S: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let Some(dir) = &c.resume else {
+        return Ok(given);
+    };
+    // A missing or damaged state is reported by `run_config`, with the checks it makes.
+    let path = dir.join("checkpoint").join("state.json");
+    let Some(state) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<neural_arch::train::CheckpointState>(&t).ok())
+    else {
+        return Ok(given);
+    };
+    if state.config.task.is_null() {
+        return Ok(given);
+    }
+    let saved: S = serde_json::from_value(state.config.task.clone()).with_context(|| {
+        format!(
+            "{} records task settings this program cannot read ({}); start a new run with \
+             another --out",
+            path.display(),
+            state.config.task
+        )
+    })?;
+    if saved != given {
+        eprintln!(
+            "note: the resumed run keeps its own settings {saved:?}, not the flags' {given:?}"
+        );
+    }
+    Ok(saved)
 }
 
 /// Turns `--epochs` into steps over `examples` training examples, in the run's own batch size

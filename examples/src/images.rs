@@ -22,7 +22,9 @@
 //! [`VitTiny`]: neural_arch_models::vit::VitTiny
 //! [`ResNetTiny`]: neural_arch_models::resnet::ResNetTiny
 
-use crate::cli::{apply_epochs, run_config, train_or_evaluate, CommonArgs, Defaults};
+use crate::cli::{
+    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+};
 use crate::lm::fetched;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
@@ -61,6 +63,12 @@ pub const CLASS_NAMES: [&str; CLASSES] = [
     "Bag",
     "Ankle boot",
 ];
+
+/// The settings of a run that a resume keeps (see [`task_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    eval_limit: Option<usize>,
+}
 
 /// Flags of the image trainers.
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -448,10 +456,16 @@ where
         load_safetensors(&mut model, path, &load_options)
             .with_context(|| format!("cannot start from {}", path.display()))?;
     }
-    let mut config = run_config(c, arch, defaults, model.num_trainable_params())?;
+    let settings = task_settings(
+        c,
+        Settings {
+            eval_limit: args.eval_limit,
+        },
+    )?;
+    let mut config = run_config(c, arch, defaults, model.num_trainable_params(), &settings)?;
     let (train, test) = load_fashion_mnist()?;
     apply_epochs(c, &mut config, train.len())?;
-    let eval_limit = args.eval_limit.unwrap_or(test.len());
+    let eval_limit = settings.eval_limit.unwrap_or(test.len());
     ensure!(eval_limit >= 1, "--eval-limit must be at least 1");
     println!(
         "{arch} {}: {} parameters; Fashion-MNIST: {} training and {} test images (evaluating on {}){}",

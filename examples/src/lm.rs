@@ -8,7 +8,9 @@
 //! model that ignores context cannot beat.
 
 use crate::bpe::Bpe;
-use crate::cli::{apply_epochs, run_config, train_or_evaluate, CommonArgs, Defaults};
+use crate::cli::{
+    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
@@ -46,8 +48,18 @@ const EMBEDDED_VALID: &str = include_str!("../data/shakespeare/tempest_gut.txt")
 /// Plays held out of the full Shakespeare corpus for validation.
 pub const SHAKESPEARE_VALID: [&str; 2] = ["tempest_gut.txt", "midsummer_nights_dream_gut.txt"];
 
+/// The settings of a run that a resume keeps (see [`task_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    corpus: Corpus,
+    context: usize,
+    eval_tokens: usize,
+    sample_tokens: usize,
+}
+
 /// Which text to train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Corpus {
     /// Six plays shipped in the repository (940 KB with the held-out play); needs no set-up.
     Embedded,
@@ -469,8 +481,17 @@ where
         };
         return Ok(Trainer::new(config)?.evaluate_only(&mut task, &mut model)?);
     }
-    let mut config = run_config(c, arch, defaults, model.num_trainable_params())?;
-    let corpus = args.corpus.unwrap_or(default_corpus);
+    let settings = task_settings(
+        c,
+        Settings {
+            corpus: args.corpus.unwrap_or(default_corpus),
+            context: args.context,
+            eval_tokens: args.eval_tokens,
+            sample_tokens: args.sample_tokens,
+        },
+    )?;
+    let mut config = run_config(c, arch, defaults, model.num_trainable_params(), &settings)?;
+    let corpus = settings.corpus;
     let (train_text, valid_text) = load_corpus(corpus)?;
     std::fs::create_dir_all(&config.out)?;
     let tok_path = config.out.join("tokenizer.json");
@@ -484,13 +505,13 @@ where
     let train = bpe.encode(&train_text)?;
     let valid = bpe.encode(&valid_text)?;
     ensure!(
-        train.len() > args.context + 1,
+        train.len() > settings.context + 1,
         "the training text has {} tokens, fewer than --context {} + 1",
         train.len(),
-        args.context
+        settings.context
     );
     // An epoch is one pass over the training tokens, in windows of --context.
-    apply_epochs(c, &mut config, train.len() / args.context)?;
+    apply_epochs(c, &mut config, train.len() / settings.context)?;
     let unigram = unigram_loss(&train, &valid, V);
     println!(
         "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
@@ -500,12 +521,12 @@ where
         train,
         valid,
         batch: config.batch_size,
-        context: args.context,
+        context: settings.context,
         seed: config.seed,
-        eval_tokens: args.eval_tokens,
+        eval_tokens: settings.eval_tokens,
         unigram,
         bpe,
-        sample_tokens: args.sample_tokens,
+        sample_tokens: settings.sample_tokens,
         dev: dev.clone(),
     };
     train_or_evaluate(c, config, &mut task, &mut model, 0.1)

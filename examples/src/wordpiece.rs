@@ -7,13 +7,14 @@
 //! `[CLS]` and `[SEP]` where BERT wants them.
 
 use anyhow::{anyhow, Context, Result};
+use std::collections::BTreeMap;
 use std::path::Path;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::{WordPiece as WordPieceModel, WordPieceTrainerBuilder};
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::PostProcessorWrapper;
-use tokenizers::{AddedToken, TokenizerBuilder, TokenizerImpl};
+use tokenizers::{AddedToken, NormalizedString, Normalizer, TokenizerBuilder, TokenizerImpl};
 
 type Inner = TokenizerImpl<
     WordPieceModel,
@@ -35,6 +36,8 @@ pub const CLS: usize = 2;
 pub const SEP: usize = 3;
 /// Id of `[MASK]`, a position whose token the masked-LM must predict.
 pub const MASK: usize = 4;
+/// Characters kept in the vocabulary; rarer ones become `[UNK]`.
+const ALPHABET: usize = 500;
 
 /// A trained WordPiece tokenizer.
 pub struct WordPiece {
@@ -53,34 +56,77 @@ fn tk(e: tokenizers::Error) -> anyhow::Error {
 
 impl WordPiece {
     /// Trains a vocabulary of at most `vocab` tokens (the special tokens, the characters and
-    /// the most useful pieces) on `texts`. Deterministic for the same texts.
+    /// the most useful pieces) on `texts`. The same texts give the same vocabulary and ids,
+    /// in every process: a resumed run and an uninterrupted one must agree.
     pub fn train(texts: &[&str], vocab: usize) -> Result<Self> {
         anyhow::ensure!(
             vocab > 100,
             "a WordPiece vocabulary needs more than 100 tokens, got {vocab}"
         );
+        let build = |model: WordPieceModel| -> Result<Inner> {
+            TokenizerBuilder::new()
+                .with_model(model)
+                .with_normalizer(Some(BertNormalizer::new(true, true, Some(true), true)))
+                .with_pre_tokenizer(Some(BertPreTokenizer))
+                .with_post_processor(None)
+                .with_decoder(Some(WordPieceDecoder::default()))
+                .build()
+                .map_err(tk)
+        };
+        let mut inner = build(WordPieceModel::default())?;
+        // The trainer numbers the in-word pieces `##c` in the order of a randomly seeded hash
+        // map, and breaks ties between equally frequent merges by those numbers: two runs got
+        // different vocabularies. Fixing the alphabet and listing every `##c` up front, in
+        // character order, makes every id (and so every tie) the same.
+        let alphabet = Self::alphabet(&inner, texts, ALPHABET)?;
+        let mut first: Vec<AddedToken> =
+            SPECIAL.iter().map(|s| AddedToken::from(*s, true)).collect();
+        first.extend(
+            alphabet
+                .iter()
+                .map(|c| AddedToken::from(format!("##{c}"), true)),
+        );
         let mut trainer = WordPieceTrainerBuilder::new()
             .vocab_size(vocab)
             .min_frequency(2)
             .show_progress(false)
-            // Rare characters become [UNK] rather than using up the vocabulary.
-            .limit_alphabet(500)
-            .special_tokens(SPECIAL.iter().map(|s| AddedToken::from(*s, true)).collect())
+            // Rare characters become [UNK] rather than using up the vocabulary; kept ones
+            // are exactly `alphabet` (the trainer's own cut breaks ties at random).
+            .initial_alphabet(alphabet.iter().copied().collect())
+            .limit_alphabet(alphabet.len())
+            .special_tokens(first)
             .build();
-        let mut inner: Inner = TokenizerBuilder::new()
-            .with_model(WordPieceModel::default())
-            .with_normalizer(Some(BertNormalizer::new(true, true, Some(true), true)))
-            .with_pre_tokenizer(Some(BertPreTokenizer))
-            .with_post_processor(None)
-            .with_decoder(Some(WordPieceDecoder::default()))
-            .build()
-            .map_err(tk)?;
         inner
             .train(&mut trainer, texts.iter().copied())
             .map_err(tk)?;
+        // Training made every `##c` a special token of the tokenizer; they are ordinary
+        // pieces, so the tokenizer is built again around the trained model.
+        let mut inner = build(inner.get_model().clone())?;
+        inner.add_special_tokens(&SPECIAL.map(|s| AddedToken::from(s, true)));
         let wp = WordPiece { inner };
         wp.check(vocab)?;
         Ok(wp)
+    }
+
+    /// The `limit` most frequent characters of the normalized `texts` (ties by character), in
+    /// character order.
+    fn alphabet(inner: &Inner, texts: &[&str], limit: usize) -> Result<Vec<char>> {
+        let mut counts: BTreeMap<char, u64> = BTreeMap::new();
+        for text in texts {
+            let mut n = NormalizedString::from(*text);
+            if let Some(norm) = inner.get_normalizer() {
+                norm.normalize(&mut n).map_err(tk)?;
+            }
+            for c in n.get().chars().filter(|c| !c.is_whitespace()) {
+                *counts.entry(c).or_default() += 1;
+            }
+        }
+        let mut by_count: Vec<(char, u64)> = counts.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        by_count.truncate(limit);
+        let mut kept: Vec<char> = by_count.into_iter().map(|(c, _)| c).collect();
+        kept.sort_unstable();
+        Ok(kept)
     }
 
     /// The vocabulary fits a model of `vocab` tokens and the special tokens have their ids.
@@ -171,6 +217,32 @@ mod tests {
         back.check(200)?;
         assert!(back.check(50).is_err());
         std::fs::remove_file(path).ok();
+        Ok(())
+    }
+
+    #[test]
+    fn training_gives_the_same_ids_every_time() -> Result<()> {
+        // Many words of equal frequency: merge ties everywhere, which the trainer used to
+        // break by hash order (a fresh random seed per map).
+        let words: Vec<String> = (0..60)
+            .map(|i| {
+                let a = (b'a' + (i % 26) as u8) as char;
+                let b = (b'a' + ((i * 7 + 3) % 26) as u8) as char;
+                let c = (b'a' + ((i * 11 + 5) % 26) as u8) as char;
+                format!("{a}{b}{c}{b}{a}")
+            })
+            .collect();
+        let text = (words.join(" ") + "\n").repeat(3);
+        let vocab = |wp: &WordPiece| -> Vec<Option<String>> {
+            (0..wp.vocab_size()).map(|i| wp.token(i)).collect()
+        };
+        let first = WordPiece::train(&[&text], 300)?;
+        for _ in 0..4 {
+            assert_eq!(vocab(&WordPiece::train(&[&text], 300)?), vocab(&first));
+        }
+        // In-word pieces are ordinary pieces, not special tokens that decoding drops.
+        let ids = first.encode(&words[0])?;
+        assert_eq!(first.decode(&ids)?, words[0]);
         Ok(())
     }
 }

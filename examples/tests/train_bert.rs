@@ -1,8 +1,7 @@
 //! `train-bert` on small synthetic data sets in the fetched formats (Brown `word/tag` files,
 //! VADER's snippet file, UCI's JSON), in a temporary `NEURAL_ARCH_DATA`: masked-LM training,
 //! the summary, the checkpoint, a falling loss, fine-tuning from the
-//! masked-LM checkpoint; and the errors for a damaged or missing data set. (The exact-resume
-//! test is ignored: a known bug, see `masked_lm_resumes_exactly`.)
+//! masked-LM checkpoint, an exact resume; and the errors for a damaged or missing data set.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -258,12 +257,9 @@ fn damaged_or_missing_data_is_named_with_the_fix() {
     assert!(stderr.contains("pass it with --tokenizer FILE"), "{stderr}");
 }
 
-/// Known failure (session 3): the resumed masked-LM run matches the uninterrupted one up to the
-/// resume point and diverges after it. Dropout is seeded per step now, so the suspect is the
-/// reloaded `tokenizer.json` (its vocabulary size sets the random-replacement range). Run with
-/// `cargo test -p neural-arch-examples --test train_bert -- --ignored`.
+/// Two fresh runs train their own WordPiece vocabulary, so this also checks that training it
+/// is deterministic across processes (it once was not: every loss differed from step 1).
 #[test]
-#[ignore = "known bug: a resumed BERT MLM run diverges after the resume point"]
 fn masked_lm_resumes_exactly() {
     let data = synthetic_data("bert-data-resume", None);
     let a = tmp("bert-mlm-resume-a");
