@@ -14,8 +14,8 @@
 //! `emoji_r_at_1` / `emoji_r_at_10` on held-out emoji. At the end (and with `--eval-only`),
 //! `DIR/similarity.png` shows the caption–image cosine similarities of 16 evaluation pairs.
 //!
-//! `DIR/vocab.json` holds the word vocabulary and `DIR/clip.json` the data source and the
-//! evaluation size; `--resume` reads both, so a resumed run sees the same batches and
+//! `DIR/vocab.json` holds the word vocabulary, and the checkpoint the data source and the
+//! evaluation size; `--resume` reads them, so a resumed run sees the same batches and
 //! evaluates on the same pairs.
 //!
 //! ```text
@@ -26,10 +26,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, TrainConfig, Trainer};
-use neural_arch_examples::cli::{CommonArgs, Defaults};
+use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
+use neural_arch_examples::cli::{
+    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+};
 use neural_arch_examples::clip_data::{
     self as data, eval_scenes, held_out_singles, mix, normalise, train_scene, Emoji, Scene, Split,
     Vocab, COLOURS, PIXELS, SHAPES, SIDE,
@@ -52,7 +54,8 @@ const SCENES_PER_EPOCH: usize = 10_000;
 const SHOWN: usize = 16;
 
 /// Where the image–caption pairs come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum DataKind {
     /// Generated scenes of shapes.
     Scenes,
@@ -70,6 +73,13 @@ impl DataKind {
             DataKind::Both => "both",
         }
     }
+}
+
+/// The settings of a run that a resume keeps (see [`task_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    data: DataKind,
+    eval_size: usize,
 }
 
 /// Train CLIP on captioned scenes of shapes (and emoji).
@@ -456,89 +466,67 @@ fn run(cli: &Cli) -> Result<RunSummary> {
         load_safetensors(&mut model, path, &Clip::load_options())
             .with_context(|| format!("cannot start from {}", path.display()))?;
     }
-    let mut config = c.train_config("clip", &defaults, SCENES_PER_EPOCH)?;
-    if let Some(dir) = &c.resume {
-        // A resumed run continues with the settings it was started with.
-        let state =
-            neural_arch::train::read_checkpoint_state(dir, &config, model.num_trainable_params())?;
-        config = TrainConfig {
-            steps: c.steps.unwrap_or(state.config.steps),
-            progress: config.progress,
-            out: dir.clone(),
-            stop_after: c.stop_after,
-            ..state.config
-        };
-    }
-    // The data source and the vocabulary of a resumed run are its own (vocab.json).
-    let vocab_path = config.out.join("vocab.json");
-    let saved = if c.resume.is_some() && vocab_path.exists() {
-        let (vocab, name) = Vocab::load(&vocab_path)?;
-        let Ok(kind) = <DataKind as ValueEnum>::from_str(&name, true) else {
-            bail!("{}: unknown data `{name}`", vocab_path.display());
-        };
-        if let Some(d) = cli.data.filter(|&d| d != kind) {
-            bail!(
-                "{} was trained on --data {name}; it cannot continue on --data {}",
-                config.out.display(),
-                d.name()
-            );
-        }
-        Some((vocab, kind))
-    } else {
-        None
+    let given = Settings {
+        data: cli.data.unwrap_or(DataKind::Scenes),
+        eval_size: cli.eval_size.unwrap_or(256),
     };
-    let kind = saved
-        .as_ref()
-        .map(|s| s.1)
-        .or(cli.data)
-        .unwrap_or(DataKind::Scenes);
+    let settings = task_settings(c, given)?;
+    if let Some(d) = cli.data.filter(|&d| d != settings.data) {
+        bail!(
+            "{} was trained on --data {}; it cannot continue on --data {}",
+            c.resume.as_deref().unwrap_or(Path::new(".")).display(),
+            settings.data.name(),
+            d.name()
+        );
+    }
+    let Settings {
+        data: kind,
+        eval_size,
+    } = settings;
+    anyhow::ensure!(eval_size >= 2, "--eval-size must be at least 2");
+    let mut config = run_config(
+        c,
+        "clip",
+        &defaults,
+        model.num_trainable_params(),
+        &settings,
+    )?;
     let (emoji_train, emoji_test) = if kind == DataKind::Scenes {
         (Vec::new(), Vec::new())
     } else {
         data::load_emoji(&fetched("emoji")?)?
     };
-    if kind == DataKind::Emoji && c.epochs.is_some() {
-        config.steps = c.train_config("clip", &defaults, emoji_train.len())?.steps;
-    }
-    let vocab = match saved {
-        Some((v, _)) => v,
-        None => {
-            let scene_words = data::scene_words();
-            let mut captions: Vec<&str> = Vec::new();
-            if kind != DataKind::Emoji {
-                captions.push(&scene_words);
-            }
-            captions.extend(emoji_train.iter().map(|e| e.caption.as_str()));
-            let v = Vocab::build(captions)?;
-            std::fs::create_dir_all(&config.out)
-                .with_context(|| format!("cannot create {}", config.out.display()))?;
-            v.save(&vocab_path, kind.name())?;
-            v
-        }
+    let per_epoch = if kind == DataKind::Emoji {
+        emoji_train.len()
+    } else {
+        SCENES_PER_EPOCH
     };
-    // The evaluation batches of a resumed run are its own too (clip.json), so that its
-    // metrics continue those of the first part.
-    let settings_path = config.out.join("clip.json");
-    let eval_size = match (c.resume.is_some() && settings_path.exists(), cli.eval_size) {
-        (_, Some(n)) => n,
-        (true, None) => {
-            let text = std::fs::read_to_string(&settings_path)
-                .with_context(|| format!("cannot read {}", settings_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", settings_path.display()))?;
-            let Some(n) = v["eval_size"].as_u64() else {
-                bail!("{}: no `eval_size`", settings_path.display());
-            };
-            n as usize
+    apply_epochs(c, &mut config, per_epoch)?;
+    // The vocabulary of a resumed run is its own (vocab.json).
+    let vocab_path = config.out.join("vocab.json");
+    let vocab = if c.resume.is_some() && vocab_path.exists() {
+        let (vocab, name) = Vocab::load(&vocab_path)?;
+        anyhow::ensure!(
+            name == kind.name(),
+            "{} is a vocabulary of --data {name}, but the checkpoint says --data {}; the run \
+             directory is damaged",
+            vocab_path.display(),
+            kind.name()
+        );
+        vocab
+    } else {
+        let scene_words = data::scene_words();
+        let mut captions: Vec<&str> = Vec::new();
+        if kind != DataKind::Emoji {
+            captions.push(&scene_words);
         }
-        (false, None) => 256,
+        captions.extend(emoji_train.iter().map(|e| e.caption.as_str()));
+        let v = Vocab::build(captions)?;
+        std::fs::create_dir_all(&config.out)
+            .with_context(|| format!("cannot create {}", config.out.display()))?;
+        v.save(&vocab_path, kind.name())?;
+        v
     };
-    anyhow::ensure!(eval_size >= 2, "--eval-size must be at least 2");
-    if !c.eval_only {
-        let json = serde_json::json!({ "data": kind.name(), "eval_size": eval_size });
-        std::fs::write(&settings_path, format!("{json:#}\n"))
-            .with_context(|| format!("cannot write {}", settings_path.display()))?;
-    }
     let to_pairs = |v: &[Emoji]| -> Vec<Pair> {
         v.iter()
             .take(eval_size)
@@ -598,19 +586,7 @@ fn run(cli: &Cli) -> Result<RunSummary> {
     );
     let out = config.out.clone();
     let title = format!("clip {}: caption x image cosine similarity", c.preset);
-    let summary = if c.eval_only {
-        if let Some(dir) = &c.resume {
-            let path = dir.join("checkpoint").join("model.safetensors");
-            load_safetensors(&mut model, &path, &LoadOptions::default())
-                .with_context(|| format!("cannot evaluate {}", path.display()))?;
-        }
-        Trainer::new(config)?.evaluate_only(&mut task, &mut model)?
-    } else {
-        let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(config.lr, 0.1));
-        let trainer = Trainer::new(config)?;
-        trainer.stop_on_ctrl_c();
-        trainer.run(&mut task, &mut model, &mut opt, c.resume.is_some())?
-    };
+    let summary = train_or_evaluate(c, config, &mut task, &mut model, 0.1)?;
     task.write_similarity(&out.join("similarity.png"), &title)?;
     Ok(summary)
 }
