@@ -35,6 +35,7 @@ use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
 use crate::lm::{fetched, load_corpus, Corpus};
+use crate::order::{mix, EpochOrder};
 use crate::wordpiece::{WordPiece, CLS, MASK, PAD, SEP};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
@@ -238,10 +239,6 @@ pub fn mlm_text() -> Result<(String, String)> {
     Ok((train, valid))
 }
 
-fn mix(seed: u64, salt: u64, n: u64) -> u64 {
-    seed ^ salt ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
 /// BERT's masking of one sequence (`[CLS] .. [SEP]`): the inputs and the labels (`-100` where
 /// nothing is predicted). Special tokens are never chosen; at least one piece is.
 pub fn mask_sequence(tokens: &[usize], vocab: usize, rng: &mut StdRng) -> (Vec<usize>, Vec<i64>) {
@@ -338,7 +335,7 @@ pub struct MlmTask<D: Device<f32>> {
     pub tokenizer: WordPiece,
     /// Where tensors are made.
     pub dev: D,
-    perm: Option<(usize, Vec<usize>)>,
+    order: EpochOrder,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for MlmTask<D> {
@@ -409,6 +406,7 @@ impl<D: Device<f32>> MlmTask<D> {
             valid_stream.len()
         );
         Ok(MlmTask {
+            order: EpochOrder::new(starts.len(), seed, 0x4d4c_4d00),
             stream,
             starts,
             valid: windows(&valid_stream, context, eval_examples.max(1)),
@@ -417,26 +415,7 @@ impl<D: Device<f32>> MlmTask<D> {
             seed,
             tokenizer,
             dev,
-            perm: None,
         })
-    }
-
-    fn sentence_at(&mut self, position: usize) -> usize {
-        let n = self.starts.len();
-        let epoch = position / n;
-        if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let mut p: Vec<usize> = (0..n).collect();
-            p.shuffle(&mut StdRng::seed_from_u64(mix(
-                self.seed,
-                0x4d4c_4d00,
-                epoch as u64,
-            )));
-            self.perm = Some((epoch, p));
-        }
-        self.perm
-            .as_ref()
-            .map(|(_, p)| p[position % n])
-            .unwrap_or(0)
     }
 
     /// The masked sequences and labels of step `step`'s batch.
@@ -445,7 +424,7 @@ impl<D: Device<f32>> MlmTask<D> {
         (0..self.batch)
             .map(|i| {
                 let position = step * self.batch + i;
-                let sentence = self.sentence_at(position);
+                let sentence = self.order.at(position);
                 let start = self.starts[sentence];
                 let end = (start + self.context - 2).min(self.stream.len());
                 let mut seq = Vec::with_capacity(end - start + 2);
@@ -608,7 +587,7 @@ pub struct SentimentTask<D: Device<f32>> {
     pub seed: u64,
     /// Where tensors are made.
     pub dev: D,
-    perm: Option<(usize, Vec<usize>)>,
+    order: EpochOrder,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for SentimentTask<D> {
@@ -673,37 +652,22 @@ impl<D: Device<f32>> SentimentTask<D> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SentimentTask {
+            order: EpochOrder::new(train.len(), seed, 0x5345_4e54),
             train,
             valid,
             ood,
             batch,
             seed,
             dev,
-            perm: None,
         })
     }
 
     /// The sentences and labels of step `step`'s batch.
     pub fn batch_at(&mut self, step: usize) -> Vec<Example> {
-        let n = self.train.len();
         (0..self.batch)
             .map(|i| {
                 let position = step * self.batch + i;
-                let epoch = position / n;
-                if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
-                    let mut p: Vec<usize> = (0..n).collect();
-                    p.shuffle(&mut StdRng::seed_from_u64(mix(
-                        self.seed,
-                        0x5345_4e54,
-                        epoch as u64,
-                    )));
-                    self.perm = Some((epoch, p));
-                }
-                let idx = self
-                    .perm
-                    .as_ref()
-                    .map(|(_, p)| p[position % n])
-                    .unwrap_or(0);
+                let idx = self.order.at(position);
                 self.train[idx].clone()
             })
             .collect()

@@ -334,10 +334,7 @@ pub fn held_out_singles() -> Vec<Scene> {
     out
 }
 
-/// Mixes a seed, a stream name and a position into a generator seed.
-pub fn mix(seed: u64, salt: u64, n: u64) -> u64 {
-    seed ^ salt ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
+pub use crate::order::mix;
 
 /// Image values in `[0, 1]` to the model's input range `[-1, 1]`.
 pub fn normalise(img: &mut [f32]) {

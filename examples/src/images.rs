@@ -26,13 +26,13 @@ use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
 use crate::lm::fetched;
+use crate::order::{mix, EpochOrder};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -253,8 +253,8 @@ pub struct ImageTask<D: Device<f32>> {
     pub eval_limit: usize,
     /// Where tensors are made.
     pub dev: D,
-    /// The permutation of the last epoch used, by epoch number.
-    perm: Option<(usize, Vec<usize>)>,
+    /// Which training image each stream position is.
+    order: EpochOrder,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for ImageTask<D> {
@@ -269,10 +269,6 @@ impl<D: Device<f32>> std::fmt::Debug for ImageTask<D> {
     }
 }
 
-fn mix(seed: u64, salt: u64, n: u64) -> u64 {
-    seed ^ salt ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
 impl<D: Device<f32>> ImageTask<D> {
     /// A task over `train` and `test`.
     pub fn new(
@@ -285,6 +281,7 @@ impl<D: Device<f32>> ImageTask<D> {
         dev: D,
     ) -> Self {
         ImageTask {
+            order: EpochOrder::new(train.len().max(1), seed, 0x4550_4f43_4800_0000),
             train,
             test,
             batch,
@@ -292,26 +289,7 @@ impl<D: Device<f32>> ImageTask<D> {
             augment,
             eval_limit,
             dev,
-            perm: None,
         }
-    }
-
-    fn example_at(&mut self, position: usize) -> usize {
-        let n = self.train.len();
-        let epoch = position / n;
-        if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let mut p: Vec<usize> = (0..n).collect();
-            p.shuffle(&mut StdRng::seed_from_u64(mix(
-                self.seed,
-                0x4550_4f43_4800_0000,
-                epoch as u64,
-            )));
-            self.perm = Some((epoch, p));
-        }
-        self.perm
-            .as_ref()
-            .map(|(_, p)| p[position % n])
-            .unwrap_or(0)
     }
 
     /// The inputs (`[B, 3, 32, 32]`, flattened) and labels of step `step`'s batch.
@@ -320,7 +298,7 @@ impl<D: Device<f32>> ImageTask<D> {
         let mut y = Vec::with_capacity(self.batch);
         for i in 0..self.batch {
             let position = step * self.batch + i;
-            let idx = self.example_at(position);
+            let idx = self.order.at(position);
             let (dy, dx, flip) = if self.augment {
                 let mut rng =
                     StdRng::seed_from_u64(mix(self.seed, 0x4155_4700_0000_0000, position as u64));

@@ -37,6 +37,7 @@ pub mod cli;
 pub mod clip_data;
 pub mod images;
 pub mod lm;
+pub mod order;
 pub mod wordpiece;
 
 use std::fs;
