@@ -3,18 +3,13 @@
 //! the summary, the checkpoint, a falling loss, fine-tuning from the
 //! masked-LM checkpoint, an exact resume; and the errors for a damaged or missing data set.
 
+mod common;
+
+use common::{losses, summary, tmp};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_train-bert");
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 const GOOD: [&str; 6] = [
     "wonderful",
@@ -84,30 +79,7 @@ fn synthetic_data(name: &str, snippets: Option<&str>) -> PathBuf {
 }
 
 fn run(data: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--no-progress")
-        .env("NEURAL_ARCH_DATA", data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn summary(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
-}
-
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
+    common::run(BIN, Some(data), args)
 }
 
 const MLM: [&str; 12] = [

@@ -2,55 +2,25 @@
 //! the similarity picture, a falling loss, an exact resume; emoji from a small synthetic set in
 //! a temporary `NEURAL_ARCH_DATA`; and the errors for a damaged or missing emoji set.
 
+mod common;
+
+use common::{metrics, summary};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_train-clip");
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("clip-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::tmp(&format!("clip-{name}"))
 }
 
 fn run(data: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--no-progress")
-        .env("NEURAL_ARCH_DATA", data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run(BIN, Some(data), args)
 }
 
-fn summary(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
-}
-
-/// Every line of `metrics.jsonl` without the throughput, which differs between runs.
-fn metrics(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("items_per_sec");
-            v
-        })
-        .collect()
-}
-
+/// The training losses, in step order.
 fn losses(dir: &Path) -> Vec<f64> {
-    metrics(dir)
-        .iter()
-        .filter_map(|v| v.get("loss")?.as_f64())
-        .collect()
+    common::losses(dir).into_iter().map(|(_, l)| l).collect()
 }
 
 const STEPS: &[&str] = &[

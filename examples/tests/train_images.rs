@@ -2,21 +2,16 @@
 //! (gzipped IDX files in a temporary `NEURAL_ARCH_DATA`): short runs, the summary, the
 //! checkpoint, a falling loss, resume; and the errors for damaged or missing data.
 
+mod common;
+
+use common::{losses, tmp};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const SIDE: usize = 28;
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn idx(magic: u32, dims: &[usize], body: &[u8]) -> Vec<u8> {
     let mut v = magic.to_be_bytes().to_vec();
@@ -73,26 +68,7 @@ fn synthetic_data(name: &str) -> PathBuf {
 }
 
 fn run(bin: &str, data: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin)
-        .args(args)
-        .arg("--no-progress")
-        .env("NEURAL_ARCH_DATA", data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn step_losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
+    common::run(bin, Some(data), args)
 }
 
 fn trains_and_resumes(bin: &str, name: &str, params: u64) {
@@ -145,10 +121,10 @@ fn trains_and_resumes(bin: &str, name: &str, params: u64) {
     assert!(summary["eval_loss"].as_f64().unwrap().is_finite());
     assert!(out.join("checkpoint").join("model.safetensors").exists());
 
-    let losses = step_losses(&out);
-    assert_eq!(losses.len(), 16);
-    let mean = |l: &[(u64, f64)]| l.iter().map(|x| x.1).sum::<f64>() / l.len() as f64;
-    let (first, last) = (mean(&losses[..4]), mean(&losses[12..]));
+    let l = losses(&out);
+    assert_eq!(l.len(), 16);
+    let mean = |x: &[(u64, f64)]| x.iter().map(|v| v.1).sum::<f64>() / x.len() as f64;
+    let (first, last) = (mean(&l[..4]), mean(&l[12..]));
     assert!(
         last < first,
         "{name}: the loss did not go down: first steps {first:.4}, last {last:.4}"
@@ -159,7 +135,7 @@ fn trains_and_resumes(bin: &str, name: &str, params: u64) {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 20);
-    let steps: Vec<u64> = step_losses(&out).iter().map(|x| x.0).collect();
+    let steps: Vec<u64> = losses(&out).iter().map(|x| x.0).collect();
     assert_eq!(steps, (1..=20).collect::<Vec<_>>());
 
     // --eval-only --resume scores the checkpoint's weights: the final evaluation again.

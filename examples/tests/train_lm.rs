@@ -1,13 +1,13 @@
 //! The language-model trainers end to end: a few steps on the embedded Shakespeare, the
 //! summary and checkpoint they leave, an exact resume, and clear errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::{json, metrics};
+use std::path::PathBuf;
 
 fn temp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("na-lm-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    p
+    common::tmp(&format!("lm-{name}"))
 }
 
 /// Runs a trainer binary with small settings and `extra` flags; (success, stdout, stderr).
@@ -25,38 +25,9 @@ fn train(bin: &str, extra: &[&str]) -> (bool, String, String) {
         "4",
         "--eval-every",
         "4",
-        "--no-progress",
     ];
     args.extend_from_slice(extra);
-    let out = Command::new(bin)
-        .args(&args)
-        .output()
-        .expect("the trainer runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-/// The metrics without the throughput, which differs between any two runs.
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics.jsonl")
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
-            v.as_object_mut()
-                .expect("an object")
-                .remove("items_per_sec");
-            v
-        })
-        .collect()
+    common::run(bin, None, &args)
 }
 
 const GPT2: &str = env!("CARGO_BIN_EXE_train-gpt2");
@@ -125,15 +96,8 @@ fn a_stopped_run_resumes_to_the_same_metrics() {
     assert_eq!(json(&b.join("summary.json"))["interrupted"], true);
     // Only --resume: the corpus, context and evaluation size come from the checkpoint (the
     // flags' defaults differ from this run's).
-    let out = Command::new(GPT2)
-        .args(["--resume", b.to_str().unwrap(), "--no-progress"])
-        .output()
-        .expect("the trainer runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = common::run(GPT2, None, &["--resume", b.to_str().unwrap()]);
+    assert!(ok, "{err}");
     assert_eq!(metrics(&a), metrics(&b));
     assert_eq!(
         json(&a.join("summary.json"))["eval_loss"],
@@ -203,13 +167,8 @@ fn eval_only_scores_a_token_file_and_rejects_bad_ids() {
 #[test]
 fn missing_data_and_unavailable_devices_say_what_to_do() {
     let empty = temp("nodata");
-    let out = Command::new(LLAMA)
-        .args(["--corpus", "brown", "--steps", "1", "--no-progress"])
-        .env("NEURAL_ARCH_DATA", &empty)
-        .output()
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, _, err) = common::run(LLAMA, Some(&empty), &["--corpus", "brown", "--steps", "1"]);
+    assert!(!ok);
     assert!(err.contains("python3 tools/fetch_data.py brown"), "{err}");
     let (ok, _, err) = train(GPT2, &["--device", "cuda", "--steps", "1"]);
     assert!(!ok && err.contains("--device cuda"), "{err}");

@@ -1,0 +1,68 @@
+//! What the trainer tests share: a scratch directory, running a trainer binary, and reading
+//! what a run leaves behind (`summary.json`, `metrics.jsonl`).
+
+// Each test file uses its own subset.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An empty directory `name` under cargo's scratch space for integration tests.
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `bin` with `args` and no progress bar, on the data sets in `data` when given:
+/// (success, stdout, stderr).
+pub fn run(bin: &str, data: Option<&Path>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).arg("--no-progress");
+    if let Some(d) = data {
+        cmd.env("NEURAL_ARCH_DATA", d);
+    }
+    let out = cmd.output().expect("the trainer runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A JSON file, or a panic that names it.
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The run's `summary.json`.
+pub fn summary(dir: &Path) -> Value {
+    json(&dir.join("summary.json"))
+}
+
+/// Every line of the run's `metrics.jsonl` without the throughput, which differs between any
+/// two runs.
+pub fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("a JSON line");
+            v.as_object_mut()
+                .expect("an object")
+                .remove("items_per_sec");
+            v
+        })
+        .collect()
+}
+
+/// (step, training loss) of every step line in `metrics.jsonl`.
+pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    metrics(dir)
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
