@@ -257,3 +257,31 @@ where
     trainer.stop_on_ctrl_c();
     Ok(trainer.run(task, model, &mut opt, c.resume.is_some())?)
 }
+
+/// Ends a trainer binary: one line with the run's result and where its files are, or the error
+/// with its causes; the exit status says which.
+pub fn report(c: &CommonArgs, result: Result<RunSummary>) -> std::process::ExitCode {
+    match result {
+        Ok(s) => {
+            // The directory `train_config` chose: --out, --resume, or runs/<model>-<preset>.
+            let out =
+                c.out.clone().or(c.resume.clone()).unwrap_or_else(|| {
+                    PathBuf::from("runs").join(format!("{}-{}", s.model, s.preset))
+                });
+            println!(
+                "done: {} steps, train loss {:.4}, {:?}, {:.0} {}/s, summary in {}",
+                s.steps,
+                s.train_loss,
+                s.eval,
+                s.items_per_sec,
+                s.unit,
+                out.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

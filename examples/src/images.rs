@@ -35,7 +35,7 @@ use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Classes of Fashion-MNIST.
 pub const CLASSES: usize = 10;
@@ -469,33 +469,6 @@ where
         draw(&model, &task.test, &out)?;
     }
     Ok(summary)
-}
-
-/// What the binaries print at the end of a run, or the error; the process's exit code.
-pub fn report(arch: &str, args: &ImageArgs, result: Result<RunSummary>) -> std::process::ExitCode {
-    match result {
-        Ok(s) => {
-            let out = args
-                .common
-                .out
-                .clone()
-                .or(args.common.resume.clone())
-                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{arch}-{}", s.preset)));
-            println!(
-                "done: {} steps, train loss {:.4}, {:?}, {:.0} images/s, summary in {}",
-                s.steps,
-                s.train_loss,
-                s.eval,
-                s.items_per_sec,
-                out.display()
-            );
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }
 
 #[cfg(test)]

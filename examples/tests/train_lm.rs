@@ -40,6 +40,10 @@ fn a_short_run_learns_and_leaves_a_summary_and_a_checkpoint() {
         let (ok, out, err) = train(bin, &["--steps", "12", "--out", dir.to_str().unwrap()]);
         assert!(ok, "{name}: {err}");
         assert!(out.contains("sample"), "{name} prints samples: {out}");
+        assert!(
+            out.contains(&format!("tokens/s, summary in {}", dir.display())),
+            "{name} ends with where the run is: {out}"
+        );
         let s = json(&dir.join("summary.json"));
         for k in [
             "model",

@@ -13,7 +13,7 @@
 
 use clap::Parser;
 use neural_arch_examples::bert::{self, BertArgs};
-use neural_arch_examples::cli::Defaults;
+use neural_arch_examples::cli::{report, Defaults};
 use std::process::ExitCode;
 
 /// Pre-train BERT by masked-language modelling, or fine-tune it on movie-review sentiment.
@@ -42,17 +42,5 @@ fn main() -> ExitCode {
         warmup_steps: 60,
         unit: "tokens",
     };
-    match bert::run(&cli.args, &mlm, &sentiment) {
-        Ok(s) => {
-            println!(
-                "done: {} steps, train loss {:.4}, {:?}, {:.0} tokens/s",
-                s.steps, s.train_loss, s.eval, s.items_per_sec
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(&cli.args.common, bert::run(&cli.args, &mlm, &sentiment))
 }

@@ -30,7 +30,7 @@ use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_examples::cli::{
-    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+    apply_epochs, report, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
 use neural_arch_examples::clip_data::{
     self as data, eval_scenes, held_out_singles, mix, normalise, train_scene, Emoji, Scene, Split,
@@ -40,7 +40,7 @@ use neural_arch_examples::lm::fetched;
 use neural_arch_models::clip::{normalize, zero_shot_probabilities, ClipTiny};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 type Clip = Built<ClipTiny, f32, Cpu>;
@@ -593,29 +593,7 @@ fn run(cli: &Cli) -> Result<RunSummary> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(s) => {
-            let out = cli
-                .common
-                .out
-                .clone()
-                .or(cli.common.resume.clone())
-                .unwrap_or_else(|| PathBuf::from("runs").join(format!("clip-{}", s.preset)));
-            println!(
-                "done: {} steps, train loss {:.4}, {:?}, {:.0} images/s, summary in {}",
-                s.steps,
-                s.train_loss,
-                s.eval,
-                s.items_per_sec,
-                out.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(&cli.common, run(&cli))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use neural_arch::prelude::*;
-use neural_arch_examples::cli::Defaults;
+use neural_arch_examples::cli::{report, Defaults};
 use neural_arch_examples::lm::{self, Corpus, LmArgs};
 use neural_arch_models::gpt2::{self, Gpt2Small, Gpt2Tiny};
 use std::process::ExitCode;
@@ -58,27 +58,5 @@ fn main() -> ExitCode {
             "unknown preset `{other}` for gpt2; choose tiny or small"
         )),
     };
-    match result {
-        Ok(s) => {
-            println!(
-                "done: {} steps, train loss {:.4}, {:?}, {:.0} tokens/s, summary in {}",
-                s.steps,
-                s.train_loss,
-                s.eval,
-                s.items_per_sec,
-                cli.lm
-                    .common
-                    .out
-                    .clone()
-                    .or(cli.lm.common.resume.clone())
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| format!("runs/gpt2-{}", s.preset))
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(&cli.lm.common, result)
 }

@@ -1,6 +1,6 @@
 //! Trains the Llama-style transformer (RoPE, grouped-query attention, SwiGLU, RMSNorm; the
 //! `tiny` preset by default) on the Brown corpus (`python3 tools/fetch_data.py brown`), with
-//! its own byte-level BPE; `--corpus embedded` trains on the same Shakespeare as `train-llama`,
+//! its own byte-level BPE; `--corpus embedded` trains on the same Shakespeare as `train-gpt2`,
 //! for a comparison at equal parameters and steps. Prints the validation loss beside the
 //! unigram baseline, and samples.
 //!
@@ -13,7 +13,7 @@
 
 use clap::Parser;
 use neural_arch::prelude::*;
-use neural_arch_examples::cli::Defaults;
+use neural_arch_examples::cli::{report, Defaults};
 use neural_arch_examples::lm::{self, Corpus, LmArgs};
 use neural_arch_models::llama::{self, LlamaTiny};
 use std::process::ExitCode;
@@ -49,27 +49,5 @@ fn main() -> ExitCode {
             "unknown preset `{other}` for llama; choose tiny (the 1.1B `tinyllama` preset is for a GPU, issue #7)"
         )),
     };
-    match result {
-        Ok(s) => {
-            println!(
-                "done: {} steps, train loss {:.4}, {:?}, {:.0} tokens/s, summary in {}",
-                s.steps,
-                s.train_loss,
-                s.eval,
-                s.items_per_sec,
-                cli.lm
-                    .common
-                    .out
-                    .clone()
-                    .or(cli.lm.common.resume.clone())
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| format!("runs/llama-{}", s.preset))
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(&cli.lm.common, result)
 }

@@ -15,7 +15,7 @@
 
 use clap::Parser;
 use neural_arch::prelude::*;
-use neural_arch_examples::cli::Defaults;
+use neural_arch_examples::cli::{report, Defaults};
 use neural_arch_examples::images::{self, ImageArgs};
 use neural_arch_models::resnet::ResNetTiny;
 use std::process::ExitCode;
@@ -56,5 +56,5 @@ fn main() -> ExitCode {
             "unknown preset `{other}` for resnet; choose tiny"
         )),
     };
-    images::report("resnet", &cli.args, result)
+    report(&cli.args.common, result)
 }

@@ -16,7 +16,7 @@
 use clap::Parser;
 use neural_arch::prelude::*;
 use neural_arch_examples::attention;
-use neural_arch_examples::cli::Defaults;
+use neural_arch_examples::cli::{report, Defaults};
 use neural_arch_examples::images::{self, ImageArgs};
 use neural_arch_models::vit::VitTiny;
 use std::process::ExitCode;
@@ -62,5 +62,5 @@ fn main() -> ExitCode {
             "unknown preset `{other}` for vit; choose tiny"
         )),
     };
-    images::report("vit", &cli.args, result)
+    report(&cli.args.common, result)
 }
