@@ -62,6 +62,14 @@ pub trait Task<M, E: Dtype, D: Device<E>> {
     /// Evaluates on held-out data; the keys become the metrics' names (`eval_loss`, ...).
     fn evaluate(&mut self, model: &mut M) -> Result<Metrics, Error>;
 
+    /// Runs after each optimizer step, before anything reads the weights (evaluation, a
+    /// checkpoint, the next step): where a task keeps a parameter inside its bounds, as CLIP
+    /// clamps its temperature. Nothing by default.
+    fn after_step(&mut self, model: &mut M) -> Result<(), Error> {
+        let _ = model;
+        Ok(())
+    }
+
     /// Lines to print after an evaluation, such as generated text. None by default.
     fn samples(&mut self, model: &mut M) -> Result<Vec<String>, Error> {
         let _ = model;
@@ -372,6 +380,7 @@ impl Trainer {
                 None => f64::NAN,
             };
             opt.step(model, &mut g)?;
+            task.after_step(model)?;
             grads = Some(g);
             let dt = t0.elapsed().as_secs_f64();
             step_time += dt;
@@ -766,6 +775,74 @@ mod tests {
                 "summary.json lacks {k}: {summary}"
             );
         }
+        Ok(())
+    }
+
+    /// The regression under a constraint, bias ≤ 0, that `after_step` restores after every
+    /// step (the target's bias is +0.25, so training alone would break it).
+    struct NonPositiveBias {
+        inner: Regression,
+        calls: usize,
+    }
+
+    impl Task<Model, f32, Cpu> for NonPositiveBias {
+        fn train_step(
+            &mut self,
+            model: &mut Model,
+            step: usize,
+            grads: Gradients<f32, Cpu>,
+        ) -> Result<StepOutput<f32, Cpu>, Error> {
+            self.inner.train_step(model, step, grads)
+        }
+
+        fn after_step(&mut self, model: &mut Model) -> Result<(), Error> {
+            self.calls += 1;
+            let b = model.bias.array()[0].min(0.0);
+            model.bias.copy_from(&[b]);
+            Ok(())
+        }
+
+        fn evaluate(&mut self, model: &mut Model) -> Result<Metrics, Error> {
+            self.inner.evaluate(model)
+        }
+    }
+
+    #[test]
+    fn after_step_runs_after_every_optimizer_step() -> Result<(), Error> {
+        let dir = temp("after-step");
+        let dev = Cpu::seed_from_u64(1);
+        let mut model = dev.build_module::<Linear<3, 1>, f32>();
+        let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(0.3, 0.01));
+        let mut task = NonPositiveBias {
+            inner: Regression {
+                seed: 7,
+                stop_at: None,
+            },
+            calls: 0,
+        };
+        Trainer::new(config(&dir))?.run(&mut task, &mut model, &mut opt, false)?;
+        assert_eq!(task.calls, 20);
+        assert!(model.bias.array()[0] <= 0.0, "{:?}", model.bias.array());
+        // The checkpoint holds the constrained weights.
+        let mut saved = dev.build_module::<Linear<3, 1>, f32>();
+        crate::checkpoint::load_safetensors(
+            &mut saved,
+            dir.join("checkpoint").join("model.safetensors"),
+            &Default::default(),
+        )?;
+        assert_eq!(saved.bias.array(), model.bias.array());
+        // Unconstrained, the same run ends with a positive bias.
+        let free = temp("after-step-free");
+        let mut model = dev.build_module::<Linear<3, 1>, f32>();
+        let mut opt: Adam<_, f32, Cpu> = Adam::new(&model, adamw(0.3, 0.01));
+        let mut task = Regression {
+            seed: 7,
+            stop_at: None,
+        };
+        Trainer::new(config(&free))?.run(&mut task, &mut model, &mut opt, false)?;
+        assert!(model.bias.array()[0] > 0.0, "{:?}", model.bias.array());
+        std::fs::remove_dir_all(dir).ok();
+        std::fs::remove_dir_all(free).ok();
         Ok(())
     }
 

@@ -316,9 +316,6 @@ impl Task<Clip, f32, Cpu> for ClipTask {
         step: usize,
         grads: Gradients<f32, Cpu>,
     ) -> Result<StepOutput<f32, Cpu>, ModelError> {
-        // OpenAI clamps the temperature after each optimizer step; the trainer has no hook
-        // there, so it happens before the next forward pass, which sees the same value.
-        model.logit_scale.clamp();
         let pairs: Vec<Pair> = (0..self.batch)
             .map(|i| self.pair_at((step * self.batch + i) as u64))
             .collect();
@@ -337,8 +334,13 @@ impl Task<Clip, f32, Cpu> for ClipTask {
         })
     }
 
-    fn evaluate(&mut self, model: &mut Clip) -> Result<Metrics, ModelError> {
+    /// OpenAI's clamp of the temperature to at most 100, after every optimizer step.
+    fn after_step(&mut self, model: &mut Clip) -> Result<(), ModelError> {
         model.logit_scale.clamp();
+        Ok(())
+    }
+
+    fn evaluate(&mut self, model: &mut Clip) -> Result<Metrics, ModelError> {
         self.evaluate_inner(model)
             .map_err(|e| ModelError::Config(format!("{e:#}")))
     }
