@@ -61,6 +61,8 @@ fn trains_on_scenes_and_resumes_exactly() {
         "chance_r_at_1",
         "zero_shot_colour",
         "zero_shot_shape",
+        "zero_shot_colour_seen",
+        "zero_shot_shape_seen",
         "images_per_sec",
         "peak_rss_bytes",
         "device",

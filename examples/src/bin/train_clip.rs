@@ -10,7 +10,8 @@
 //! captions; `chance_r_at_1` / `chance_r_at_10` are the exact rates of a random ranking);
 //! `r_at_1_seen` on scenes of training combinations; `zero_shot_colour` and `zero_shot_shape`,
 //! the accuracy of classifying the colour ("a red object", ...) and the shape ("a circle", ...)
-//! of the 80 single-object held-out scenes with `zero_shot_probabilities`; with emoji,
+//! of the 80 single-object held-out scenes with `zero_shot_probabilities`, and
+//! `zero_shot_colour_seen` / `zero_shot_shape_seen` on 80 of training combinations; with emoji,
 //! `emoji_r_at_1` / `emoji_r_at_10` on held-out emoji. At the end (and with `--eval-only`),
 //! `DIR/similarity.png` shows the caption–image cosine similarities of 16 evaluation pairs.
 //!
@@ -33,8 +34,8 @@ use neural_arch_examples::cli::{
     apply_epochs, report, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
 use neural_arch_examples::clip_data::{
-    self as data, eval_scenes, held_out_singles, mix, normalise, train_scene, Emoji, Scene, Split,
-    Vocab, COLOURS, PIXELS, SHAPES, SIDE,
+    self as data, eval_scenes, mix, normalise, train_scene, Emoji, Scene, Split, Vocab, COLOURS,
+    PIXELS, SHAPES, SIDE,
 };
 use neural_arch_examples::lm::fetched;
 use neural_arch_models::clip::{normalize, zero_shot_probabilities, ClipTiny};
@@ -114,6 +115,8 @@ struct ClipTask {
     emoji_eval: Vec<Pair>,
     /// Single-object held-out scenes for zero-shot classification (not with `--data emoji`).
     singles: Vec<Scene>,
+    /// Single-object scenes of training combinations, likewise.
+    singles_seen: Vec<Scene>,
     dev: Cpu,
     /// Image×caption cosine similarities of `eval` at the last evaluation.
     last_sim: Option<Vec<f32>>,
@@ -228,11 +231,12 @@ impl ClipTask {
     fn zero_shot(
         &self,
         model: &Clip,
+        scenes: &[Scene],
         prompts: &[String],
         label: impl Fn(&Scene) -> usize,
     ) -> Result<f64> {
         let captions: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
-        let rendered: Vec<Vec<f32>> = self.singles.iter().map(|s| s.render()).collect();
+        let rendered: Vec<Vec<f32>> = scenes.iter().map(|s| s.render()).collect();
         let images: Vec<&[f32]> = rendered.iter().map(|v| v.as_slice()).collect();
         let (text, image) = self.features(model, &captions, &images)?;
         let classes = self
@@ -241,16 +245,15 @@ impl ClipTask {
             .map_err(ModelError::from)?;
         let images = self
             .dev
-            .try_tensor_from_vec(image, (self.singles.len(), Const::<PR>))
+            .try_tensor_from_vec(image, (scenes.len(), Const::<PR>))
             .map_err(ModelError::from)?;
         let p = zero_shot_probabilities(images, classes, &model.logit_scale)?.as_vec();
-        let correct = self
-            .singles
+        let correct = scenes
             .iter()
             .zip(p.chunks_exact(prompts.len()))
             .filter(|(s, row)| argmax(row) == label(s))
             .count();
-        Ok(correct as f64 / self.singles.len().max(1) as f64)
+        Ok(correct as f64 / scenes.len().max(1) as f64)
     }
 }
 
@@ -396,13 +399,16 @@ impl ClipTask {
             m.insert("emoji_r_at_1".into(), recall_at(&sim, &captions, 1));
             m.insert("emoji_r_at_10".into(), recall_at(&sim, &captions, 10));
         }
-        if !self.singles.is_empty() {
-            let prompts: Vec<String> = COLOURS.iter().map(|c| format!("a {c} object")).collect();
-            let colour = self.zero_shot(model, &prompts, |s| s.objects[0].colour)?;
-            m.insert("zero_shot_colour".into(), colour);
-            let prompts: Vec<String> = SHAPES.iter().map(|s| format!("a {s}")).collect();
-            let shape = self.zero_shot(model, &prompts, |s| s.objects[0].shape)?;
-            m.insert("zero_shot_shape".into(), shape);
+        let colours: Vec<String> = COLOURS.iter().map(|c| format!("a {c} object")).collect();
+        let shapes: Vec<String> = SHAPES.iter().map(|s| format!("a {s}")).collect();
+        for (scenes, suffix) in [(&self.singles, ""), (&self.singles_seen, "_seen")] {
+            if scenes.is_empty() {
+                continue;
+            }
+            let colour = self.zero_shot(model, scenes, &colours, |s| s.objects[0].colour)?;
+            m.insert(format!("zero_shot_colour{suffix}"), colour);
+            let shape = self.zero_shot(model, scenes, &shapes, |s| s.objects[0].shape)?;
+            m.insert(format!("zero_shot_shape{suffix}"), shape);
         }
         Ok(m)
     }
@@ -563,7 +569,12 @@ fn run(cli: &Cli) -> Result<RunSummary> {
             Vec::new()
         },
         singles: if scenes {
-            held_out_singles()
+            data::singles(Split::HeldOut)
+        } else {
+            Vec::new()
+        },
+        singles_seen: if scenes {
+            data::singles(Split::Train)
         } else {
             Vec::new()
         },
