@@ -31,6 +31,7 @@
 //! Batches and masks are pure functions of the seed and the step, so a resumed run sees what
 //! an uninterrupted one would.
 
+use crate::argmax;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
@@ -449,16 +450,6 @@ impl<D: Device<f32>> MlmTask<D> {
             })
             .collect()
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// BERT tiny with its masked-LM head, as built on the CPU.

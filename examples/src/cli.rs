@@ -80,6 +80,15 @@ pub struct Defaults {
 }
 
 impl CommonArgs {
+    /// The run's directory: `--resume DIR`, `--out DIR`, or `runs/<model>-<preset>`.
+    pub fn out_dir(&self, model: &str) -> PathBuf {
+        match (&self.resume, &self.out) {
+            (Some(r), _) => r.clone(),
+            (None, Some(o)) => o.clone(),
+            (None, None) => PathBuf::from("runs").join(format!("{model}-{}", self.preset)),
+        }
+    }
+
     /// Refuses what this build cannot do, with the way to get it.
     pub fn check_device(&self) -> Result<()> {
         match self.device.as_str() {
@@ -122,11 +131,7 @@ impl CommonArgs {
         if steps == 0 {
             bail!("--steps must be at least 1");
         }
-        let out = match (&self.resume, &self.out) {
-            (Some(r), _) => r.clone(),
-            (None, Some(o)) => o.clone(),
-            (None, None) => PathBuf::from("runs").join(format!("{model}-{}", self.preset)),
-        };
+        let out = self.out_dir(model);
         let lr = self.lr.unwrap_or(d.lr);
         Ok(TrainConfig {
             model: model.into(),
@@ -263,11 +268,7 @@ where
 pub fn report(c: &CommonArgs, result: Result<RunSummary>) -> std::process::ExitCode {
     match result {
         Ok(s) => {
-            // The directory `train_config` chose: --out, --resume, or runs/<model>-<preset>.
-            let out =
-                c.out.clone().or(c.resume.clone()).unwrap_or_else(|| {
-                    PathBuf::from("runs").join(format!("{}-{}", s.model, s.preset))
-                });
+            let out = c.out_dir(&s.model);
             println!(
                 "done: {} steps, train loss {:.4}, {:?}, {:.0} {}/s, summary in {}",
                 s.steps,

@@ -22,6 +22,7 @@
 //! [`VitTiny`]: neural_arch_models::vit::VitTiny
 //! [`ResNetTiny`]: neural_arch_models::resnet::ResNetTiny
 
+use crate::argmax;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
@@ -316,16 +317,6 @@ impl<D: Device<f32>> ImageTask<D> {
         }
         (x, y)
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 impl<D, M> Task<M, f32, D> for ImageTask<D>

@@ -42,7 +42,8 @@ pub mod wordpiece;
 
 // dfdx allocates every tensor afresh. glibc gives the large freed blocks back to the kernel and
 // faults them in again on the next step: a quarter of a GPT-2 run's CPU time was system time.
-// mimalloc keeps them for reuse. Every binary and test of this crate links it.
+// mimalloc keeps them for reuse (when MIMALLOC_PURGE_DELAY=-1, which `cargo run` sets through
+// .cargo/config.toml). Every binary and test of this crate links it.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -354,7 +355,9 @@ fn count_correct(logits: &[f32], labels: &[usize]) -> usize {
         .count()
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// The index of the largest value of `row` (the first of equal ones; 0 for an empty row): the
+/// predicted class of a row of logits.
+pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {

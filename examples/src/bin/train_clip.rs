@@ -30,6 +30,7 @@ use clap::{Parser, ValueEnum};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
+use neural_arch_examples::argmax;
 use neural_arch_examples::cli::{
     apply_epochs, report, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
 };
@@ -259,16 +260,6 @@ impl ClipTask {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Image→text recall at `k`: the share of images (rows of `sim`, `n × n`) with a caption

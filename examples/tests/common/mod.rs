@@ -66,3 +66,14 @@ pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
+
+/// The run of `outcome` (from [`run`]) failed with a message, not a panic, and its stderr holds
+/// every one of `expected`.
+pub fn assert_clear_error(outcome: (bool, String, String), expected: &[&str]) {
+    let (ok, stdout, stderr) = outcome;
+    assert!(!ok, "succeeded on bad input:\n{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
+    }
+}
