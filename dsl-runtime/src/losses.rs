@@ -2,7 +2,8 @@
 //!
 //! Each works with any tape (inference or training) and element type, on any device, is
 //! computed from dfdx ops (so it back-propagates to every tensor input), and returns
-//! [`Error`] for input that does not fit instead of panicking.
+//! [`Error`] for input that does not fit instead of panicking. [`cross_entropy`] has a fused
+//! kernel for `f32` and `f64` on the CPU, which the tests check against the composition.
 //!
 //! | here | PyTorch |
 //! | --- | --- |
@@ -11,14 +12,16 @@
 //! | [`bce_with_logits`] | `F.binary_cross_entropy_with_logits(logits, targets)` |
 //! | [`clip_loss`] | CLIP's symmetric InfoNCE (<https://arxiv.org/abs/2103.00020>, Figure 3) |
 
-use crate::layers::LogitScaleModule;
+use crate::layers::cpu_fast::{cpu_vec, fused_float, par_rows, sum8, CPU};
+use crate::layers::{cast, LogitScaleModule, Real};
 use crate::{Elem, Error};
 use dfdx::shapes::{Axes2, Axis, Const, Dim, Dtype, HasShape, Rank0, Shape};
-use dfdx::tensor::{HasErr, Merge, Storage, Tape, Tensor, WithEmptyTape};
+use dfdx::tensor::{HasErr, Merge, PutTape, SplitTape, Storage, Tape, Tensor, WithEmptyTape};
 use dfdx::tensor_ops::{
     BroadcastTo, Device, MeanTo, PermuteTo, ReshapeTo, SelectTo, SumTo, TryAdd, TryDiv, TryMatMul,
     TryMul, TrySub,
 };
+use std::any::{Any, TypeId};
 
 /// `(rows, C)` logits or `(N, K)` embeddings.
 type Matrix<N, const C: usize, E, D, T> = Tensor<(N, Const<C>), E, D, T>;
@@ -134,6 +137,13 @@ where
         });
     }
     let counted = targets.iter().filter(|&&t| !ignored(t)).count();
+    if fused_float::<E, D>() {
+        return Ok(if TypeId::of::<E>() == TypeId::of::<f32>() {
+            cross_entropy_cpu::<f32, C, E, D, T>(x, targets, ignore_index, eps, counted)?
+        } else {
+            cross_entropy_cpu::<f64, C, E, D, T>(x, targets, ignore_index, eps, counted)?
+        });
+    }
     let logp = x.try_log_softmax::<Axis<1>>()?;
     if counted == 0 {
         return Ok(logp.try_sum::<Rank0, _>()?.try_mul(E::default())?);
@@ -168,6 +178,78 @@ where
         total = total.try_add(row_sums.try_mul(weights)?.try_sum::<Rank0, _>()?)?;
     }
     Ok(total.try_negate()?)
+}
+
+/// [`cross_entropy`] on the CPU in one kernel, for `F` = `E` = `f32` or `f64` (row sums in
+/// `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
+/// gradient `∂ℓ/∂x = p·(a + C·s) − s − a·[c = y]` (`a`, `s` the row's weights of the target
+/// and of the smoothing) written over a copy of the logits. Backward scales that by the loss's
+/// gradient. dfdx's `log_softmax`, `select` and `sum` make about a dozen passes over the
+/// `rows × C` logits, each into a new buffer; this makes four, into one, and for a language
+/// model's vocabulary those passes are most of the time outside the matrix products.
+fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<(usize, Const<C>), E, D, T>,
+    targets: &[usize],
+    ignore_index: Option<usize>,
+    eps: f64,
+    counted: usize,
+) -> Result<Tensor<Rank0, E, D, T>, D::Err> {
+    let shape = *x.shape();
+    // Free for contiguous logits; a strided view is copied on the tape first.
+    let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
+    let mut d = vec![E::default(); shape.num_elements()];
+    x.copy_into(&mut d);
+    let mut d: Vec<F> = cast(d);
+    let denom = counted.max(1) as f64;
+    let (nll_w, smooth_w) = ((1.0 - eps) / denom, eps / (C as f64 * denom));
+    let f = |v: &F| v.to_f64().unwrap_or(f64::NAN);
+    let grad = T::OWNS_TAPE;
+    let partial = par_rows(&mut d, C, |row0, chunk| {
+        let mut total = 0.0f64;
+        for (row, t) in chunk.chunks_exact_mut(C).zip(&targets[row0..]) {
+            if ignore_index == Some(*t) {
+                row.iter_mut().for_each(|v| *v = F::zero());
+                continue;
+            }
+            let (a, s) = (nll_w, smooth_w);
+            let max = row.iter().fold(F::neg_infinity(), |m, &v| m.max(v));
+            let x_t = f(&row[*t]);
+            let x_sum = if s > 0.0 {
+                sum8(row, row, |v, _| f(v))
+            } else {
+                0.0
+            };
+            row.iter_mut().for_each(|v| *v = (*v - max).exp_());
+            let sum = sum8(row, row, |e, _| f(e));
+            let lse = f(&max) + sum.ln();
+            total += a * (lse - x_t) + s * (C as f64 * lse - x_sum);
+            if grad {
+                let scale = F::from((a + C as f64 * s) / sum).unwrap_or_else(F::nan);
+                let s = F::from(s).unwrap_or_else(F::nan);
+                row.iter_mut().for_each(|v| *v = *v * scale - s);
+                row[*t] = row[*t] - F::from(a).unwrap_or_else(F::nan);
+            }
+        }
+        total
+    });
+    let total: f64 = partial.into_iter().sum();
+    let dev = x.device().clone();
+    let loss = dev.try_tensor_from_vec(vec![E::from_f64(total).unwrap_or_default()], ())?;
+    if grad {
+        let (x, loss_ghost) = (x.ghost(), loss.ghost());
+        tape.add_backward_op(move |grads| {
+            let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&loss_ghost)?).expect(CPU)[0];
+            let g = F::from(g.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
+            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
+            let g_x: &mut Vec<F> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
+            par_rows(g_x, C, |row0, g_x| {
+                let d = &d[row0 * C..row0 * C + g_x.len()];
+                g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
+            });
+            Ok(())
+        });
+    }
+    Ok(loss.put_tape(tape))
 }
 
 /// Checks that two tensors a loss combines element-wise have the same (runtime) shape.
@@ -339,6 +421,7 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grads, check_param_grads};
+    use crate::layers::cpu_fast::{both_paths, composition_only};
     use crate::layers::LogitScale;
     use crate::prelude::*;
     use serde_json::Value;
@@ -402,16 +485,65 @@ mod tests {
 
     #[test]
     fn cross_entropy_with_ignore_index_and_label_smoothing_matches_torch() {
-        check_ce_2d::<5>("ce_2d");
+        both_paths(|_| check_ce_2d::<5>("ce_2d"));
     }
 
     #[test]
     fn plain_cross_entropy_matches_torch() {
-        check_ce_2d::<3>("ce_plain");
+        both_paths(|_| check_ce_2d::<3>("ce_plain"));
+    }
+
+    /// The fused CPU kernel in `f32` against the composition of dfdx ops (what other devices
+    /// run) in `f64`, on logits large enough to be split over several rayon tasks, with
+    /// ignored rows and smoothing; the loss's own gradient (3 here) scales the logits'. The
+    /// f32 composition is no closer to the f64 values than the kernel.
+    #[test]
+    fn fused_cross_entropy_in_f32_matches_the_composition_in_f64() {
+        const C: usize = 1000;
+        let dev = Cpu::seed_from_u64(3);
+        let rows = 37;
+        let x64: Tensor<(usize, Const<C>), f64, _> =
+            dev.sample_normal_like(&(rows, Const)).try_mul(4.0).unwrap();
+        let x32 = x64.clone().to_dtype::<f32>();
+        let t: Vec<usize> = (0..rows)
+            .map(|i| if i % 5 == 2 { 999 } else { (i * 37) % C })
+            .collect();
+        for eps in [0.0, 0.1] {
+            let opts = CrossEntropy {
+                ignore_index: Some(999),
+                label_smoothing: eps,
+            };
+            let loss = cross_entropy(x32.leaky_trace(), &t, opts).unwrap();
+            let fused = loss.array() as f64;
+            let g_fused = loss.try_mul(3.0).unwrap().backward().get(&x32).as_vec();
+            let (want, g_want) = composition_only(|| {
+                let loss = cross_entropy(x64.leaky_trace(), &t, opts).unwrap();
+                let value = loss.array();
+                (
+                    value,
+                    loss.try_mul(3.0).unwrap().backward().get(&x64).as_vec(),
+                )
+            });
+            assert!(
+                (fused - want).abs() <= 1e-6 * want.abs(),
+                "{fused} vs {want}"
+            );
+            let err = g_fused
+                .iter()
+                .zip(&g_want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(err <= 2e-8, "eps {eps}: gradients differ by {err:e}");
+            assert!(g_fused.iter().any(|g| *g != 0.0));
+        }
     }
 
     #[test]
     fn cross_entropy_on_3d_logits_matches_torch() {
+        both_paths(|_| cross_entropy_3d());
+    }
+
+    fn cross_entropy_3d() {
         let case = &reference()["ce_3d"];
         let dev = Cpu::default();
         let x: Tensor<Rank3<2, 3, 4>, f64, _> =
@@ -439,6 +571,10 @@ mod tests {
 
     #[test]
     fn cross_entropy_rejects_bad_targets_and_options() {
+        both_paths(|_| rejects_bad_targets_and_options());
+    }
+
+    fn rejects_bad_targets_and_options() {
         let dev = Cpu::default();
         let x: Tensor<Rank2<2, 3>, f64, _> = dev.zeros();
         let opts = CrossEntropy {

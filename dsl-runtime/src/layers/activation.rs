@@ -116,7 +116,7 @@ activation!(
     /// PyTorch: `torch.nn.Softmax(dim=-1)`.
     Softmax, |x| {
         if fused_real::<S, E, D>(x.shape()) {
-            return softmax_cpu::<false, S, E, D, T>(x);
+            return softmax_cpu::<false, S, E, D, T>(x, None);
         }
         x.try_softmax::<S::LastAxis>()
     }
@@ -126,7 +126,7 @@ activation!(
     /// PyTorch: `torch.nn.LogSoftmax(dim=-1)`.
     LogSoftmax, |x| {
         if fused_real::<S, E, D>(x.shape()) {
-            return softmax_cpu::<true, S, E, D, T>(x);
+            return softmax_cpu::<true, S, E, D, T>(x, None);
         }
         x.try_log_softmax::<S::LastAxis>()
     }
@@ -138,7 +138,7 @@ activation!(
 /// uses inlined approximations (Cephes' `expf`, the Abramowitz & Stegun `erf` that PyTorch's
 /// vectorised CPU kernels use; errors around 1e-7): `libm::erff` and `expf` are out-of-line
 /// calls, and `perf` showed them taking most of a GELU pass.
-trait Real: Float + FloatConst + Send + Sync + 'static {
+pub(crate) trait Real: Float + FloatConst + Send + Sync + 'static {
     fn erf(self) -> Self;
     fn exp_(self) -> Self;
     fn tanh_(self) -> Self;
@@ -206,7 +206,7 @@ fn fused_real<S: Shape, E: Dtype, D: Device<E>>(shape: &S) -> bool {
 }
 
 /// `v` as the `Vec<B>` it is, for `A` and `B` the same type (checked by the caller).
-fn cast<A: 'static, B: 'static>(v: Vec<A>) -> Vec<B> {
+pub(crate) fn cast<A: 'static, B: 'static>(v: Vec<A>) -> Vec<B> {
     *(Box::new(v) as Box<dyn Any>)
         .downcast::<Vec<B>>()
         .expect("fused_real checked the element type")
@@ -331,22 +331,58 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
     Ok(out.put_tape(tape))
 }
 
+/// Where a masked softmax over the last axis may look.
+pub(crate) enum Mask {
+    /// One flag per score, row-major: false scores get weight 0 and no gradient. A row with
+    /// nothing kept becomes all zeros when `empty_rows_zero` (PyTorch's
+    /// `scaled_dot_product_attention`), else uniform (the softmax of equal fill values), with
+    /// no gradient to the scores either way.
+    Flags {
+        /// The flags, as many as scores.
+        keep: Vec<bool>,
+        /// What a row with nothing kept becomes.
+        empty_rows_zero: bool,
+    },
+    /// Causal attention over a cache of `past` positions: row `i` is the query at position
+    /// `i mod queries` and sees the keys `0..=past + i mod queries`.
+    Causal {
+        /// Queries per block of rows.
+        queries: usize,
+        /// Cached positions before the first query.
+        past: usize,
+    },
+}
+
+impl Mask {
+    /// Row `i`'s flags, or the number of leading scores it keeps.
+    fn row(&self, i: usize, m: usize) -> Result<&[bool], usize> {
+        match self {
+            Mask::Flags { keep, .. } => Ok(&keep[i * m..(i + 1) * m]),
+            Mask::Causal { queries, past } => Err((past + i % queries + 1).min(m)),
+        }
+    }
+}
+
 /// Softmax (`LOG` false) or LogSoftmax over the last axis on the CPU, one pass per row each way,
 /// in `F` = the element type with the row sums in `f64`. The row maximum is subtracted before
 /// `exp`. Backward from the saved output `y`: softmax `dx = y·(g - Σ g·y)`, log-softmax
-/// `dx = g - eʸ·Σ g`.
-fn softmax_cpu<const LOG: bool, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+/// `dx = g - eʸ·Σ g`. With a [`Mask`] (softmax only), masked scores take no part: weight 0,
+/// gradient 0, as `keep.choose(x, −∞)` followed by a softmax gives.
+pub(crate) fn softmax_cpu<const LOG: bool, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
+    mask: Option<Mask>,
 ) -> Result<Tensor<S, E, D, T>, D::Err> {
+    debug_assert!(!LOG || mask.is_none(), "masks are for softmax");
     if TypeId::of::<E>() == TypeId::of::<f32>() {
-        softmax_real::<LOG, f32, S, E, D, T>(x)
+        softmax_real::<LOG, f32, S, E, D, T>(x, mask)
     } else {
-        softmax_real::<LOG, f64, S, E, D, T>(x)
+        softmax_real::<LOG, f64, S, E, D, T>(x, mask)
     }
 }
 
 fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
+    mask: Option<Mask>,
 ) -> Result<Tensor<S, E, D, T>, D::Err> {
     let shape = *x.shape();
     let n = shape.num_elements();
@@ -357,8 +393,43 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
     let mut out = vec![E::default(); n];
     x.copy_into(&mut out);
     let mut out: Vec<F> = cast(out);
-    par_rows(&mut out, m, |_, out| {
-        for y in out.chunks_exact_mut(m) {
+    let empty_zero = matches!(
+        mask,
+        Some(Mask::Flags {
+            empty_rows_zero: true,
+            ..
+        })
+    );
+    par_rows(&mut out, m, |row0, out| {
+        for (i, y) in out.chunks_exact_mut(m).enumerate() {
+            if let Some(mask) = &mask {
+                let kept = match mask.row(row0 + i, m) {
+                    Ok(k) if !k.iter().any(|&k| k) => {
+                        let fill = if empty_zero { 0.0 } else { 1.0 / m as f64 };
+                        y.iter_mut().for_each(|y| *y = F::from(fill).unwrap());
+                        continue;
+                    }
+                    Ok(k) => {
+                        let max = (y.iter().zip(k))
+                            .filter(|(_, &k)| k)
+                            .fold(F::neg_infinity(), |a, (&b, _)| a.max(b));
+                        for (y, &k) in y.iter_mut().zip(k) {
+                            *y = if k { (*y - max).exp_() } else { F::zero() };
+                        }
+                        &mut y[..]
+                    }
+                    Err(len) => {
+                        let (kept, rest) = y.split_at_mut(len);
+                        rest.iter_mut().for_each(|y| *y = F::zero());
+                        let max = kept.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+                        kept.iter_mut().for_each(|y| *y = (*y - max).exp_());
+                        kept
+                    }
+                };
+                let inv = F::from(1.0 / sum8(kept, kept, |e, _| f64_(e))).unwrap();
+                kept.iter_mut().for_each(|y| *y = *y * inv);
+                continue;
+            }
             let max = y.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
             if LOG {
                 let sum = sum8(y, y, |v, _| f64_(&(*v - max).exp_()));
@@ -386,12 +457,28 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
                     let span = i0 * m..i0 * m + g_x.len();
                     let rows = ys[span.clone()]
                         .chunks_exact(m)
-                        .zip(g[span].chunks_exact(m));
-                    for ((y, g), gx) in rows.zip(g_x.chunks_exact_mut(m)) {
+                        .zip(g[span.clone()].chunks_exact(m));
+                    for (j, ((y, g), gx)) in rows.zip(g_x.chunks_exact_mut(m)).enumerate() {
                         if LOG {
                             let s = F::from(sum8(g, g, |g, _| f64_(g))).unwrap();
                             for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
                                 *gx = *gx + g - y.exp_() * s;
+                            }
+                        } else if let Some(mask) = &mask {
+                            let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();
+                            match mask.row(i0 + j, m) {
+                                Ok(k) => {
+                                    for (((gx, &y), &g), &k) in gx.iter_mut().zip(y).zip(g).zip(k) {
+                                        if k {
+                                            *gx = *gx + y * (g - s);
+                                        }
+                                    }
+                                }
+                                Err(len) => {
+                                    for ((gx, &y), &g) in gx[..len].iter_mut().zip(y).zip(g) {
+                                        *gx = *gx + y * (g - s);
+                                    }
+                                }
                             }
                         } else {
                             let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();

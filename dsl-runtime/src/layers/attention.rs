@@ -11,7 +11,8 @@
     reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
 )]
 
-use super::LayerInfo;
+use super::cpu_fast::fused_float;
+use super::{softmax_cpu, LayerInfo, Mask};
 use crate::{Elem, Error};
 use dfdx::nn::modules::Linear as LinearModule;
 use dfdx::nn::{
@@ -60,6 +61,13 @@ where
     D: Device<E>,
     Tp: Tape<E, D>,
 {
+    if fused_float::<E, D>() {
+        let mask = keep.map(|keep| Mask::Flags {
+            keep: keep.as_vec(),
+            empty_rows_zero: empty_rows,
+        });
+        return attend_fused(q, k, v, mask);
+    }
     // Scaling q rather than the scores: N·hd multiplications instead of N·T.
     let scale = elem::<E>(1.0 / (q.shape().3.size() as f64).sqrt());
     let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
@@ -87,6 +95,31 @@ where
         }
     };
     weights.try_matmul(v)
+}
+
+/// [`attend`] with the masked softmax in one CPU kernel (`f32`, `f64`): dfdx's softmax and
+/// `choose` make about eight passes over the `B·G·N·T` scores, each into a new buffer; the
+/// kernel makes one each way.
+fn attend_fused<B, G, N, T, Hd, E, D, Tp>(
+    q: Tensor<(B, G, N, Hd), E, D, Tp>,
+    k: Tensor<(B, G, T, Hd), E, D, Tp>,
+    v: Tensor<(B, G, T, Hd), E, D, Tp>,
+    mask: Option<Mask>,
+) -> Result<Tensor<(B, G, N, Hd), E, D, Tp>, D::Err>
+where
+    B: Dim,
+    G: Dim,
+    N: Dim,
+    T: Dim,
+    Hd: Dim,
+    E: Elem,
+    D: Device<E>,
+    Tp: Tape<E, D>,
+{
+    let scale = elem::<E>(1.0 / (q.shape().3.size() as f64).sqrt());
+    let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
+    let scores = q.try_mul(scale)?.try_matmul(kt)?;
+    softmax_cpu::<false, _, E, D, Tp>(scores, mask)?.try_matmul(v)
 }
 
 /// `(B, S, W)` to `(B, heads, S, W/heads)`: a reshape and a permutation, no copy.
@@ -147,7 +180,16 @@ where
         q.try_reshape_like(&(b, g, rows, hd))?
     };
     // One new query sees every key; longer blocks need the triangle, shifted by the cache.
-    let keep = if s.size() > 1 {
+    let keep = if fused_float::<E, D>() {
+        let mask = (s.size() > 1).then_some(Mask::Causal {
+            queries: s.size(),
+            past,
+        });
+        return attend_fused(q, k, v, mask)?
+            .try_reshape_like(&(b, h, s, hd))?
+            .try_permute::<_, Axes4<0, 2, 1, 3>>()?
+            .try_reshape_like(&(b, s, w));
+    } else if s.size() > 1 {
         let dev = q.device().clone();
         let tri: Tensor<(usize, usize, usize), E, D> =
             dev.try_lower_tri_like(&(r, s.size(), t.size()), E::ONE, past as isize)?;
@@ -1039,6 +1081,7 @@ pub(crate) mod reference {
 mod tests {
     use super::reference::{assert_close, case, Case};
     use crate::gradcheck::{check_input_grads, check_param_grads, named_grads, named_values};
+    use crate::layers::cpu_fast::both_paths;
     use crate::prelude::*;
 
     type Dev = Cpu;
@@ -1088,6 +1131,10 @@ mod tests {
 
     #[test]
     fn self_attention_matches_pytorch() {
+        both_paths(|_| self_attention_matches_pytorch_on_this_path());
+    }
+
+    fn self_attention_matches_pytorch_on_this_path() {
         let dev = Dev::default();
         let c = case("self_attention");
         let mut m = self_attention::<8, 8>(&c, &dev);
@@ -1109,6 +1156,12 @@ mod tests {
 
     #[test]
     fn self_attention_with_other_key_and_value_widths_matches_pytorch() {
+        both_paths(|_| {
+            self_attention_with_other_key_and_value_widths_matches_pytorch_on_this_path()
+        });
+    }
+
+    fn self_attention_with_other_key_and_value_widths_matches_pytorch_on_this_path() {
         let dev = Dev::default();
         let c = case("self_attention_kv_widths");
         let m = self_attention::<6, 4>(&c, &dev);
@@ -1123,6 +1176,12 @@ mod tests {
 
     #[test]
     fn padding_mask_matches_pytorch_and_an_all_padding_row_gives_the_bias() {
+        both_paths(|_| {
+            padding_mask_matches_pytorch_and_an_all_padding_row_gives_the_bias_on_this_path()
+        });
+    }
+
+    fn padding_mask_matches_pytorch_and_an_all_padding_row_gives_the_bias_on_this_path() {
         let dev = Dev::default();
         let c = case("self_attention_padding");
         let mut m = self_attention::<8, 8>(&c, &dev);
@@ -1148,6 +1207,10 @@ mod tests {
 
     #[test]
     fn padding_keys_do_not_reach_other_positions() {
+        both_paths(|_| padding_keys_do_not_reach_other_positions_on_this_path());
+    }
+
+    fn padding_keys_do_not_reach_other_positions_on_this_path() {
         let dev = Dev::seed_from_u64(4);
         let m = dev.build_module::<SelfAttention<8, 2>, f64>();
         let x: Tensor<Rank3<2, 4, 8>, f64, Dev> = dev.sample_normal();
@@ -1184,6 +1247,10 @@ mod tests {
 
     #[test]
     fn self_attention_gradients_match_central_differences() {
+        both_paths(|_| self_attention_gradients_match_central_differences_on_this_path());
+    }
+
+    fn self_attention_gradients_match_central_differences_on_this_path() {
         let dev = Dev::seed_from_u64(1);
         let mut m = dev.build_module::<SelfAttention<8, 2>, f64>();
         let x: Tensor<Rank3<2, 3, 8>, f64, Dev> = dev.sample_normal();
@@ -1249,6 +1316,10 @@ mod tests {
 
     #[test]
     fn cross_attention_matches_pytorch() {
+        both_paths(|_| cross_attention_matches_pytorch_on_this_path());
+    }
+
+    fn cross_attention_matches_pytorch_on_this_path() {
         let dev = Dev::default();
         for (name, masked) in [
             ("cross_attention", false),
@@ -1283,6 +1354,10 @@ mod tests {
 
     #[test]
     fn cross_attention_gradients_match_central_differences() {
+        both_paths(|_| cross_attention_gradients_match_central_differences_on_this_path());
+    }
+
+    fn cross_attention_gradients_match_central_differences_on_this_path() {
         let dev = Dev::seed_from_u64(2);
         let mut m = dev.build_module::<CrossAttention<8, 2>, f64>();
         let q: Tensor<Rank3<2, 3, 8>, f64, Dev> = dev.sample_normal();

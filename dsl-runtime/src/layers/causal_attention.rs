@@ -174,12 +174,17 @@ impl<const M: usize, const H: usize, B: Dim, S: Dim, E: Elem, D: Device<E>, T: T
 mod tests {
     use crate::gradcheck::{check_input_grads, check_param_grads, named_grads, named_values};
     use crate::layers::attention::reference::{assert_close, case};
+    use crate::layers::cpu_fast::both_paths;
     use crate::prelude::*;
 
     type Dev = Cpu;
 
     #[test]
     fn matches_pytorch_forward_and_gradients() {
+        both_paths(|_| matches_pytorch_forward_and_gradients_on_this_path());
+    }
+
+    fn matches_pytorch_forward_and_gradients_on_this_path() {
         let dev = Dev::default();
         let c = case("causal");
         let mut m = CausalSelfAttentionModule::<8, 2, f64, Dev> {
@@ -206,6 +211,10 @@ mod tests {
 
     #[test]
     fn gradients_match_central_differences() {
+        both_paths(|_| gradients_match_central_differences_on_this_path());
+    }
+
+    fn gradients_match_central_differences_on_this_path() {
         let dev = Dev::seed_from_u64(5);
         let mut m = dev.build_module::<CausalSelfAttention<8, 2>, f64>();
         let x: Tensor<Rank3<2, 3, 8>, f64, Dev> = dev.sample_normal();
@@ -240,6 +249,10 @@ mod tests {
 
     #[test]
     fn a_later_token_does_not_change_earlier_outputs() {
+        both_paths(|_| a_later_token_does_not_change_earlier_outputs_on_this_path());
+    }
+
+    fn a_later_token_does_not_change_earlier_outputs_on_this_path() {
         let dev = Dev::seed_from_u64(6);
         let m = dev.build_module::<CausalSelfAttention<8, 2>, f64>();
         let x: Tensor<Rank3<2, 4, 8>, f64, Dev> = dev.sample_normal();
@@ -257,6 +270,10 @@ mod tests {
 
     #[test]
     fn cached_generation_equals_the_full_forward() {
+        both_paths(|_| cached_generation_equals_the_full_forward_on_this_path());
+    }
+
+    fn cached_generation_equals_the_full_forward_on_this_path() {
         let dev = Dev::seed_from_u64(7);
         let m = dev.build_module::<CausalSelfAttention<8, 2>, f64>();
         let x: Tensor<Rank3<2, 6, 8>, f64, Dev> = dev.sample_normal();

@@ -19,7 +19,7 @@ thread_local! {
 /// Runs `f` with the CPU fast paths switched off on this thread, so that the tests cover the
 /// op-composition path that other devices take.
 #[cfg(test)]
-pub(super) fn composition_only<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn composition_only<R>(f: impl FnOnce() -> R) -> R {
     COMPOSITION_ONLY.with(|c| c.set(true));
     let r = f();
     COMPOSITION_ONLY.with(|c| c.set(false));
@@ -27,7 +27,7 @@ pub(super) fn composition_only<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether `D` is the CPU (and the tests did not switch the fast paths off).
-pub(super) fn fused_cpu<E: Dtype, D: Storage<E>>() -> bool {
+pub(crate) fn fused_cpu<E: Dtype, D: Storage<E>>() -> bool {
     #[cfg(test)]
     if COMPOSITION_ONLY.with(|c| c.get()) {
         return false;
@@ -35,11 +35,19 @@ pub(super) fn fused_cpu<E: Dtype, D: Storage<E>>() -> bool {
     std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
 }
 
+/// Whether the fused CPU kernels take `E` on `D`: `f32` and `f64` on the CPU.
+pub(crate) fn fused_float<E: Dtype, D: Storage<E>>() -> bool {
+    use std::any::TypeId;
+    let float =
+        TypeId::of::<E>() == TypeId::of::<f32>() || TypeId::of::<E>() == TypeId::of::<f64>();
+    float && fused_cpu::<E, D>()
+}
+
 /// What a fused path says when a downcast that [`fused_cpu`] vouched for fails.
-pub(super) const CPU: &str = "fused_cpu checked that the device is the CPU";
+pub(crate) const CPU: &str = "fused_cpu checked that the device is the CPU";
 
 /// A CPU gradient buffer as the `Vec` it is; `None` on any other device.
-pub(super) fn cpu_vec<E: Dtype, D: Storage<E>>(v: &mut D::Vec) -> Option<&mut Vec<E>> {
+pub(crate) fn cpu_vec<E: Dtype, D: Storage<E>>(v: &mut D::Vec) -> Option<&mut Vec<E>> {
     let v: &mut dyn std::any::Any = v;
     v.downcast_mut::<<Cpu as Storage<E>>::Vec>()
         .map(|v| &mut **v)
@@ -57,14 +65,14 @@ pub(super) fn cpu_tensor<S: Shape, E: Dtype, D: Storage<E>>(
 /// Runs `f` on the CPU fast path, then on the op composition that other devices take; `f` gets
 /// the path's name for its messages.
 #[cfg(test)]
-pub(super) fn both_paths(mut f: impl FnMut(&str)) {
+pub(crate) fn both_paths(mut f: impl FnMut(&str)) {
     f("fused CPU path");
     composition_only(|| f("op composition"));
 }
 
 /// `Σ f(a[i], b[i])` in `f64`, in eight independent partial sums: one running sum is a chain
 /// of dependent additions that the compiler may not reorder; eight of them vectorise.
-pub(super) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
+pub(crate) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = (ca.remainder().iter().zip(cb.remainder()))
@@ -80,14 +88,14 @@ pub(super) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
 
 /// Elements one rayon task of a fused kernel works on: below this, handing rows to another
 /// thread costs more than it saves, and the whole tensor runs on the calling thread.
-pub(super) const TASK_ELEMS: usize = 1 << 15;
+pub(crate) const TASK_ELEMS: usize = 1 << 15;
 
 /// Runs `f(first_row, chunk)` over consecutive chunks of whole rows of `out` (rows of
 /// `row_len` elements), on rayon's pool (sized by `RAYON_NUM_THREADS`) when there is more than
 /// one chunk, and returns what each chunk returned, in row order. The chunks depend only on the
 /// sizes, never on the number of threads, so sums over the results are the same bits whatever
 /// the pool.
-pub(super) fn par_rows<B: Send, R: Send>(
+pub(crate) fn par_rows<B: Send, R: Send>(
     out: &mut [B],
     row_len: usize,
     f: impl Fn(usize, &mut [B]) -> R + Sync + Send,

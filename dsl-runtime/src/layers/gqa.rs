@@ -272,6 +272,7 @@ impl<
 mod tests {
     use crate::gradcheck::{check_input_grads, check_param_grads, named_grads, named_values};
     use crate::layers::attention::reference::{assert_close, case, Case};
+    use crate::layers::cpu_fast::both_paths;
     use crate::prelude::*;
 
     type Dev = Cpu;
@@ -349,6 +350,10 @@ mod tests {
 
     #[test]
     fn matches_hugging_face_llama_attention() {
+        both_paths(|_| matches_hugging_face_llama_attention_on_this_path());
+    }
+
+    fn matches_hugging_face_llama_attention_on_this_path() {
         check_against::<4, 2, 4, 10000, 2, 4>("gqa");
         check_against::<2, 2, 4, 10000, 2, 3>("gqa_kvh_equals_h");
         check_against::<4, 1, 2, 500000, 1, 5>("gqa_one_kv_head_theta");
@@ -356,6 +361,13 @@ mod tests {
 
     #[test]
     fn grouped_query_attention_is_multi_head_attention_with_repeated_key_value_heads() {
+        both_paths(|_| {
+            grouped_query_attention_is_multi_head_attention_with_repeated_key_value_heads_on_this_path()
+        });
+    }
+
+    fn grouped_query_attention_is_multi_head_attention_with_repeated_key_value_heads_on_this_path()
+    {
         let dev = Dev::seed_from_u64(8);
         let gqa = dev.build_module::<GqaAttention<8, 4, 2, 2>, f64>();
         // The same layer as multi-head attention: key/value head g copied to heads 2g, 2g + 1.
@@ -389,6 +401,10 @@ mod tests {
 
     #[test]
     fn gradients_match_central_differences() {
+        both_paths(|_| gradients_match_central_differences_on_this_path());
+    }
+
+    fn gradients_match_central_differences_on_this_path() {
         let dev = Dev::seed_from_u64(9);
         let mut m = dev.build_module::<GqaAttention<8, 4, 2, 2>, f64>();
         let x: Tensor<Rank3<2, 3, 8>, f64, Dev> = dev.sample_normal();
@@ -423,6 +439,10 @@ mod tests {
 
     #[test]
     fn causal_and_cached_generation_equals_the_full_forward() {
+        both_paths(|_| causal_and_cached_generation_equals_the_full_forward_on_this_path());
+    }
+
+    fn causal_and_cached_generation_equals_the_full_forward_on_this_path() {
         let dev = Dev::seed_from_u64(10);
         let m = dev.build_module::<GqaAttention<8, 4, 2, 2>, f64>();
         let x: Tensor<Rank3<2, 6, 8>, f64, Dev> = dev.sample_normal();

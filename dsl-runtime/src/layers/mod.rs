@@ -10,7 +10,7 @@ mod batch_norm;
 mod bias;
 mod causal_attention;
 mod conv;
-mod cpu_fast;
+pub(crate) mod cpu_fast;
 pub mod dropout;
 mod embedding;
 mod first_token;
@@ -29,6 +29,7 @@ mod swiglu;
 mod tokens;
 mod unflatten;
 
+pub(crate) use activation::{cast, softmax_cpu, Mask, Real};
 pub use activation::{Gelu, GeluTanh, LogSoftmax, QuickGelu, ReLU, SiLU, Sigmoid, Softmax, Tanh};
 pub use attention::{
     ConstProd, CrossAttention, CrossAttentionModule, InProj, InProjNoBias, KvCache, OutProjNoBias,

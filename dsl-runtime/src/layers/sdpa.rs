@@ -226,11 +226,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::cpu_fast::both_paths;
     use crate::prelude::*;
 
     /// The core agrees with `SelfAttention`, whose projections are its own, given the same ones.
     #[test]
     fn matches_self_attention_with_the_same_projections() -> Result<(), Error> {
+        both_paths(|path| {
+            matches_self_attention_with_the_same_projections_on_this_path()
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+        });
+        Ok(())
+    }
+
+    fn matches_self_attention_with_the_same_projections_on_this_path() -> Result<(), Error> {
         let dev = Cpu::default();
         let mha = dev.build_module::<SelfAttention<8, 2>, f64>();
         let core = dev.build_module::<ScaledDotProductAttention<2>, f64>();
@@ -269,6 +278,14 @@ mod tests {
     /// key never changes an earlier query's output.
     #[test]
     fn causal_paths_agree_and_look_only_back() -> Result<(), Error> {
+        both_paths(|path| {
+            causal_paths_agree_and_look_only_back_on_this_path()
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+        });
+        Ok(())
+    }
+
+    fn causal_paths_agree_and_look_only_back_on_this_path() -> Result<(), Error> {
         let dev = Cpu::default();
         let core = dev.build_module::<ScaledDotProductAttention<2, true>, f64>();
         let q: Tensor<Rank3<1, 4, 4>, f64, _> = dev.sample_normal();
