@@ -161,6 +161,11 @@ pub struct RunSummary {
     pub unit: String,
     /// Peak resident memory of the process, in bytes (`VmHWM`; 0 where unknown).
     pub peak_rss_bytes: u64,
+    /// Resident memory when training started, in bytes (`VmRSS`; 0 where unknown): the
+    /// runtime, the data and the weights, before gradients, optimizer state and activations.
+    /// The benches' memory breakdown is the difference to the peak.
+    #[serde(default)]
+    pub rss_at_start_bytes: u64,
     /// Device, as configured.
     pub device: String,
     /// Element type, as configured.
@@ -190,11 +195,20 @@ impl RunSummary {
 
 /// Peak resident memory of this process in bytes, from `/proc/self/status` (0 elsewhere).
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident memory of this process now, in bytes, from `/proc/self/status` (0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
@@ -319,6 +333,7 @@ impl Trainer {
     {
         let cfg = &self.config;
         let started = Instant::now();
+        let rss_at_start_bytes = rss_bytes();
         std::fs::create_dir_all(&cfg.out).map_err(|e| io_error(&cfg.out, e))?;
         let params = model.num_trainable_params();
         let mut start = 0;
@@ -454,6 +469,7 @@ impl Trainer {
             items_per_sec: items_total as f64 / step_time.max(1e-9),
             unit: cfg.unit.clone(),
             peak_rss_bytes: peak_rss_bytes(),
+            rss_at_start_bytes,
             device: cfg.device.clone(),
             dtype: cfg.dtype.clone(),
             wall_seconds: started.elapsed().as_secs_f64(),
@@ -508,6 +524,7 @@ impl Trainer {
             items_per_sec: 0.0,
             unit: cfg.unit.clone(),
             peak_rss_bytes: peak_rss_bytes(),
+            rss_at_start_bytes: 0,
             device: cfg.device.clone(),
             dtype: cfg.dtype.clone(),
             wall_seconds: started.elapsed().as_secs_f64(),
