@@ -358,12 +358,13 @@ def main():
         if not args.skip_cargo_bench:
             cargo_bench(n)
         ours = {
-            "ops": {f"{op}/{pas}": criterion_median(f"{op}/{pas}", n)
+            # criterion names the directory of `matmul/forward` `matmul_forward`.
+            "ops": {f"{op}/{pas}": criterion_median(f"{op}_{pas}", n)
                     for op in OPS for pas in ["forward", "forward_backward"]},
             "train_step": {name: criterion_median(f"train_step/{name}", n) for name in PRESETS},
         }
-        torch = torch_micro(py, n, scratch / f"torch-{n}.json", flops=i == len(threads) - 1
-                            or True)
+        # FLOPs do not depend on the threads: counted once, with the last thread count.
+        torch = torch_micro(py, n, scratch / f"torch-{n}.json", flops=i == len(threads) - 1)
         results[n] = (ours, torch)
         if not args.skip_runs:
             runs[n] = whole_runs(py, n, args.steps)

@@ -35,6 +35,21 @@ pub(crate) fn elem<E: Elem>(x: f64) -> E {
     <E as num_traits::NumCast>::from(x).unwrap_or_else(E::nan)
 }
 
+/// Which scores of `S` = `(B, G, N, T)` an attention may use.
+pub(crate) enum Keep<S: Shape, D: Storage<bool>> {
+    /// Where the flags are true.
+    Flags(Tensor<S, bool, D>),
+    /// Causal over a cache of `past` positions: the `N` rows of each head group are blocks of
+    /// `queries` consecutive positions (one block per query head of the group), and the query
+    /// at position `p` of its block sees the keys `0..=past + p`.
+    Causal {
+        /// Queries per head.
+        queries: usize,
+        /// Cached positions before the first query.
+        past: usize,
+    },
+}
+
 /// `softmax(q kᵀ / √hd) v` per batch entry and head group, for `q` `(B, G, N, hd)` and `k`, `v`
 /// `(B, G, T, hd)`: `(B, G, N, hd)`.
 ///
@@ -48,7 +63,7 @@ pub(crate) fn attend<B, G, N, T, Hd, E, D, Tp>(
     q: Tensor<(B, G, N, Hd), E, D, Tp>,
     k: Tensor<(B, G, T, Hd), E, D, Tp>,
     v: Tensor<(B, G, T, Hd), E, D, Tp>,
-    keep: Option<Tensor<(B, G, N, T), bool, D>>,
+    keep: Option<Keep<(B, G, N, T), D>>,
     empty_rows: bool,
 ) -> Result<Tensor<(B, G, N, Hd), E, D, Tp>, D::Err>
 where
@@ -61,17 +76,39 @@ where
     D: Device<E>,
     Tp: Tape<E, D>,
 {
-    if fused_float::<E, D>() {
-        let mask = keep.map(|keep| Mask::Flags {
-            keep: keep.as_vec(),
-            empty_rows_zero: empty_rows,
-        });
-        return attend_fused(q, k, v, mask);
-    }
     // Scaling q rather than the scores: N·hd multiplications instead of N·T.
     let scale = elem::<E>(1.0 / (q.shape().3.size() as f64).sqrt());
     let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
     let scores = q.try_mul(scale)?.try_matmul(kt)?;
+    if fused_float::<E, D>() {
+        // The masked softmax in one CPU kernel: dfdx's softmax and `choose` make about eight
+        // passes over the scores, each into a new buffer; the kernel makes one each way.
+        let mask = keep.map(|keep| match keep {
+            Keep::Flags(keep) => Mask::Flags {
+                keep: keep.as_vec(),
+                empty_rows_zero: empty_rows,
+            },
+            Keep::Causal { queries, past } => Mask::Causal { queries, past },
+        });
+        return softmax_cpu::<false, _, E, D, Tp>(scores, mask)?.try_matmul(v);
+    }
+    let keep = match keep {
+        None => None,
+        Some(Keep::Flags(keep)) => Some(keep),
+        Some(Keep::Causal { queries, past }) => {
+            let (b, g, n, t) = *scores.shape();
+            let tri: Tensor<(usize, usize, usize), E, D> = scores.device().try_lower_tri_like(
+                &(n.size() / queries, queries, t.size()),
+                E::ONE,
+                past as isize,
+            )?;
+            let keep = tri
+                .try_reshape_like(&(n, t))?
+                .try_ne(E::default())?
+                .try_broadcast_like::<_, Axes2<0, 1>>(&(b, g, n, t))?;
+            Some(keep)
+        }
+    };
     let weights = match keep {
         None => scores.try_softmax::<Axis<3>>()?,
         Some(keep) => {
@@ -95,31 +132,6 @@ where
         }
     };
     weights.try_matmul(v)
-}
-
-/// [`attend`] with the masked softmax in one CPU kernel (`f32`, `f64`): dfdx's softmax and
-/// `choose` make about eight passes over the `B·G·N·T` scores, each into a new buffer; the
-/// kernel makes one each way.
-fn attend_fused<B, G, N, T, Hd, E, D, Tp>(
-    q: Tensor<(B, G, N, Hd), E, D, Tp>,
-    k: Tensor<(B, G, T, Hd), E, D, Tp>,
-    v: Tensor<(B, G, T, Hd), E, D, Tp>,
-    mask: Option<Mask>,
-) -> Result<Tensor<(B, G, N, Hd), E, D, Tp>, D::Err>
-where
-    B: Dim,
-    G: Dim,
-    N: Dim,
-    T: Dim,
-    Hd: Dim,
-    E: Elem,
-    D: Device<E>,
-    Tp: Tape<E, D>,
-{
-    let scale = elem::<E>(1.0 / (q.shape().3.size() as f64).sqrt());
-    let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
-    let scores = q.try_mul(scale)?.try_matmul(kt)?;
-    softmax_cpu::<false, _, E, D, Tp>(scores, mask)?.try_matmul(v)
 }
 
 /// `(B, S, W)` to `(B, heads, S, W/heads)`: a reshape and a permutation, no copy.
@@ -167,7 +179,7 @@ where
     Tp: Tape<E, D>,
 {
     let (b, h, s, hd) = *q.shape();
-    let (_, g, t, _) = *k.shape();
+    let g = k.shape().1;
     let r = h / g;
     let rows = r * s.size();
     let q = if r == 1 {
@@ -180,27 +192,10 @@ where
         q.try_reshape_like(&(b, g, rows, hd))?
     };
     // One new query sees every key; longer blocks need the triangle, shifted by the cache.
-    let keep = if fused_float::<E, D>() {
-        let mask = (s.size() > 1).then_some(Mask::Causal {
-            queries: s.size(),
-            past,
-        });
-        return attend_fused(q, k, v, mask)?
-            .try_reshape_like(&(b, h, s, hd))?
-            .try_permute::<_, Axes4<0, 2, 1, 3>>()?
-            .try_reshape_like(&(b, s, w));
-    } else if s.size() > 1 {
-        let dev = q.device().clone();
-        let tri: Tensor<(usize, usize, usize), E, D> =
-            dev.try_lower_tri_like(&(r, s.size(), t.size()), E::ONE, past as isize)?;
-        let keep = tri
-            .try_reshape_like(&(rows, t))?
-            .try_ne(E::default())?
-            .try_broadcast_like::<_, Axes2<0, 1>>(&(b, g, rows, t))?;
-        Some(keep)
-    } else {
-        None
-    };
+    let keep = (s.size() > 1).then_some(Keep::Causal {
+        queries: s.size(),
+        past,
+    });
     attend(q, k, v, keep, false)?
         .try_reshape_like(&(b, h, s, hd))?
         .try_permute::<_, Axes4<0, 2, 1, 3>>()?
@@ -671,7 +666,7 @@ impl<const M: usize, const H: usize, const K: usize, const V: usize, E: Elem, D:
             Some(m) => Some(m.try_broadcast_like::<_, Axes2<1, 2>>(&(b, H, s, s))?),
             None => None,
         };
-        let o = attend(q, k, v, keep, true)?;
+        let o = attend(q, k, v, keep.map(Keep::Flags), true)?;
         self.w_o.try_forward(merge_heads(o, Const::<V>)?)
     }
 }
@@ -892,7 +887,7 @@ where
             Some(m) => Some(m.try_broadcast_like::<_, Axes2<1, 2>>(&(b, H, s, t))?),
             None => None,
         };
-        let o = attend(qh, k, v, keep, true)?;
+        let o = attend(qh, k, v, keep.map(Keep::Flags), true)?;
         Ok(self.w_o.try_forward(merge_heads(o, Const::<M>)?)?)
     }
 }

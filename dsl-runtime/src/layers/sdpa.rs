@@ -6,7 +6,7 @@
     reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
 )]
 
-use super::attention::{attend, merge_heads, split_heads};
+use super::attention::{attend, merge_heads, split_heads, Keep};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
@@ -148,7 +148,7 @@ where
         } else {
             keep
         };
-        let o = attend(qh, kh, vh, keep, true)?;
+        let o = attend(qh, kh, vh, keep.map(Keep::Flags), true)?;
         Ok(merge_heads(o, Const::<V>)?)
     }
 }
