@@ -41,7 +41,7 @@
 use crate::generate::{
     self, CachedAttention, CachedBlock, CausalLm, GenerateConfig, KvCaches, Seq,
 };
-use neural_arch::dfdx::nn::modules::UnbiasedLinear;
+use neural_arch::layers::LinearNoBiasModule as UnbiasedLinear;
 use neural_arch::prelude::*;
 use neural_arch::Error;
 

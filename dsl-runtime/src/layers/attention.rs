@@ -12,9 +12,9 @@
 )]
 
 use super::cpu_fast::fused_float;
-use super::{softmax_cpu, LayerInfo, Mask};
+use super::LinearModule;
+use super::{linear, softmax_cpu, LayerInfo, Mask};
 use crate::{Elem, Error};
-use dfdx::nn::modules::Linear as LinearModule;
 use dfdx::nn::{
     BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection, TensorOptions,
 };
@@ -488,14 +488,9 @@ impl<
     type Output = Tensor<(B, S, ConstProd<N, P>), E, D, T>;
     type Error = D::Err;
     fn try_forward(&self, x: Tensor<(B, S, Const<I>), E, D, T>) -> Result<Self::Output, D::Err> {
-        let w = self.weight.retaped::<T>().try_permute::<_, Axes2<1, 0>>()?;
-        let y = x.try_matmul(w)?;
-        let shape = *y.shape();
-        let b = self
-            .bias
-            .retaped::<T>()
-            .try_broadcast_like::<_, Axes2<0, 1>>(&shape)?;
-        dfdx::tensor_ops::TryAdd::try_add(y, b)
+        let (b, s, i) = *x.shape();
+        let x = x.try_reshape_like(&(b.size() * s.size(), i))?;
+        linear(x, &self.weight, Some(&self.bias))?.try_reshape_like(&(b, s, ConstProd))
     }
 }
 
@@ -513,7 +508,9 @@ impl<
     type Output = Tensor<(B, S, ConstProd<N, P>), E, D, T>;
     type Error = D::Err;
     fn try_forward(&self, x: Tensor<(B, S, Const<I>), E, D, T>) -> Result<Self::Output, D::Err> {
-        x.try_matmul(self.weight.retaped::<T>().try_permute::<_, Axes2<1, 0>>()?)
+        let (b, s, i) = *x.shape();
+        let x = x.try_reshape_like(&(b.size() * s.size(), i))?;
+        linear(x, &self.weight, None)?.try_reshape_like(&(b, s, ConstProd))
     }
 }
 
@@ -534,7 +531,9 @@ impl<
         &self,
         x: Tensor<(B, S, ConstProd<N, P>), E, D, T>,
     ) -> Result<Self::Output, D::Err> {
-        x.try_matmul(self.weight.retaped::<T>().try_permute::<_, Axes2<1, 0>>()?)
+        let (b, s, i) = *x.shape();
+        let x = x.try_reshape_like(&(b.size() * s.size(), i))?;
+        linear(x, &self.weight, None)?.try_reshape_like(&(b, s, Const))
     }
 }
 
@@ -1085,8 +1084,8 @@ mod tests {
         c: &Case,
         dev: &Dev,
         name: &str,
-    ) -> dfdx::nn::modules::Linear<I, O, f64, Dev> {
-        dfdx::nn::modules::Linear {
+    ) -> crate::layers::LinearModule<I, O, f64, Dev> {
+        crate::layers::LinearModule {
             weight: c.param_tensor(dev, &format!("{name}.weight"), (Const::<O>, Const::<I>)),
             bias: c.param_tensor(dev, &format!("{name}.bias"), (Const::<O>,)),
         }

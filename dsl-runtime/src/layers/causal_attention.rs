@@ -6,8 +6,8 @@
 
 use super::attention::{causal_attend, split_heads, InProj, KvCache};
 use super::LayerInfo;
+use super::LinearModule;
 use crate::{Elem, Error};
-use dfdx::nn::modules::Linear as LinearModule;
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
 use dfdx::shapes::{Const, Dim, Dtype};
 use dfdx::tensor::{HasErr, NoneTape, Storage, Tape, Tensor};
@@ -192,7 +192,7 @@ mod tests {
                 weight: c.param_tensor(&dev, "c_attn.weight", (ConstProd, Const)),
                 bias: c.param_tensor(&dev, "c_attn.bias", (ConstProd,)),
             },
-            c_proj: dfdx::nn::modules::Linear {
+            c_proj: crate::layers::LinearModule {
                 weight: c.param_tensor(&dev, "c_proj.weight", (Const, Const)),
                 bias: c.param_tensor(&dev, "c_proj.bias", (Const,)),
             },

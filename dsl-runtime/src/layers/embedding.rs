@@ -8,7 +8,7 @@ use dfdx::nn::{
 };
 use dfdx::shapes::{Const, Dim, Dtype, HasShape, Rank2, Shape};
 use dfdx::tensor::{HasErr, PutTape, SplitTape, Storage, Tape, Tensor};
-use dfdx::tensor_ops::{BroadcastTo, Device, GatherTo, PermuteTo, ReshapeTo, TryAdd};
+use dfdx::tensor_ops::{BroadcastTo, Device, GatherTo, ReshapeTo, TryAdd};
 use rand_distr::{Distribution, StandardNormal};
 
 /// `y[..., :] = weight[id, :]`: token ids to vectors, `usize[*] -> [*, D]`.
@@ -148,11 +148,9 @@ impl<const V: usize, const M: usize, E: Dtype, D: Device<E>> EmbeddingModule<V, 
         &self,
         h: Tensor<(B, S, Const<M>), E, D, T>,
     ) -> Result<Tensor<(B, S, Const<V>), E, D, T>, D::Err> {
-        let w = self
-            .weight
-            .retaped::<T>()
-            .try_permute::<_, dfdx::shapes::Axes2<1, 0>>()?;
-        dfdx::tensor_ops::TryMatMul::try_matmul(h, w)
+        let (b, s, m) = *h.shape();
+        let h = h.try_reshape_like(&(b.size() * s.size(), m))?;
+        super::linear(h, &self.weight, None)?.try_reshape_like(&(b, s, Const))
     }
 }
 

@@ -45,7 +45,7 @@ pub use first_token::FirstToken;
 pub use flatten::Flatten;
 pub use gqa::{GqaAttention, GqaAttentionModule};
 pub use layer_norm::{LayerNorm, LayerNormModule};
-pub use linear::{Linear, LinearNoBias};
+pub use linear::{linear, Linear, LinearModule, LinearNoBias, LinearNoBiasModule};
 pub use logit_scale::{LogitScale, LogitScaleModule, LOGIT_SCALE_INIT};
 pub use patch::{PatchEmbed, PatchEmbedModule};
 pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};

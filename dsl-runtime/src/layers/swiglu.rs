@@ -1,8 +1,8 @@
 //! The SwiGLU feed-forward block of Llama.
 
 use super::LayerInfo;
+use super::LinearNoBiasModule as UnbiasedLinear;
 use crate::Elem;
-use dfdx::nn::modules::UnbiasedLinear;
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
 use dfdx::shapes::{Const, Dim, Dtype};
 use dfdx::tensor::{Storage, Tape, Tensor};
@@ -118,13 +118,13 @@ mod tests {
         let dev = Dev::default();
         let c = case("swiglu");
         let mut m = SwiGLUModule::<4, 6, f64, Dev> {
-            gate_proj: dfdx::nn::modules::UnbiasedLinear {
+            gate_proj: crate::layers::LinearNoBiasModule {
                 weight: c.param_tensor(&dev, "gate_proj.weight", (Const, Const)),
             },
-            up_proj: dfdx::nn::modules::UnbiasedLinear {
+            up_proj: crate::layers::LinearNoBiasModule {
                 weight: c.param_tensor(&dev, "up_proj.weight", (Const, Const)),
             },
-            down_proj: dfdx::nn::modules::UnbiasedLinear {
+            down_proj: crate::layers::LinearNoBiasModule {
                 weight: c.param_tensor(&dev, "down_proj.weight", (Const, Const)),
             },
         };
