@@ -94,9 +94,9 @@ macro_rules! swiglu_rank {
             ) -> Result<Self::Output, D::Err> {
                 let gate = self.gate_proj.try_forward(x.retaped::<T>())?;
                 let up = self.up_proj.try_forward(x)?;
-                let sigmoid = gate.retaped::<T>().try_sigmoid()?;
-                self.down_proj
-                    .try_forward(gate.try_mul(sigmoid)?.try_mul(up)?)
+                // The SiLU layer: one fused pass each way on the CPU.
+                let act = super::SiLU.try_forward(gate)?;
+                self.down_proj.try_forward(act.try_mul(up)?)
             }
         }
     };
