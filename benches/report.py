@@ -10,9 +10,9 @@ What it runs, for each thread count N (`RAYON_NUM_THREADS=N` for ours,
 1. `cargo bench -p neural-arch-benches` (criterion; the operation table and one training step
    of each tiny preset), saved as the baseline `threadsN`;
 2. `benches/pytorch/bench.py micro`: the same rows in PyTorch;
-3. unless `--skip-runs`: each trainer binary for `--steps` steps, and the same model trained
-   by `bench.py run` in a fresh process: throughput, and memory from `/proc` (peak, and at
-   the start of training).
+3. unless `--skip-runs`, at the `--run-threads` counts (the largest by default): each trainer
+   binary for `--steps` steps, and the same model trained by `bench.py run` in a fresh
+   process: throughput, and memory from `/proc` (peak, and at the start of training).
 
 PyTorch comes from `$TORCH_PYTHON` when set (a Python with torch, torchvision, transformers,
 matplotlib), else from a virtual environment this script creates in
@@ -39,7 +39,7 @@ CRITERION = ROOT / "target" / "criterion"
 PRESETS = ["gpt2", "llama", "bert", "vit", "resnet", "clip"]
 OPS = ["matmul", "conv2d", "attention", "layer_norm", "gelu", "softmax", "embedding"]
 OP_SHAPES = {
-    "matmul": "[2048, 128] × [128, 512]",
+    "matmul": "[2048, 128] × [128, 512] (dfdx's gemm: attention scores, conv)",
     "conv2d": "[64, 16, 32, 32], 16→16, 3×3, pad 1",
     "attention": "causal, [16, 128, 128], 4 heads (qkv + SDPA + out)",
     "layer_norm": "[16, 128, 128]",
@@ -336,11 +336,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     p.add_argument("--steps", type=int, default=20, help="steps of each whole run")
+    p.add_argument("--run-threads", default=None,
+                   help="thread counts of the whole runs (default: the largest of --threads)")
     p.add_argument("--skip-runs", action="store_true", help="only the criterion rows")
     p.add_argument("--skip-cargo-bench", action="store_true",
                    help="reuse the criterion baselines already saved")
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    run_threads = ([int(t) for t in args.run_threads.split(",")] if args.run_threads
+                   else [max(threads)])
     py = torch_python()
     torch_version = subprocess.run(
         [py, "-c", "import torch; print(torch.__version__)"],
@@ -366,7 +370,7 @@ def main():
         # FLOPs do not depend on the threads: counted once, with the last thread count.
         torch = torch_micro(py, n, scratch / f"torch-{n}.json", flops=i == len(threads) - 1)
         results[n] = (ours, torch)
-        if not args.skip_runs:
+        if not args.skip_runs and n in run_threads:
             runs[n] = whole_runs(py, n, args.steps)
     (BENCHES / "report.json").write_text(
         json.dumps({"results": results, "runs": runs}, indent=1, default=str)
