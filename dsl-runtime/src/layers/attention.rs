@@ -12,6 +12,7 @@
 )]
 
 use super::cpu_fast::fused_float;
+use super::linear::uniform_init;
 use super::LinearModule;
 use super::{linear, softmax_cpu, LayerInfo, Mask};
 use crate::{Elem, Error};
@@ -24,7 +25,6 @@ use dfdx::tensor_ops::{
     BroadcastTo, ChooseFrom, Device, PermuteTo, RealizeTo, ReshapeTo, TryConcatAlong, TryMatMul,
     TryMul, TryNe,
 };
-use rand_distr::Uniform;
 
 // ---------------------------------------------------------------------------------------------
 // The core: scaled dot-product attention over heads, with an optional boolean mask.
@@ -353,14 +353,6 @@ impl<const A: usize, const B: usize> Dim for ConstProd<A, B> {
 
 impl<const A: usize, const B: usize> ConstDim for ConstProd<A, B> {
     const SIZE: usize = A * B;
-}
-
-fn uniform_init<S: dfdx::shapes::Shape, E: Elem, D: Device<E>>(
-    t: &mut Tensor<S, E, D>,
-    fan_in: usize,
-) -> Result<(), D::Err> {
-    let b = elem::<E>(1.0 / (fan_in as f64).sqrt());
-    t.try_fill_with_distr(Uniform::new(-b, b))
 }
 
 /// `y = x Wᵀ + b` from `I` features to `N·P` (`N` heads or fused projections of width `P`):

@@ -85,9 +85,12 @@ impl<const I: usize, const O: usize, E: Dtype, D: Storage<E>> NonMutableModule
 }
 
 /// PyTorch's (and dfdx's) initialisation of a layer with `fan_in` inputs: `U(±1/√fan_in)`.
-fn uniform<E: Elem>(fan_in: usize) -> Uniform<E> {
-    let b = E::ONE / E::from_usize(fan_in.max(1)).unwrap_or(E::ONE).sqrt();
-    Uniform::new(-b, b)
+pub(crate) fn uniform_init<S: Shape, E: Elem, D: Device<E>>(
+    t: &mut Tensor<S, E, D>,
+    fan_in: usize,
+) -> Result<(), D::Err> {
+    let b = super::attention::elem::<E>(1.0 / (fan_in.max(1) as f64).sqrt());
+    t.try_fill_with_distr(Uniform::new(-b, b))
 }
 
 impl<const I: usize, const O: usize, E: Elem, D: Device<E>> TensorCollection<E, D>
@@ -104,13 +107,13 @@ impl<const I: usize, const O: usize, E: Elem, D: Device<E>> TensorCollection<E, 
                     "weight",
                     |s| &s.weight,
                     |s| &mut s.weight,
-                    TensorOptions::reset_with(|t| t.try_fill_with_distr(uniform::<E>(I))),
+                    TensorOptions::reset_with(|t| uniform_init(t, I)),
                 ),
                 Self::tensor(
                     "bias",
                     |s| &s.bias,
                     |s| &mut s.bias,
-                    TensorOptions::reset_with(|t| t.try_fill_with_distr(uniform::<E>(I))),
+                    TensorOptions::reset_with(|t| uniform_init(t, I)),
                 ),
             ),
             |(weight, bias)| LinearModule { weight, bias },
@@ -131,7 +134,7 @@ impl<const I: usize, const O: usize, E: Elem, D: Device<E>> TensorCollection<E, 
                 "weight",
                 |s| &s.weight,
                 |s| &mut s.weight,
-                TensorOptions::reset_with(|t| t.try_fill_with_distr(uniform::<E>(I))),
+                TensorOptions::reset_with(|t| uniform_init(t, I)),
             ),
             |weight| LinearNoBiasModule { weight },
         )
