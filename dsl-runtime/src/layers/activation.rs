@@ -372,7 +372,7 @@ pub(crate) enum Mask {
 
 impl Mask {
     /// Row `i`'s flags, or the number of leading scores it keeps.
-    fn row(&self, i: usize, m: usize) -> Result<&[bool], usize> {
+    pub(crate) fn row(&self, i: usize, m: usize) -> Result<&[bool], usize> {
         match self {
             Mask::Flags { keep, .. } => Ok(&keep[i * m..(i + 1) * m]),
             Mask::Causal { queries, past } => Err((past + i % queries + 1).min(m)),
@@ -395,6 +395,41 @@ pub(crate) fn softmax_cpu<const LOG: bool, S: Shape, E: Dtype, D: Device<E>, T: 
     } else {
         softmax_real::<LOG, f64, S, E, D, T>(x, mask)
     }
+}
+
+/// The masked softmax of one row in place: `keep` is the row's flags (`Ok`) or the number of
+/// leading scores it keeps (`Err`), as [`Mask::row`] gives them. Masked scores become exactly 0;
+/// a row with nothing kept becomes all zeros when `empty_zero`, else uniform.
+pub(crate) fn softmax_row<F: Real>(y: &mut [F], keep: Result<&[bool], usize>, empty_zero: bool) {
+    let kept = match keep {
+        Ok(k) if !k.iter().any(|&k| k) => {
+            let fill = if empty_zero {
+                0.0
+            } else {
+                1.0 / y.len() as f64
+            };
+            y.iter_mut().for_each(|y| *y = F::from(fill).unwrap());
+            return;
+        }
+        Ok(k) => {
+            let max = (y.iter().zip(k))
+                .filter(|(_, &k)| k)
+                .fold(F::neg_infinity(), |a, (&b, _)| a.max(b));
+            for (y, &k) in y.iter_mut().zip(k) {
+                *y = if k { (*y - max).exp_() } else { F::zero() };
+            }
+            &mut y[..]
+        }
+        Err(len) => {
+            let (kept, rest) = y.split_at_mut(len);
+            rest.iter_mut().for_each(|y| *y = F::zero());
+            let max = kept.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+            kept.iter_mut().for_each(|y| *y = (*y - max).exp_());
+            kept
+        }
+    };
+    let inv = F::from(1.0 / sum8(kept, kept, |e, _| e.to_f64().unwrap())).unwrap();
+    kept.iter_mut().for_each(|y| *y = *y * inv);
 }
 
 fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
@@ -420,31 +455,7 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
     par_rows(&mut out, m, |row0, out| {
         for (i, y) in out.chunks_exact_mut(m).enumerate() {
             if let Some(mask) = &mask {
-                let kept = match mask.row(row0 + i, m) {
-                    Ok(k) if !k.iter().any(|&k| k) => {
-                        let fill = if empty_zero { 0.0 } else { 1.0 / m as f64 };
-                        y.iter_mut().for_each(|y| *y = F::from(fill).unwrap());
-                        continue;
-                    }
-                    Ok(k) => {
-                        let max = (y.iter().zip(k))
-                            .filter(|(_, &k)| k)
-                            .fold(F::neg_infinity(), |a, (&b, _)| a.max(b));
-                        for (y, &k) in y.iter_mut().zip(k) {
-                            *y = if k { (*y - max).exp_() } else { F::zero() };
-                        }
-                        &mut y[..]
-                    }
-                    Err(len) => {
-                        let (kept, rest) = y.split_at_mut(len);
-                        rest.iter_mut().for_each(|y| *y = F::zero());
-                        let max = kept.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
-                        kept.iter_mut().for_each(|y| *y = (*y - max).exp_());
-                        kept
-                    }
-                };
-                let inv = F::from(1.0 / sum8(kept, kept, |e, _| f64_(e))).unwrap();
-                kept.iter_mut().for_each(|y| *y = *y * inv);
+                softmax_row(y, mask.row(row0 + i, m), empty_zero);
                 continue;
             }
             let max = y.iter().fold(F::neg_infinity(), |a, &b| a.max(b));

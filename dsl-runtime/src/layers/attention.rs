@@ -12,9 +12,10 @@
 )]
 
 use super::cpu_fast::fused_float;
+use super::fused_attention::{attend_cpu, attend_merged_cpu};
 use super::linear::uniform_init;
 use super::LinearModule;
-use super::{linear, softmax_cpu, LayerInfo, Mask};
+use super::{linear, LayerInfo, Mask};
 use crate::{Elem, Error};
 use dfdx::nn::{
     BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection, TensorOptions,
@@ -76,13 +77,12 @@ where
     D: Device<E>,
     Tp: Tape<E, D>,
 {
-    // Scaling q rather than the scores: N·hd multiplications instead of N·T.
-    let scale = elem::<E>(1.0 / (q.shape().3.size() as f64).sqrt());
-    let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
-    let scores = q.try_mul(scale)?.try_matmul(kt)?;
-    if fused_float::<E, D>() {
-        // The masked softmax in one CPU kernel: dfdx's softmax and `choose` make about eight
-        // passes over the scores, each into a new buffer; the kernel makes one each way.
+    let (b, g, n, hd) = *q.shape();
+    let sizes = [b.size(), g.size(), n.size(), k.shape().2.size(), hd.size()];
+    if fused_float::<E, D>() && !sizes.contains(&0) {
+        // One CPU kernel: products, masked softmax and weighted sum per (batch, group) block,
+        // the blocks in parallel. dfdx makes about ten passes over the scores, each into a new
+        // buffer, and its batched products run one block at a time.
         let mask = keep.map(|keep| match keep {
             Keep::Flags(keep) => Mask::Flags {
                 keep: keep.as_vec(),
@@ -90,8 +90,12 @@ where
             },
             Keep::Causal { queries, past } => Mask::Causal { queries, past },
         });
-        return softmax_cpu::<false, _, E, D, Tp>(scores, mask)?.try_matmul(v);
+        return attend_cpu(q, k, v, mask);
     }
+    // Scaling q rather than the scores: N·hd multiplications instead of N·T.
+    let scale = elem::<E>(1.0 / (hd.size() as f64).sqrt());
+    let kt = k.try_permute::<_, Axes4<0, 1, 3, 2>>()?;
+    let scores = q.try_mul(scale)?.try_matmul(kt)?;
     let keep = match keep {
         None => None,
         Some(Keep::Flags(keep)) => Some(keep),
@@ -152,6 +156,46 @@ pub(crate) fn merge_heads<B: Dim, S: Dim, W: Dim, E: Dtype, D: Device<E>, Tp: Ta
     let (b, _, s, _) = *x.shape();
     x.try_permute::<_, Axes4<0, 2, 1, 3>>()?
         .try_reshape_like(&(b, s, w))
+}
+
+/// [`attend`] over `heads` heads side by side, as the projections write them: `q`
+/// `(B, S, H·hd)`, `k` `(B, T, H·hd)` and `v` `(B, T, H·hv)` to `(B, S, H·hv)`, the heads
+/// merged again. `keep` is `(B, H, S, T)`; rows with nothing kept become 0 when `empty_rows`.
+pub(crate) fn attend_heads<B, S, T, Wq, Wv, E, D, Tp>(
+    q: Tensor<(B, S, Wq), E, D, Tp>,
+    k: Tensor<(B, T, Wq), E, D, Tp>,
+    v: Tensor<(B, T, Wv), E, D, Tp>,
+    heads: usize,
+    keep: Option<Tensor<(B, usize, S, T), bool, D>>,
+    empty_rows: bool,
+) -> Result<Tensor<(B, S, Wv), E, D, Tp>, D::Err>
+where
+    B: Dim,
+    S: Dim,
+    T: Dim,
+    Wq: Dim,
+    Wv: Dim,
+    E: Elem,
+    D: Device<E>,
+    Tp: Tape<E, D>,
+{
+    let (b, s, wq) = *q.shape();
+    let wv = v.shape().2;
+    let sizes = [b.size(), s.size(), k.shape().1.size(), wq.size(), wv.size()];
+    if fused_float::<E, D>() && !sizes.contains(&0) {
+        let mask = keep.map(|keep| Mask::Flags {
+            keep: keep.as_vec(),
+            empty_rows_zero: empty_rows,
+        });
+        return attend_merged_cpu(q, k, v, heads, mask);
+    }
+    let (q, k, v) = (
+        split_heads(q, heads)?,
+        split_heads(k, heads)?,
+        split_heads(v, heads)?,
+    );
+    let o = attend(q, k, v, keep.map(Keep::Flags), empty_rows)?;
+    merge_heads(o, wv)
 }
 
 /// Causal attention of the queries `q` `(B, H, S, hd)`, at positions `past..past + S`, over the
@@ -650,15 +694,14 @@ impl<const M: usize, const H: usize, const K: usize, const V: usize, E: Elem, D:
     ) -> Result<Tensor<(B, S, Const<M>), E, D, T>, D::Err> {
         let () = SelfAttention::<M, H, K, V>::TYPE_CHECK;
         let (b, s, _) = *x.shape();
-        let q = split_heads(self.w_q.try_forward(x.retaped::<T>())?, H)?;
-        let k = split_heads(self.w_k.try_forward(x.retaped::<T>())?, H)?;
-        let v = split_heads(self.w_v.try_forward(x)?, H)?;
+        let q = self.w_q.try_forward(x.retaped::<T>())?;
+        let k = self.w_k.try_forward(x.retaped::<T>())?;
+        let v = self.w_v.try_forward(x)?;
         let keep = match mask {
             Some(m) => Some(m.try_broadcast_like::<_, Axes2<1, 2>>(&(b, H, s, s))?),
             None => None,
         };
-        let o = attend(q, k, v, keep.map(Keep::Flags), true)?;
-        self.w_o.try_forward(merge_heads(o, Const::<V>)?)
+        self.w_o.try_forward(attend_heads(q, k, v, H, keep, true)?)
     }
 }
 
@@ -866,20 +909,16 @@ where
             let input = format!("keys/values [B, T, M] = [{}, {}, {M}]", kb.size(), t.size());
             check_mask("CrossAttention", m, (b.size(), t.size()), &input)?;
         }
-        let qh = split_heads(self.w_q.try_forward(q)?, H)?;
-        let k = split_heads(self.w_k.try_forward(kv.retaped::<Tp>())?, H)?;
-        let v = split_heads(self.w_v.try_forward(kv)?, H)?;
-        // The batch types are equal and so are the sizes (checked): realizing cannot fail.
-        let (k, v) = match (k.try_realize(), v.try_realize()) {
-            (Ok(k), Ok(v)) => (k, v),
-            _ => return Err(Error::Shape("CrossAttention: batch sizes differ".into())),
-        };
+        let qp = self.w_q.try_forward(q)?;
+        let k = self.w_k.try_forward(kv.retaped::<Tp>())?;
+        let v = self.w_v.try_forward(kv)?;
         let keep = match mask {
             Some(m) => Some(m.try_broadcast_like::<_, Axes2<1, 2>>(&(b, H, s, t))?),
             None => None,
         };
-        let o = attend(qh, k, v, keep.map(Keep::Flags), true)?;
-        Ok(self.w_o.try_forward(merge_heads(o, Const::<M>)?)?)
+        Ok(self
+            .w_o
+            .try_forward(attend_heads(qp, k, v, H, keep, true)?)?)
     }
 }
 

@@ -5,11 +5,13 @@
 )]
 
 use super::attention::{causal_attend, split_heads, InProj, KvCache};
+use super::cpu_fast::fused_float;
+use super::fused_attention::attend_packed_causal_cpu;
 use super::LayerInfo;
 use super::LinearModule;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
-use dfdx::shapes::{Const, Dim, Dtype};
+use dfdx::shapes::{Const, Dim, Dtype, HasShape};
 use dfdx::tensor::{HasErr, NoneTape, Storage, Tape, Tensor};
 use dfdx::tensor_ops::Device;
 
@@ -166,6 +168,14 @@ impl<const M: usize, const H: usize, B: Dim, S: Dim, E: Elem, D: Device<E>, T: T
     type Output = Tensor<(B, S, Const<M>), E, D, T>;
     type Error = D::Err;
     fn try_forward(&self, x: Tensor<(B, S, Const<M>), E, D, T>) -> Result<Self::Output, D::Err> {
+        let (b, s, _) = *x.shape();
+        if fused_float::<E, D>() && b.size() > 0 && s.size() > 0 && M > 0 {
+            let () = CausalSelfAttention::<M, H>::TYPE_CHECK;
+            let qkv = self.c_attn.try_forward(x)?;
+            return self
+                .c_proj
+                .try_forward(attend_packed_causal_cpu(qkv, H, Const::<M>)?);
+        }
         self.attention(x, 0, |k, v| Ok::<_, D::Err>((k, v)))
     }
 }

@@ -112,3 +112,35 @@ pub(crate) fn par_rows<B: Send, R: Send>(
         .map(|(i, c)| f(i * rows_per_task, c))
         .collect()
 }
+
+/// Runs `f(i, chunk)` over the consecutive `len`-element chunks of `a` (`i` counts them), on
+/// rayon's pool when it has more than one thread, else on the calling thread: a one-thread pool
+/// would only add a hand-over and a wake-up to every call.
+pub(crate) fn for_chunks<A: Send>(a: &mut [A], len: usize, f: impl Fn(usize, &mut [A]) + Sync) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 {
+        a.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        a.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// [`for_chunks`] over two buffers in step: `f(i, a_chunk, b_chunk)`.
+pub(crate) fn for_chunks2<A: Send, B: Send>(
+    a: &mut [A],
+    a_len: usize,
+    b: &mut [B],
+    b_len: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 {
+        (a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i, a, b));
+    } else {
+        (a.chunks_mut(a_len).zip(b.chunks_mut(b_len)))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i, a, b));
+    }
+}

@@ -15,6 +15,7 @@ pub mod dropout;
 mod embedding;
 mod first_token;
 mod flatten;
+mod fused_attention;
 mod gqa;
 mod layer_norm;
 mod linear;
@@ -29,7 +30,7 @@ mod swiglu;
 mod tokens;
 mod unflatten;
 
-pub(crate) use activation::{cast, softmax_cpu, Mask, Real};
+pub(crate) use activation::{cast, Mask, Real};
 pub use activation::{Gelu, GeluTanh, LogSoftmax, QuickGelu, ReLU, SiLU, Sigmoid, Softmax, Tanh};
 pub use attention::{
     ConstProd, CrossAttention, CrossAttentionModule, InProj, InProjNoBias, KvCache, OutProjNoBias,

@@ -6,7 +6,7 @@
     reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
 )]
 
-use super::attention::{attend, merge_heads, split_heads, Keep};
+use super::attention::attend_heads;
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleVisitor, NonMutableModule, TensorCollection};
@@ -114,7 +114,6 @@ where
                 t.size()
             )));
         }
-        let (qh, kh, vh) = (split_heads(q, H)?, split_heads(k, H)?, split_heads(v, H)?);
         let shape = (b, H, s, t);
         let keep = match mask {
             Some(m) => {
@@ -136,7 +135,7 @@ where
         let keep = if CAUSAL {
             // Query i sees keys 0..=i (shifted when there are more keys than queries), and
             // where a padding mask is given, only the keys it keeps.
-            let dev = qh.device().clone();
+            let dev = q.device().clone();
             let past = (t.size() - s.size()) as isize;
             let tri: Tensor<(S, T), E, D> = dev.try_lower_tri_like(&(s, t), E::ONE, past)?;
             let tri = tri.try_broadcast_like::<_, Axes2<0, 1>>(&shape)?;
@@ -148,8 +147,7 @@ where
         } else {
             keep
         };
-        let o = attend(qh, kh, vh, keep.map(Keep::Flags), true)?;
-        Ok(merge_heads(o, Const::<V>)?)
+        Ok(attend_heads(q, k, v, H, keep, true)?)
     }
 }
 
