@@ -12,7 +12,7 @@
 //! | [`bce_with_logits`] | `F.binary_cross_entropy_with_logits(logits, targets)` |
 //! | [`clip_loss`] | CLIP's symmetric InfoNCE (<https://arxiv.org/abs/2103.00020>, Figure 3) |
 
-use crate::layers::cpu_fast::{cpu_vec, fused_float, par_rows, sum8, CPU};
+use crate::layers::cpu_fast::{cpu_vec, filled, fused_float, par_rows, sum8, CPU};
 use crate::layers::{cast, LogitScaleModule, Real};
 use crate::{Elem, Error};
 use dfdx::shapes::{Axes2, Axis, Const, Dim, Dtype, HasShape, Rank0, Shape};
@@ -197,7 +197,7 @@ fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E,
     let shape = *x.shape();
     // Free for contiguous logits; a strided view is copied on the tape first.
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
-    let mut d = vec![E::default(); shape.num_elements()];
+    let mut d = filled(shape.num_elements(), E::default());
     x.copy_into(&mut d);
     let mut d: Vec<F> = cast(d);
     let denom = counted.max(1) as f64;

@@ -7,7 +7,7 @@
 //! GELU forward on `[8, 128, 3072]` 7.1 ms instead of 20 ms, softmax on `[8, 12, 128, 128]`
 //! 3.1 ms instead of 6.6 ms.
 
-use super::cpu_fast::{cpu_vec, fused_float, par_rows, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, sum8, CPU};
 use super::LayerInfo;
 use dfdx::nn::{Module, NonMutableModule, ZeroSizedModule};
 use dfdx::shapes::{Dtype, HasShape, Shape};
@@ -310,7 +310,7 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
     // The output is computed in place in a copy of the input: one buffer less to allocate and
     // fault in, which is a good part of an element-wise pass.
-    let mut out = vec![E::default(); n];
+    let mut out = filled(n, E::default());
     x.copy_into(&mut out);
     let mut out: Vec<F> = cast(out);
     let xs = if T::OWNS_TAPE {
@@ -442,7 +442,7 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
     let f64_ = |v: &F| v.to_f64().unwrap();
     // In place in a copy of the input: one buffer less to allocate and fault in.
-    let mut out = vec![E::default(); n];
+    let mut out = filled(n, E::default());
     x.copy_into(&mut out);
     let mut out: Vec<F> = cast(out);
     let empty_zero = matches!(

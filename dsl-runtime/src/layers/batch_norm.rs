@@ -1,6 +1,6 @@
 //! Batch normalisation of images, per channel.
 
-use super::cpu_fast::{cpu_vec, fused_cpu, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, fused_cpu, sum8, CPU};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection, TensorOptions};
@@ -253,7 +253,7 @@ fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
         .try_reshape_like(&(Const::<C>,))?
         .split_tape();
     let mut tape = tape.merge(w_tape).merge(b_tape);
-    let mut xs = vec![E::default(); shape.num_elements()];
+    let mut xs = filled(shape.num_elements(), E::default());
     x.copy_into(&mut xs);
     let f = |v: &E| v.to_f64().unwrap();
     let host = |t: &Tensor<Rank1<C>, E, D>| t.as_vec().iter().map(f).collect::<Vec<f64>>();
@@ -279,7 +279,7 @@ fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
         None => (host(&bn.running_mean), host(&bn.running_var)),
     };
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-    let mut out = vec![E::default(); xs.len()];
+    let mut out = filled(xs.len(), E::default());
     for (i, (o, run)) in out
         .chunks_exact_mut(hw)
         .zip(xs.chunks_exact(hw))

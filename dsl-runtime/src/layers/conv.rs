@@ -6,7 +6,7 @@
 //! devices (it has a backward pass and a CUDA kernel) and a fused loop on the CPU; it and the
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
-use super::cpu_fast::{cpu_vec, fused_cpu, CPU};
+use super::cpu_fast::{cpu_vec, filled, fused_cpu, CPU};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{
@@ -192,7 +192,7 @@ fn gather_flat_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>, Tp: Taps>(
     pad: E,
 ) -> Result<Tensor<(usize,), E, D, T>, D::Err> {
     let (src, mut tape) = src.split_tape();
-    let mut values = vec![E::default(); taps.src_len()];
+    let mut values = filled(taps.src_len(), E::default());
     src.copy_into(&mut values);
     let mut out = Vec::with_capacity(taps.len());
     taps.for_each(|i| out.push(values.get(i).copied().unwrap_or(pad)));
@@ -672,11 +672,11 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 ) -> Result<Tensor<(usize,), E, D, T>, D::Err> {
     use rayon::prelude::*;
     let (src, mut tape) = src.split_tape();
-    let mut values = vec![E::default(); taps.src_len()];
+    let mut values = filled(taps.src_len(), E::default());
     src.copy_into(&mut values);
     let ((b, c, h, w), (oh, ow), k) = (taps.input, taps.out, taps.win.k);
     let len = b * oh * ow;
-    let mut out = vec![E::default(); taps.len()];
+    let mut out = filled(taps.len(), E::default());
     out.par_chunks_mut(len).enumerate().for_each(|(r, row)| {
         taps.fill_row(&values, (r / (k * k), r / k % k, r % k), row);
     });

@@ -12,7 +12,7 @@
 )]
 
 use super::activation::softmax_row;
-use super::cpu_fast::{cpu_vec, for_chunks, for_chunks2, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, for_chunks, for_chunks2, sum8, CPU};
 use super::linear::{as_f, Gemm};
 use super::{cast, Mask, Real};
 use dfdx::shapes::{Dim, Dtype, HasShape, Shape};
@@ -169,8 +169,8 @@ impl<F: Real + Gemm> Core<F> {
     fn forward(&self, qs: &[F], ks: &[F], vs: &[F]) -> (Vec<F>, Vec<F>) {
         let blk = self.blk;
         let blocks = qs.len() / (blk.n * blk.hd);
-        let mut p = vec![F::zero(); blocks * blk.n * blk.t];
-        let mut out = vec![F::zero(); blocks * blk.n * blk.hv];
+        let mut p = filled(blocks * blk.n * blk.t, F::zero());
+        let mut out = filled(blocks * blk.n * blk.hv, F::zero());
         for_chunks2(
             &mut p,
             blk.n * blk.t,
@@ -339,7 +339,7 @@ where
     let ks = stack(&read::<_, E, D, F>(&k), ck, heads, blk.t, blk.hd);
     let vs = stack(&read::<_, E, D, F>(&v), cv, heads, blk.t, blk.hv);
     let (p, out) = core.forward(&qs, &ks, &vs);
-    let mut merged = vec![F::zero(); out.len()];
+    let mut merged = filled(out.len(), F::zero());
     unstack_add(&mut merged, cv, &out, heads, blk.n, blk.hv);
     let out = q
         .device()
@@ -354,7 +354,7 @@ where
             };
             // One buffer for the three stacked gradients, each overwritten before it is added
             // into its merged tensor's.
-            let mut scratch = vec![F::zero(); vs.len().max(qs.len()).max(ks.len())];
+            let mut scratch = filled(vs.len().max(qs.len()).max(ks.len()), F::zero());
             let sv = &mut scratch[..vs.len()];
             core.backward_v(&mut p, &go, &vs, sv, Accum::Replace);
             let g_v = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&v)?).expect(CPU));
@@ -416,7 +416,7 @@ where
         width: m,
         offset: 0,
     };
-    let mut merged = vec![F::zero(); out.len()];
+    let mut merged = filled(out.len(), F::zero());
     unstack_add(&mut merged, co, &out, heads, blk.n, blk.hv);
     let out = x
         .device()
@@ -429,7 +429,7 @@ where
                 let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU);
                 stack(as_f::<E, F>(g), co, heads, blk.n, blk.hv)
             };
-            let mut scratch = vec![F::zero(); qs.len()];
+            let mut scratch = filled(qs.len(), F::zero());
             core.backward_v(&mut p, &go, &vs, &mut scratch, Accum::Replace);
             let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
             unstack_add(g_x, cv, &scratch, heads, blk.t, blk.hv);
@@ -455,7 +455,7 @@ struct Cols {
 /// task.
 fn stack<F: Real>(src: &[F], cols: Cols, heads: usize, rows: usize, w: usize) -> Vec<F> {
     let batch = src.len() / (rows * cols.width);
-    let mut out = vec![F::zero(); batch * heads * rows * w];
+    let mut out = filled(batch * heads * rows * w, F::zero());
     for_chunks(&mut out, rows * w, |i, blk| {
         let (b, h) = (i / heads, i % heads);
         for (r, row) in blk.chunks_exact_mut(w).enumerate() {
@@ -488,7 +488,7 @@ fn unstack_add<F: Real>(
 
 /// A tensor's elements in row-major order (the caller made it contiguous), as `F` = `E`.
 fn read<S: Shape, E: Dtype, D: Device<E>, F: 'static>(t: &Tensor<S, E, D>) -> Vec<F> {
-    let mut buf = vec![E::default(); t.shape().num_elements()];
+    let mut buf = filled(t.shape().num_elements(), E::default());
     t.copy_into(&mut buf);
     cast(buf)
 }

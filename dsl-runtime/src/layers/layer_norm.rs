@@ -1,6 +1,6 @@
 //! Layer normalisation over the last dimension.
 
-use super::cpu_fast::{cpu_vec, fused_cpu, par_rows, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, fused_cpu, par_rows, sum8, CPU};
 use super::LayerInfo;
 use crate::Elem;
 use dfdx::nn::{
@@ -166,7 +166,7 @@ fn layer_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
     let bs: Vec<f64> = b.as_vec().iter().map(f).collect();
     // Normalised in place in a copy of the input: one buffer less to allocate and fault in;
     // training keeps a second copy for the backward pass.
-    let mut out = vec![E::default(); n];
+    let mut out = filled(n, E::default());
     x.copy_into(&mut out);
     let xs = if T::OWNS_TAPE {
         out.clone()

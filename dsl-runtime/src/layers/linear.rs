@@ -8,7 +8,7 @@
 //! thread, for the shapes of the tiny presets). Other devices compose dfdx's `matmul` and a
 //! broadcast add.
 
-use super::cpu_fast::{cpu_vec, fused_float, par_rows, CPU, TASK_ELEMS};
+use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, CPU, TASK_ELEMS};
 use super::{cast, LayerInfo};
 use crate::Elem;
 use dfdx::nn::{
@@ -264,7 +264,7 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
         None => None,
     };
     let read = |len: usize, copy: &dyn Fn(&mut [E])| -> Vec<F> {
-        let mut v = vec![E::default(); len];
+        let mut v = filled(len, E::default());
         copy(&mut v);
         cast(v)
     };
@@ -275,7 +275,7 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
             let bs: Vec<F> = read(o, &|v| b.copy_into(v));
             // Row copies on the pool: a `cycle()` iterator wrote one element at a time on the
             // calling thread, a tenth of a BERT step's serial time.
-            let mut y = vec![F::zero_impl(); n * o];
+            let mut y = filled(n * o, F::zero_impl());
             if o > 0 {
                 par_rows(&mut y, o, |_, rows| {
                     rows.chunks_exact_mut(o)
@@ -284,7 +284,7 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
             }
             y
         }
-        None => vec![F::zero_impl(); n * o],
+        None => filled(n * o, F::zero_impl()),
     };
     let accum = if b.is_some() {
         Accum::Add

@@ -1,6 +1,6 @@
 //! Root-mean-square normalisation over the last dimension.
 
-use super::cpu_fast::{cpu_vec, fused_cpu, CPU};
+use super::cpu_fast::{cpu_vec, filled, fused_cpu, CPU};
 use super::LayerInfo;
 use crate::Elem;
 use dfdx::nn::{
@@ -144,7 +144,7 @@ fn rms_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>
         .try_reshape_like(&(Const::<M>,))?
         .split_tape();
     let mut tape = tape.merge(w_tape);
-    let mut xs = vec![E::default(); n];
+    let mut xs = filled(n, E::default());
     x.copy_into(&mut xs);
     let ws: Vec<f64> = w.as_vec().iter().map(|v| v.to_f64().unwrap()).collect();
     let f = |v: &E| v.to_f64().unwrap();
