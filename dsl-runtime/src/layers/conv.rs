@@ -2,11 +2,14 @@
 //!
 //! dfdx 0.13 has convolutions only on nightly, so the layer is written here: the windows of the
 //! input are gathered into columns (im2col), then multiplied by the weight with one batched
-//! `matmul` (a batch of groups). The gathering, [`gather_windows`], is dfdx's `gather` on other
+//! `matmul` (a batch of groups). On the CPU in `f32`/`f64` the whole layer is one op
+//! (`conv_cpu`): the same columns, multiplied through `faer` straight into the NCHW output. The gathering, [`gather_windows`], is dfdx's `gather` on other
 //! devices (it has a backward pass and a CUDA kernel) and a fused loop on the CPU; it and the
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
-use super::cpu_fast::{cpu_vec, filled, fused_cpu, CPU};
+use super::cast;
+use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, fused_float, CPU};
+use super::linear::{as_f, par, Gemm};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{
@@ -19,6 +22,8 @@ use dfdx::tensor_ops::{
     BroadcastTo, Device, GatherTo, PermuteTo, ReshapeTo, TryAdd, TryConcatAlong, TryMatMul,
 };
 use rand_distr::Uniform;
+use rayon::prelude::*;
+use std::any::TypeId;
 use std::marker::PhantomData;
 
 /// A sliding window along one axis: kernel size, stride, padding on each side, dilation.
@@ -707,6 +712,161 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     Ok(out.put_tape(tape))
 }
 
+/// The whole convolution on the CPU in `f32` or `f64` (the caller checks): columns, the
+/// product by the weight through `faer` and the bias, from the flat input `[B, C, H, W]` to the
+/// flat output `[B, CO, OH, OW]`, written in place by batch entry, so that neither dfdx's
+/// batched `matmul` (AVX2, one group at a time) nor the permute of its output into NCHW runs.
+///
+/// Per group `g` (rows `CI/G·K·K`, `CO/G` outputs): `Y[b] = W_g · cols_g[:, b] (+ bias)`.
+/// Backward from `dY`, regrouped as `[CO, B·OH·OW]`: `dW_g += dY_g · cols_gᵀ`,
+/// `db += Σ dY`, `dcols_g = W_gᵀ · dY_g`, scattered back into the input.
+fn conv_cpu<F, Sw, Sb, E, D, T>(
+    x: Tensor<(usize,), E, D, T>,
+    weight: &Tensor<Sw, E, D>,
+    bias: Option<&Tensor<Sb, E, D>>,
+    taps: ConvColumns,
+    groups: usize,
+    co: usize,
+) -> Result<Tensor<(usize,), E, D, T>, D::Err>
+where
+    F: Gemm + Dtype,
+    Sw: Shape,
+    Sb: Shape,
+    E: Dtype,
+    D: Device<E>,
+    T: Tape<E, D>,
+{
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, MatMut, MatRef, Par};
+    let ((nb, c, _, _), (oh, ow), k) = (taps.input, taps.out, taps.win.k);
+    let (l, rows, cog) = (oh * ow, c / groups * k * k, co / groups);
+    let n = nb * l;
+    let (x, tape) = x.split_tape();
+    let (w, w_tape) = weight.retaped::<T>().split_tape();
+    let mut tape = tape.merge(w_tape);
+    let b = match bias {
+        Some(b) => {
+            let (b, b_tape) = b.retaped::<T>().split_tape();
+            tape = tape.merge(b_tape);
+            Some(b)
+        }
+        None => None,
+    };
+    let read = |len: usize, copy: &dyn Fn(&mut [E])| -> Vec<F> {
+        let mut v = filled(len, E::default());
+        copy(&mut v);
+        cast(v)
+    };
+    let ws: Vec<F> = read(co * rows, &|v| w.copy_into(v));
+    let bs: Option<Vec<F>> = b.as_ref().map(|b| read(co, &|v| b.copy_into(v)));
+    let cols = {
+        let xs: Vec<F> = read(taps.src_len(), &|v| x.copy_into(v));
+        let mut cols = filled(taps.len(), F::zero_impl());
+        for_chunks(&mut cols, n, |r, row| {
+            taps.fill_row(&xs, (r / (k * k), r / k % k, r % k), row)
+        });
+        cols
+    };
+    // The weight and columns of group `g`.
+    let w_g =
+        |g: usize| MatRef::from_row_major_slice(&ws[g * cog * rows..][..cog * rows], cog, rows);
+    let c_g = |g: usize| MatRef::from_row_major_slice(&cols[g * rows * n..][..rows * n], rows, n);
+    let mut out = filled(nb * co * l, F::zero_impl());
+    for_chunks(&mut out, co * l, |bi, y| {
+        for (g, y) in y.chunks_exact_mut(cog * l).enumerate() {
+            let accum = match &bs {
+                Some(bs) => {
+                    let rows = y.chunks_exact_mut(l).zip(&bs[g * cog..]);
+                    rows.for_each(|(row, &v)| row.fill(v));
+                    Accum::Add
+                }
+                None => Accum::Replace,
+            };
+            let y = MatMut::from_row_major_slice_mut(y, cog, l);
+            matmul(
+                y,
+                accum,
+                w_g(g),
+                c_g(g).subcols(bi * l, l),
+                F::one_impl(),
+                Par::Seq,
+            );
+        }
+    });
+    let out = x
+        .device()
+        .try_tensor_from_vec(cast::<F, E>(out), (nb * co * l,))?;
+    if T::OWNS_TAPE {
+        let (x, w, b, out_ghost) = (x.ghost(), w.ghost(), b.map(|b| b.ghost()), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let w_g = |g: usize| {
+                MatRef::from_row_major_slice(&ws[g * cog * rows..][..cog * rows], cog, rows)
+            };
+            let c_g =
+                |g: usize| MatRef::from_row_major_slice(&cols[g * rows * n..][..rows * n], rows, n);
+            // dY as [CO, B·OH·OW]: each output channel's rows of the batch side by side.
+            let mut gy = filled(co * n, F::zero_impl());
+            {
+                let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU);
+                let g: &Vec<F> = as_f::<E, F>(g);
+                for_chunks(&mut gy, n, |ch, row| {
+                    for (bi, dst) in row.chunks_exact_mut(l).enumerate() {
+                        dst.copy_from_slice(&g[(bi * co + ch) * l..][..l]);
+                    }
+                });
+            }
+            let gy_g =
+                |g: usize| MatRef::from_row_major_slice(&gy[g * cog * n..][..cog * n], cog, n);
+            let g_w = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&w)?).expect(CPU));
+            for (g, g_w) in g_w.chunks_exact_mut(cog * rows).enumerate() {
+                let g_w = MatMut::from_row_major_slice_mut(g_w, cog, rows);
+                matmul(
+                    g_w,
+                    Accum::Add,
+                    gy_g(g),
+                    c_g(g).transpose(),
+                    F::one_impl(),
+                    par(),
+                );
+            }
+            if let Some(b) = &b {
+                let g_b = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
+                let sums: Vec<F> = (gy.par_chunks(n))
+                    .map(|row| row.iter().fold(F::zero_impl(), |a, &v| a + v))
+                    .collect();
+                g_b.iter_mut().zip(sums).for_each(|(g, s)| *g += s);
+            }
+            let mut dc = filled(cols.len(), F::zero_impl());
+            for (g, dc) in dc.chunks_exact_mut(rows * n).enumerate() {
+                let dc = MatMut::from_row_major_slice_mut(dc, rows, n);
+                matmul(
+                    dc,
+                    Accum::Replace,
+                    w_g(g).transpose(),
+                    gy_g(g),
+                    F::one_impl(),
+                    par(),
+                );
+            }
+            drop(gy);
+            let per_channel: Vec<Vec<F>> = (0..c)
+                .into_par_iter()
+                .map(|ch| taps.channel_grad(&dc, ch))
+                .collect();
+            drop(dc);
+            let (h, wd) = (taps.input.2, taps.input.3);
+            let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            for_chunks(g_x, h * wd, |image, g| {
+                let (bi, ch) = (image / c, image % c);
+                let acc = &per_channel[ch][bi * h * wd..][..h * wd];
+                g.iter_mut().zip(acc).for_each(|(g, a)| *g += *a);
+            });
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
 impl<
         const CI: usize,
         const CO: usize,
@@ -760,6 +920,21 @@ where
         let (nb, l) = (b.size(), oh.size() * ow.size());
         if x.shape().num_elements() == 0 {
             return Ok(empty_output(x, (b, Const::<CO>, oh, ow))?);
+        }
+        if fused_float::<E, D>() {
+            let taps = ConvColumns {
+                input: (nb, CI, h.size(), w.size()),
+                out: (oh.size(), ow.size()),
+                win,
+            };
+            let flat = x.try_reshape_like(&(taps.src_len(),))?;
+            let bias = self.bias.as_ref();
+            let y = if TypeId::of::<E>() == TypeId::of::<f32>() {
+                conv_cpu::<f32, _, _, E, D, T>(flat, &self.weight, bias, taps, G, CO)?
+            } else {
+                conv_cpu::<f64, _, _, E, D, T>(flat, &self.weight, bias, taps, G, CO)?
+            };
+            return Ok(y.try_reshape_like(&(b, Const::<CO>, oh, ow))?);
         }
         let rows = CI / G * K * K;
         let cols = if fused_cpu::<E, D>() {

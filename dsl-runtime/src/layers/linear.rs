@@ -230,7 +230,7 @@ pub(crate) fn as_f<E: 'static, F: 'static>(v: &mut Vec<E>) -> &mut Vec<F> {
 }
 
 /// `faer`'s threads: rayon's pool size (`RAYON_NUM_THREADS`), sequential for one.
-fn par() -> faer::Par {
+pub(crate) fn par() -> faer::Par {
     match std::num::NonZeroUsize::new(rayon::current_num_threads()) {
         Some(n) if n.get() > 1 => faer::Par::Rayon(n),
         _ => faer::Par::Seq,
