@@ -7,7 +7,7 @@
 //! GELU forward on `[8, 128, 3072]` 7.1 ms instead of 20 ms, softmax on `[8, 12, 128, 128]`
 //! 3.1 ms instead of 6.6 ms.
 
-use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, for_chunks2, fused_float, par_rows, sum8, CPU, TASK_ELEMS};
 use super::LayerInfo;
 use dfdx::nn::{Module, NonMutableModule, ZeroSizedModule};
 use dfdx::shapes::{Dtype, HasShape, Shape};
@@ -289,8 +289,8 @@ impl Unary for QuickGeluOp {
     }
 }
 
-/// An element-wise function on the CPU in one pass forward (`K::f`) and one backward
-/// (`g·K::df(x)` from the saved input), in `F` = the element type.
+/// An element-wise function on the CPU in one pass forward (`K::f`, and `K::df` when training)
+/// and one backward (`g·K::df(x)` from the saved derivatives), in `F` = the element type.
 fn unary_cpu<K: Unary, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
 ) -> Result<Tensor<S, E, D, T>, D::Err> {
@@ -313,16 +313,24 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
     let mut out = filled(n, E::default());
     x.copy_into(&mut out);
     let mut out: Vec<F> = cast(out);
-    let xs = if T::OWNS_TAPE {
-        out.clone()
+    // Training keeps the derivative at each input rather than the input: it comes from the same
+    // exponentials in the same pass, and the backward pass is then one multiplication.
+    let mut dfs = Vec::new();
+    if T::OWNS_TAPE {
+        dfs = filled(n, F::zero());
+        for_chunks2(&mut out, TASK_ELEMS, &mut dfs, TASK_ELEMS, |_, out, dfs| {
+            for (y, d) in out.iter_mut().zip(dfs) {
+                let x = *y;
+                (*y, *d) = (K::f(x), K::df(x));
+            }
+        });
     } else {
-        Vec::new()
-    };
-    par_rows(&mut out, 1, |_, out| {
-        for y in out.iter_mut() {
-            *y = K::f(*y);
-        }
-    });
+        par_rows(&mut out, 1, |_, out| {
+            for y in out.iter_mut() {
+                *y = K::f(*y);
+            }
+        });
+    }
     let out = x.device().try_tensor_from_vec(cast::<F, E>(out), shape)?;
     if T::OWNS_TAPE {
         let (x, out_ghost) = (x.ghost(), out.ghost());
@@ -336,8 +344,8 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
                 let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
                 let g_x: &mut Vec<F> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
                 par_rows(g_x, 1, |i0, g_x| {
-                    for ((gx, &v), &g) in g_x.iter_mut().zip(&xs[i0..]).zip(&g[i0..]) {
-                        *gx = *gx + g * K::df(v);
+                    for ((gx, &d), &g) in g_x.iter_mut().zip(&dfs[i0..]).zip(&g[i0..]) {
+                        *gx = *gx + g * d;
                     }
                 });
             }

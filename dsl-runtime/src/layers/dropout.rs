@@ -6,11 +6,12 @@
 //! with the run's seed and the step before every step, which makes each step's masks a pure
 //! function of `(seed, step)`.
 
+use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, par_rows, CPU, TASK_ELEMS};
 use super::LayerInfo;
 use dfdx::nn::{Module, ModuleMut, ZeroSizedModule};
 use dfdx::shapes::{Dtype, HasShape, Shape};
-use dfdx::tensor::{Tape, Tensor, TensorFromVec};
-use dfdx::tensor_ops::{Device, TryMul};
+use dfdx::tensor::{PutTape, SplitTape, Tape, Tensor, TensorFromVec};
+use dfdx::tensor_ops::{Device, ReshapeTo, TryMul};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
@@ -71,20 +72,64 @@ impl<const P: usize, S: Shape, E: Dtype, D: Device<E> + TensorFromVec<E>, T: Tap
             return Ok(x);
         }
         let p = Self::P;
-        let (drop, keep) = (
-            E::from_f64(0.0).unwrap_or_default(),
-            E::from_f64(1.0 / (1.0 - p)).unwrap_or_default(),
-        );
+        let keep = E::from_f64(1.0 / (1.0 - p)).unwrap_or_default();
         let shape = *x.shape();
-        let mask: Vec<E> = MASKS.with(|m| {
-            let mut rng = m.borrow_mut();
-            (0..shape.num_elements())
-                .map(|_| if rng.gen_bool(p) { drop } else { keep })
-                .collect()
-        });
+        let seed: u64 = MASKS.with(|m| m.borrow_mut().gen());
+        let mask = mask_values(shape.num_elements(), seed, p, keep);
+        if fused_cpu::<E, D>() && shape.num_elements() > 0 {
+            return dropout_cpu(x, mask);
+        }
         let mask = x.device().try_tensor_from_vec(mask, shape)?;
         x.try_mul(mask)
     }
+}
+
+/// `n` mask values, `0` with probability `p` and `keep` otherwise, drawn in blocks of
+/// [`TASK_ELEMS`] on rayon's pool: block `i` from its own generator seeded by `seed` and `i`, so
+/// the mask depends on the seed alone, not on the number of threads.
+fn mask_values<E: Dtype>(n: usize, seed: u64, p: f64, keep: E) -> Vec<E> {
+    let mut mask = filled(n, E::default());
+    for_chunks(&mut mask, TASK_ELEMS, |i, block| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for m in block {
+            if !rng.gen_bool(p) {
+                *m = keep;
+            }
+        }
+    });
+    mask
+}
+
+/// `x ⊙ mask` on the CPU in one parallel pass each way (`dx += g ⊙ mask`), instead of dfdx's
+/// `mul`, which broadcasts, allocates and loops on one thread.
+fn dropout_cpu<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+    mask: Vec<E>,
+) -> Result<Tensor<S, E, D, T>, D::Err> {
+    let shape = *x.shape();
+    // Free for a contiguous tensor; a strided view is copied, on the tape, into row-major order.
+    let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
+    let mut out = filled(shape.num_elements(), E::default());
+    x.copy_into(&mut out);
+    par_rows(&mut out, 1, |i0, out| {
+        out.iter_mut().zip(&mask[i0..]).for_each(|(y, &m)| *y *= m);
+    });
+    let out = x.device().try_tensor_from_vec(out, shape)?;
+    if T::OWNS_TAPE {
+        let (x, out_ghost) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let g_out =
+                std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
+            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
+            par_rows(g_x, 1, |i0, g_x| {
+                let each = g_x.iter_mut().zip(&g_out[i0..]).zip(&mask[i0..]);
+                each.for_each(|((gx, &g), &m)| *gx += g * m);
+            });
+            *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
 }
 
 #[cfg(test)]
@@ -124,5 +169,28 @@ mod tests {
         assert_ne!(a1, a2, "successive calls draw new masks");
         assert_eq!(draw(7), (a1.clone(), a2));
         assert_ne!(draw(8).0, a1);
+    }
+
+    #[test]
+    fn the_fused_pass_equals_the_multiplication_by_the_mask() {
+        use super::super::cpu_fast::composition_only;
+        let dev = Cpu::seed_from_u64(5);
+        // Larger than one block of masks, so that several generators take part.
+        let x: Tensor<(usize, usize), f64, _> = dev.sample_normal_like(&(300, 257));
+        let w: Tensor<(usize, usize), f64, _> = dev.sample_normal_like(&(300, 257));
+        let run = || {
+            super::seed_dropout(3);
+            let y = Dropout::<30>.forward_mut(x.leaky_trace());
+            let out = y.as_vec();
+            let g = (y * w.clone()).sum::<Rank0, _>().backward();
+            (out, g.get(&x).as_vec())
+        };
+        let (y, g) = run();
+        assert_eq!((y.clone(), g.clone()), composition_only(run));
+        // The gradient is the mask times the upstream gradient: 0 or 1/0.7 times w.
+        for ((y, g), (x, w)) in y.iter().zip(&g).zip(x.as_vec().iter().zip(w.as_vec())) {
+            let m = if *y == 0.0 { 0.0 } else { 1.0 / 0.7 };
+            assert!((y - m * x).abs() < 1e-12 && (g - m * w).abs() < 1e-12);
+        }
     }
 }
