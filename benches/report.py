@@ -39,7 +39,7 @@ CRITERION = ROOT / "target" / "criterion"
 PRESETS = ["gpt2", "llama", "bert", "vit", "resnet", "clip"]
 OPS = ["matmul", "conv2d", "attention", "layer_norm", "gelu", "softmax", "embedding"]
 OP_SHAPES = {
-    "matmul": "[2048, 128] × [128, 512] (dfdx's gemm: attention scores, conv)",
+    "matmul": "[2048, 128] × [128, 512] (our `linear`, through faer)",
     "conv2d": "[64, 16, 32, 32], 16→16, 3×3, pad 1",
     "attention": "causal, [16, 128, 128], 4 heads (qkv + SDPA + out)",
     "layer_norm": "[16, 128, 128]",

@@ -5,6 +5,7 @@
 //! `benches/report.py` runs both sides at 1 and 2 threads.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use neural_arch::layers::linear;
 use neural_arch::prelude::*;
 use neural_arch_benches::{ids, values};
 use std::time::Duration;
@@ -33,13 +34,17 @@ macro_rules! layer_rows {
 fn ops(c: &mut Criterion) {
     let dev = Cpu::seed_from_u64(0);
 
-    // GPT-2 tiny's MLP input projection without its bias: 16 × 128 tokens, 128 -> 512.
+    // GPT-2 tiny's MLP input projection without its bias: 16 × 128 tokens, 128 -> 512, through
+    // `linear`, the product every projection layer runs (the weight in PyTorch's `[out, in]`).
     let a = dev.tensor_from_vec(values(2048 * 128, 1), (2048usize, Const::<128>));
-    let w = dev.tensor_from_vec(values(128 * 512, 2), (Const::<128>, Const::<512>));
-    c.bench_function("matmul/forward", |b| b.iter(|| a.clone().matmul(w.clone())));
+    let w = dev.tensor_from_vec(values(512 * 128, 2), (Const::<512>, Const::<128>));
+    c.bench_function("matmul/forward", |b| {
+        b.iter(|| linear(a.clone(), &w, None).expect("a CPU product"))
+    });
     c.bench_function("matmul/forward_backward", |b| {
+        // The gradients of the input and of the weight, as PyTorch's `a @ w` with both leaves.
         b.iter(|| {
-            let y = a.clone().leaky_traced().matmul(w.clone().leaky_traced());
+            let y = linear(a.clone().leaky_traced(), &w, None).expect("a CPU product");
             y.sum::<Rank0, _>().backward()
         })
     });
