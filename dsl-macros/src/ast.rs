@@ -65,6 +65,8 @@ pub struct Field {
     pub span: crate::check::Loc,
     /// The checkpoint key, `#[key = "LayerNorm"]`; the field name when absent.
     pub key: String,
+    /// `#[recompute]`: gradient checkpointing (block by block for a repeated layer).
+    pub recompute: bool,
 }
 
 /// `forward(x: [B, 784], ...) -> [B, 10]` with an optional body.
@@ -195,10 +197,20 @@ impl Parse for Field {
         let mut attrs = input.call(Attribute::parse_outer)?;
         let name: Ident = input.parse()?;
         let mut key = name.to_string();
+        let mut recompute = false;
         let mut keep = Vec::new();
         for a in attrs.drain(..) {
             if a.path().is_ident("doc") {
                 keep.push(a);
+            } else if a.path().is_ident("recompute") {
+                if !matches!(a.meta, syn::Meta::Path(_)) {
+                    return Err(syn::Error::new_spanned(
+                        &a.meta,
+                        "`#[recompute]` takes no arguments: it marks the layer (each block of a \
+                         repeated one) for gradient checkpointing",
+                    ));
+                }
+                recompute = true;
             } else if a.path().is_ident("key") {
                 // Upstream checkpoints use names that cannot be Rust fields (`self`,
                 // `LayerNorm`): the field keeps a Rust name, the parameters the upstream one.
@@ -219,8 +231,8 @@ impl Parse for Field {
             } else {
                 return Err(syn::Error::new_spanned(
                     a,
-                    "a layer takes doc comments and `#[key = \"name\"]` (its checkpoint name) \
-                     as attributes",
+                    "a layer takes doc comments, `#[key = \"name\"]` (its checkpoint name) and \
+                     `#[recompute]` (gradient checkpointing) as attributes",
                 ));
             }
         }
@@ -239,6 +251,7 @@ impl Parse for Field {
             repeat,
             span,
             key,
+            recompute,
         })
     }
 }

@@ -466,6 +466,15 @@ fn chain_impls(
             }
         });
     }
+    // The chain is generic over its input, and recomputation needs a tensor: such a model
+    // declares its forward signature.
+    for f in model.fields.iter().filter(|f| f.recompute) {
+        let span = f.name.span();
+        impls.extend(quote_spanned! {span=> ::core::compile_error!(
+            "`#[recompute]` needs the model's input shape: declare it with \
+             `forward(x: [..]) -> [..];` (no body: the layers still run in order)"
+        );});
+    }
     impls
 }
 

@@ -306,7 +306,23 @@ impl Walk<'_, '_> {
             self.traits
                 .push(call_trait(&trait_name, field, tuple, &input, &first_source));
         }
-        let tokens = if self.train {
+        let p = quote!(::neural_arch::__private);
+        let tokens = if self.train && field.recompute {
+            if tuple {
+                quote_spanned! {span=> ::core::compile_error!("`#[recompute]` takes a layer of one input tensor") }
+            } else if field.repeat.is_some() {
+                // Block by block: each keeps only its own input.
+                quote_spanned! {span=> {
+                    let mut __x = #arg;
+                    for __block in self.#field_ident.modules.iter_mut() {
+                        __x = #p::recompute(__block, __x)?;
+                    }
+                    __x
+                } }
+            } else {
+                quote_spanned! {span=> #p::recompute(&mut self.#field_ident, #arg)? }
+            }
+        } else if self.train {
             if tuple {
                 quote_spanned! {span=> <_ as #trait_name<_, _>>::__call_mut(#arg, &mut self.#field_ident)? }
             } else {

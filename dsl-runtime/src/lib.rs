@@ -38,6 +38,7 @@ pub mod losses;
 pub mod optim;
 pub mod parity;
 pub mod plot;
+pub mod recompute;
 mod summary;
 pub mod train;
 
@@ -93,6 +94,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::layers::{Flatten, LayerInfo};
+    pub use crate::recompute::recompute;
     pub use crate::summary::{Summary, SummaryRow};
     pub use crate::{Built, Elem, Error};
     pub use dfdx::nn::{

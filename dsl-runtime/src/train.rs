@@ -383,6 +383,10 @@ impl Trainer {
                 cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             );
             let out = task.train_step(model, step, g)?;
+            if let Some(e) = crate::recompute::take_error() {
+                // A recomputed layer failed in the backward pass: its gradients are missing.
+                return Err(e);
+            }
             if !out.loss.is_finite() {
                 return Err(Error::Config(format!(
                     "the loss became {} at step {step}; lower --lr (now {}) or check the data",

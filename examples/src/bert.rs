@@ -798,6 +798,7 @@ fn tokenizer(args: &BertArgs, out: &Path) -> Result<WordPiece> {
 pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary> {
     let c = &args.common;
     c.check_device()?;
+    c.apply_recompute("bert", false)?;
     ensure!(
         c.preset == "tiny",
         "unknown preset `{}` for bert; choose tiny (bert-base takes days on a CPU)",

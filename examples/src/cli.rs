@@ -60,6 +60,11 @@ pub struct CommonArgs {
     /// Stop after this step with a checkpoint, as Ctrl-C does; continue later with --resume.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Gradient checkpointing: recompute the transformer blocks in the backward pass instead
+    /// of keeping their activations (less memory, one more forward pass per block; GPT-2 and
+    /// Llama, whose blocks are declared `#[recompute]`).
+    #[arg(long)]
+    pub recompute: bool,
 }
 
 /// What the binary's defaults are, where a flag is not given.
@@ -107,6 +112,19 @@ impl CommonArgs {
             ),
             d => bail!("--dtype {d}: unknown element type; use f32"),
         }
+    }
+
+    /// Switches gradient checkpointing on for this thread when `--recompute` is given; a model
+    /// without `#[recompute]` blocks (`recomputes` false) refuses the flag.
+    pub fn apply_recompute(&self, model: &str, recomputes: bool) -> Result<()> {
+        if self.recompute && !recomputes {
+            bail!(
+                "--recompute: {model} declares no recomputed blocks (GPT-2 and Llama do); run \
+                 without it"
+            );
+        }
+        neural_arch::recompute::set_enabled(self.recompute);
+        Ok(())
     }
 
     /// The trainer's configuration; `examples_per_epoch` turns --epochs into steps.

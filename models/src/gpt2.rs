@@ -147,6 +147,8 @@ model! {
     > {
         wte: Embedding<V, D>,
         wpe: PositionalEmbedding<C, D>,
+        /// Recomputed in the backward pass when recomputation is on (`--recompute`).
+        #[recompute]
         h: [Gpt2Block<D, H, F>; L],
         ln_f: LayerNorm<D>,
     }

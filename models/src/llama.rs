@@ -140,6 +140,8 @@ model! {
         const THETA: usize,
     > {
         embed_tokens: Embedding<V, D>,
+        /// Recomputed in the backward pass when recomputation is on (`--recompute`).
+        #[recompute]
         layers: [LlamaDecoderLayer<D, H, KVH, HD, F, THETA>; L],
         norm: RMSNorm<D>,
     }

@@ -26,6 +26,20 @@ pub fn seed_dropout(seed: u64) {
     MASKS.with(|m| *m.borrow_mut() = StdRng::seed_from_u64(seed));
 }
 
+/// The state of this thread's mask generator, for [`with_masks_state`].
+pub(crate) fn masks_state() -> StdRng {
+    MASKS.with(|m| m.borrow().clone())
+}
+
+/// Runs `f` with the mask generator in `state`, then puts the generator back as it was: a
+/// recomputed layer draws the masks of its first pass.
+pub(crate) fn with_masks_state<R>(state: StdRng, f: impl FnOnce() -> R) -> R {
+    let saved = MASKS.with(|m| m.replace(state));
+    let r = f();
+    MASKS.with(|m| *m.borrow_mut() = saved);
+    r
+}
+
 /// Zeroes each element with probability `PERCENT / 100` and scales the rest by `1 / (1 - p)`,
 /// in training only: `forward_mut` drops, `forward` is the identity (evaluation mode).
 ///

@@ -49,7 +49,7 @@
 
 mod accumulate;
 mod adam;
-mod buffers;
+pub(crate) mod buffers;
 mod clip;
 mod lion;
 mod schedule;

@@ -436,6 +436,7 @@ impl ClipTask {
 fn run(cli: &Cli) -> Result<RunSummary> {
     let c = &cli.common;
     c.check_device()?;
+    c.apply_recompute("clip", false)?;
     match c.preset.as_str() {
         "tiny" => {}
         "vit-b-32" => bail!(
