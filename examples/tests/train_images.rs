@@ -241,3 +241,17 @@ fn epochs_count_the_training_images() {
     // Half of the 64 training images, 8 per step.
     assert_eq!(summary["steps"], 4, "{summary}");
 }
+
+#[test]
+fn recompute_is_refused_by_a_model_without_recomputed_blocks() {
+    let data = synthetic_data("recompute");
+    let (ok, _, err) = run(
+        env!("CARGO_BIN_EXE_train-vit"),
+        &data,
+        &["--recompute", "--steps", "1"],
+    );
+    assert!(
+        !ok && err.contains("--recompute: vit declares no recomputed blocks"),
+        "{err}"
+    );
+}

@@ -179,3 +179,29 @@ fn missing_data_and_unavailable_devices_say_what_to_do() {
     let (ok, _, err) = train(GPT2, &["--preset", "huge"]);
     assert!(!ok && err.contains("choose tiny or small"), "{err}");
 }
+
+#[test]
+fn recompute_trains_the_same_model() {
+    // Dropout on (GPT-2's default), so the replayed masks are part of what is compared.
+    let losses = |name: &str, extra: &[&str]| {
+        let dir = temp(name);
+        let mut args = vec!["--steps", "3", "--out", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = train(GPT2, &args);
+        assert!(ok, "{name}: {err}");
+        let m = metrics(&dir);
+        std::fs::remove_dir_all(dir).ok();
+        m.iter()
+            .filter_map(|v| v["loss"].as_f64())
+            .collect::<Vec<f64>>()
+    };
+    let plain = losses("plain", &[]);
+    let recomputed = losses("recomputed", &["--recompute"]);
+    assert_eq!(plain.len(), 3);
+    for (a, b) in plain.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{plain:?} vs {recomputed:?}"
+        );
+    }
+}
