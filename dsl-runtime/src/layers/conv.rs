@@ -9,7 +9,7 @@
 
 use super::cast;
 use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, fused_float, CPU};
-use super::linear::{as_f, par, Gemm};
+use super::linear::{as_f, Gemm};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{
@@ -23,7 +23,7 @@ use dfdx::tensor_ops::{
 };
 use rand_distr::Uniform;
 use rayon::prelude::*;
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 
 /// A sliding window along one axis: kernel size, stride, padding on each side, dilation.
@@ -631,9 +631,16 @@ impl ConvColumns {
     /// Adds the gradient of the columns of channel `ch` (`K·K` rows of `g`, from row
     /// `ch·K·K`) into that channel's images, returned as `[B, H, W]`.
     fn channel_grad<E: Dtype>(&self, g: &[E], ch: usize) -> Vec<E> {
+        let (b, _, h, w) = self.input;
+        let mut acc = vec![E::default(); b * h * w];
+        self.add_channel_grad(g, ch, &mut acc);
+        acc
+    }
+
+    /// [`Self::channel_grad`] added into `acc`, that channel's images `[B, H, W]`.
+    fn add_channel_grad<E: Dtype>(&self, g: &[E], ch: usize, acc: &mut [E]) {
         let ((b, _, h, w), (oh, ow), k) = (self.input, self.out, self.win.k);
         let len = b * oh * ow;
-        let mut acc = vec![E::default(); b * h * w];
         for u in 0..k {
             for v in 0..k {
                 let row = &g[((ch * k + u) * k + v) * len..][..len];
@@ -661,7 +668,6 @@ impl ConvColumns {
                 }
             }
         }
-        acc
     }
 }
 
@@ -712,14 +718,23 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     Ok(out.put_tape(tape))
 }
 
-/// The whole convolution on the CPU in `f32` or `f64` (the caller checks): columns, the
-/// product by the weight through `faer` and the bias, from the flat input `[B, C, H, W]` to the
-/// flat output `[B, CO, OH, OW]`, written in place by batch entry, so that neither dfdx's
-/// batched `matmul` (AVX2, one group at a time) nor the permute of its output into NCHW runs.
+/// Matrix `i` of `all`, a row-major stack of `rows × cols` matrices.
+fn block<F>(all: &[F], i: usize, rows: usize, cols: usize) -> faer::MatRef<'_, F> {
+    faer::MatRef::from_row_major_slice(&all[i * rows * cols..][..rows * cols], rows, cols)
+}
+
+/// The whole convolution on the CPU in `f32` or `f64` (the caller checks), from the flat input
+/// `[B, C, H, W]` to the flat output `[B, CO, OH, OW]`, one batch entry per task: its columns
+/// (im2col) in a buffer of the task's, the product by the weight through `faer` straight into
+/// its NCHW output, and the bias. Neither dfdx's batched `matmul` (AVX2, one group at a time)
+/// nor the permute of its output into NCHW runs, and no columns of the whole batch exist: the
+/// backward pass rebuilds each entry's from the saved input, which costs one more im2col and
+/// saves the `C·K²`-fold larger columns (and clearing them) for every convolution.
 ///
-/// Per group `g` (rows `CI/G·K·K`, `CO/G` outputs): `Y[b] = W_g · cols_g[:, b] (+ bias)`.
-/// Backward from `dY`, regrouped as `[CO, B·OH·OW]`: `dW_g += dY_g · cols_gᵀ`,
-/// `db += Σ dY`, `dcols_g = W_gᵀ · dY_g`, scattered back into the input.
+/// Per batch entry `b` and group `g` (rows `CI/G·K·K`, `CO/G` outputs):
+/// `Y_b = W_g · cols_b (+ bias)`. Backward from `dY_b`: `dW_g += Σ_b dY_b · cols_bᵀ` (partial
+/// sums over fixed blocks of entries, added in order: the same bits on any number of threads),
+/// `db += Σ dY`, and `W_gᵀ · dY_b` scattered back into entry `b`'s input gradient.
 fn conv_cpu<F, Sw, Sb, E, D, T>(
     x: Tensor<(usize,), E, D, T>,
     weight: &Tensor<Sw, E, D>,
@@ -738,11 +753,16 @@ where
 {
     use faer::linalg::matmul::matmul;
     use faer::{Accum, MatMut, MatRef, Par};
-    let ((nb, c, _, _), (oh, ow), k) = (taps.input, taps.out, taps.win.k);
+    let ((nb, c, h, w), (oh, ow), k) = (taps.input, taps.out, taps.win.k);
     let (l, rows, cog) = (oh * ow, c / groups * k * k, co / groups);
-    let n = nb * l;
+    // One batch entry's columns: `[C·K·K, OH·OW]`, group `g`'s rows `g·rows..`.
+    let one = ConvColumns {
+        input: (1, c, h, w),
+        ..taps
+    };
+    let image = c * h * w;
     let (x, tape) = x.split_tape();
-    let (w, w_tape) = weight.retaped::<T>().split_tape();
+    let (wt, w_tape) = weight.retaped::<T>().split_tape();
     let mut tape = tape.merge(w_tape);
     let b = match bias {
         Some(b) => {
@@ -757,22 +777,23 @@ where
         copy(&mut v);
         cast(v)
     };
-    let ws: Vec<F> = read(co * rows, &|v| w.copy_into(v));
+    let ws: Vec<F> = read(co * rows, &|v| wt.copy_into(v));
     let bs: Option<Vec<F>> = b.as_ref().map(|b| read(co, &|v| b.copy_into(v)));
-    let cols = {
-        let xs: Vec<F> = read(taps.src_len(), &|v| x.copy_into(v));
-        let mut cols = filled(taps.len(), F::zero_impl());
-        for_chunks(&mut cols, n, |r, row| {
-            taps.fill_row(&xs, (r / (k * k), r / k % k, r % k), row)
-        });
-        cols
+    let xs: Vec<F> = read(taps.src_len(), &|v| x.copy_into(v));
+    // Entry `bi`'s columns into `cols`.
+    let im2col = move |xs: &[F], bi: usize, cols: &mut [F]| {
+        for (r, row) in cols.chunks_exact_mut(l).enumerate() {
+            one.fill_row(
+                &xs[bi * image..][..image],
+                (r / (k * k), r / k % k, r % k),
+                row,
+            );
+        }
     };
-    // The weight and columns of group `g`.
-    let w_g =
-        |g: usize| MatRef::from_row_major_slice(&ws[g * cog * rows..][..cog * rows], cog, rows);
-    let c_g = |g: usize| MatRef::from_row_major_slice(&cols[g * rows * n..][..rows * n], rows, n);
     let mut out = filled(nb * co * l, F::zero_impl());
     for_chunks(&mut out, co * l, |bi, y| {
+        let mut cols = vec![F::zero_impl(); c * k * k * l];
+        im2col(&xs, bi, &mut cols);
         for (g, y) in y.chunks_exact_mut(cog * l).enumerate() {
             let accum = match &bs {
                 Some(bs) => {
@@ -783,11 +804,12 @@ where
                 None => Accum::Replace,
             };
             let y = MatMut::from_row_major_slice_mut(y, cog, l);
+            let c_g = MatRef::from_row_major_slice(&cols[g * rows * l..][..rows * l], rows, l);
             matmul(
                 y,
                 accum,
-                w_g(g),
-                c_g(g).subcols(bi * l, l),
+                block(&ws, g, cog, rows),
+                c_g,
                 F::one_impl(),
                 Par::Seq,
             );
@@ -797,70 +819,86 @@ where
         .device()
         .try_tensor_from_vec(cast::<F, E>(out), (nb * co * l,))?;
     if T::OWNS_TAPE {
-        let (x, w, b, out_ghost) = (x.ghost(), w.ghost(), b.map(|b| b.ghost()), out.ghost());
+        let (x, wt, b, out_ghost) = (x.ghost(), wt.ghost(), b.map(|b| b.ghost()), out.ghost());
         tape.add_backward_op(move |grads| {
-            let w_g = |g: usize| {
-                MatRef::from_row_major_slice(&ws[g * cog * rows..][..cog * rows], cog, rows)
-            };
-            let c_g =
-                |g: usize| MatRef::from_row_major_slice(&cols[g * rows * n..][..rows * n], rows, n);
-            // dY as [CO, B·OH·OW]: each output channel's rows of the batch side by side.
-            let mut gy = filled(co * n, F::zero_impl());
-            {
-                let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU);
-                let g: &Vec<F> = as_f::<E, F>(g);
-                for_chunks(&mut gy, n, |ch, row| {
-                    for (bi, dst) in row.chunks_exact_mut(l).enumerate() {
-                        dst.copy_from_slice(&g[(bi * co + ch) * l..][..l]);
+            let g_out =
+                std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
+            let gy: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            // The input's gradient, entry by entry, and partial sums of the weight's and the
+            // bias's over fixed blocks of entries.
+            const ENTRIES: usize = 4;
+            let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            let partial: Vec<(Vec<F>, Vec<F>)> = g_x
+                .par_chunks_mut(ENTRIES * image)
+                .enumerate()
+                .map(|(blk, g_x)| {
+                    let (mut g_w, mut g_b) =
+                        (vec![F::zero_impl(); co * rows], vec![F::zero_impl(); co]);
+                    let mut cols = vec![F::zero_impl(); c * k * k * l];
+                    let mut d_cols = vec![F::zero_impl(); c * k * k * l];
+                    for (j, g_x) in g_x.chunks_exact_mut(image).enumerate() {
+                        let bi = blk * ENTRIES + j;
+                        im2col(&xs, bi, &mut cols);
+                        let gy_b = &gy[bi * co * l..][..co * l];
+                        for g in 0..groups {
+                            let gy_g = MatRef::from_row_major_slice(
+                                &gy_b[g * cog * l..][..cog * l],
+                                cog,
+                                l,
+                            );
+                            let c_g = MatRef::from_row_major_slice(
+                                &cols[g * rows * l..][..rows * l],
+                                rows,
+                                l,
+                            );
+                            let g_w = MatMut::from_row_major_slice_mut(
+                                &mut g_w[g * cog * rows..][..cog * rows],
+                                cog,
+                                rows,
+                            );
+                            matmul(
+                                g_w,
+                                Accum::Add,
+                                gy_g,
+                                c_g.transpose(),
+                                F::one_impl(),
+                                Par::Seq,
+                            );
+                            let d_g = MatMut::from_row_major_slice_mut(
+                                &mut d_cols[g * rows * l..][..rows * l],
+                                rows,
+                                l,
+                            );
+                            matmul(
+                                d_g,
+                                Accum::Replace,
+                                block(&ws, g, cog, rows).transpose(),
+                                gy_g,
+                                F::one_impl(),
+                                Par::Seq,
+                            );
+                        }
+                        for (gb, row) in g_b.iter_mut().zip(gy_b.chunks_exact(l)) {
+                            *gb += row.iter().fold(F::zero_impl(), |a, &v| a + v);
+                        }
+                        for ch in 0..c {
+                            one.add_channel_grad(&d_cols, ch, &mut g_x[ch * h * w..][..h * w]);
+                        }
                     }
-                });
-            }
-            let gy_g =
-                |g: usize| MatRef::from_row_major_slice(&gy[g * cog * n..][..cog * n], cog, n);
-            let g_w = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&w)?).expect(CPU));
-            for (g, g_w) in g_w.chunks_exact_mut(cog * rows).enumerate() {
-                let g_w = MatMut::from_row_major_slice_mut(g_w, cog, rows);
-                matmul(
-                    g_w,
-                    Accum::Add,
-                    gy_g(g),
-                    c_g(g).transpose(),
-                    F::one_impl(),
-                    par(),
-                );
+                    (g_w, g_b)
+                })
+                .collect();
+            let g_w = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&wt)?).expect(CPU));
+            for (pw, _) in &partial {
+                g_w.iter_mut().zip(pw).for_each(|(a, &v)| *a += v);
             }
             if let Some(b) = &b {
                 let g_b = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
-                let sums: Vec<F> = (gy.par_chunks(n))
-                    .map(|row| row.iter().fold(F::zero_impl(), |a, &v| a + v))
-                    .collect();
-                g_b.iter_mut().zip(sums).for_each(|(g, s)| *g += s);
+                for (_, pb) in &partial {
+                    g_b.iter_mut().zip(pb).for_each(|(a, &v)| *a += v);
+                }
             }
-            let mut dc = filled(cols.len(), F::zero_impl());
-            for (g, dc) in dc.chunks_exact_mut(rows * n).enumerate() {
-                let dc = MatMut::from_row_major_slice_mut(dc, rows, n);
-                matmul(
-                    dc,
-                    Accum::Replace,
-                    w_g(g).transpose(),
-                    gy_g(g),
-                    F::one_impl(),
-                    par(),
-                );
-            }
-            drop(gy);
-            let per_channel: Vec<Vec<F>> = (0..c)
-                .into_par_iter()
-                .map(|ch| taps.channel_grad(&dc, ch))
-                .collect();
-            drop(dc);
-            let (h, wd) = (taps.input.2, taps.input.3);
-            let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
-            for_chunks(g_x, h * wd, |image, g| {
-                let (bi, ch) = (image / c, image % c);
-                let acc = &per_channel[ch][bi * h * wd..][..h * wd];
-                g.iter_mut().zip(acc).for_each(|(g, a)| *g += *a);
-            });
+            *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
         });
     }
