@@ -3,12 +3,13 @@
 //! dfdx 0.13 has convolutions only on nightly, so the layer is written here: the windows of the
 //! input are gathered into columns (im2col), then multiplied by the weight with one batched
 //! `matmul` (a batch of groups). On the CPU in `f32`/`f64` the whole layer is one op
-//! (`conv_cpu`): the same columns, multiplied through `faer` straight into the NCHW output. The gathering, [`gather_windows`], is dfdx's `gather` on other
+//! (`conv_cpu`), one batch entry per task: that entry's columns, multiplied through `faer`
+//! straight into its NCHW output. The gathering, [`gather_windows`], is dfdx's `gather` on other
 //! devices (it has a backward pass and a CUDA kernel) and a fused loop on the CPU; it and the
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
 use super::cast;
-use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, fused_float, CPU};
+use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, fused_float, read, take_param, CPU};
 use super::linear::{as_f, Gemm};
 use super::LayerInfo;
 use crate::{Elem, Error};
@@ -761,25 +762,13 @@ where
         ..taps
     };
     let image = c * h * w;
-    let (x, tape) = x.split_tape();
-    let (wt, w_tape) = weight.retaped::<T>().split_tape();
-    let mut tape = tape.merge(w_tape);
-    let b = match bias {
-        Some(b) => {
-            let (b, b_tape) = b.retaped::<T>().split_tape();
-            tape = tape.merge(b_tape);
-            Some(b)
-        }
-        None => None,
+    let (x, mut tape) = x.split_tape();
+    let (wt, ws): (_, Vec<F>) = take_param(weight, &mut tape);
+    let (b, bs): (_, Option<Vec<F>>) = match bias.map(|b| take_param(b, &mut tape)) {
+        Some((b, bs)) => (Some(b), Some(bs)),
+        None => (None, None),
     };
-    let read = |len: usize, copy: &dyn Fn(&mut [E])| -> Vec<F> {
-        let mut v = filled(len, E::default());
-        copy(&mut v);
-        cast(v)
-    };
-    let ws: Vec<F> = read(co * rows, &|v| wt.copy_into(v));
-    let bs: Option<Vec<F>> = b.as_ref().map(|b| read(co, &|v| b.copy_into(v)));
-    let xs: Vec<F> = read(taps.src_len(), &|v| x.copy_into(v));
+    let xs: Vec<F> = read(&x);
     // Entry `bi`'s columns into `cols`.
     let im2col = move |xs: &[F], bi: usize, cols: &mut [F]| {
         for (r, row) in cols.chunks_exact_mut(l).enumerate() {

@@ -7,8 +7,8 @@
 //! device takes the layer's composition of dfdx ops, which the tests also run on the CPU
 //! through [`composition_only`].
 
-use dfdx::shapes::{Dtype, Shape};
-use dfdx::tensor::{Cpu, Storage, Tensor};
+use dfdx::shapes::{Dtype, HasShape, Shape};
+use dfdx::tensor::{CopySlice, Cpu, SplitTape, Storage, Tape, Tensor};
 
 #[cfg(test)]
 thread_local! {
@@ -156,4 +156,33 @@ pub(crate) fn filled<E: Copy + Send + Sync>(n: usize, value: E) -> Vec<E> {
     let mut v = Vec::with_capacity(n);
     v.par_extend(rayon::iter::repeat_n(value, n));
     v
+}
+
+/// A tensor's elements in memory order (row-major for a contiguous tensor), as `F` = `E`
+/// (checked by the caller): the one way dfdx lets a kernel read a tensor, a copy.
+pub(crate) fn read<S: Shape, E: Dtype, D: Storage<E> + CopySlice<E>, F: 'static>(
+    t: &Tensor<S, E, D>,
+) -> Vec<F> {
+    let mut buf = filled(t.shape().num_elements(), E::default());
+    t.copy_into(&mut buf);
+    super::cast(buf)
+}
+
+/// A parameter of a fused kernel: its tensor, joined to the graph of `tape` (for its gradient),
+/// and its values as `F` = `E`.
+pub(crate) fn take_param<S, E, D, T, F>(
+    p: &Tensor<S, E, D>,
+    tape: &mut T,
+) -> (Tensor<S, E, D>, Vec<F>)
+where
+    S: Shape,
+    E: Dtype,
+    D: Storage<E> + CopySlice<E>,
+    T: Tape<E, D>,
+    F: 'static,
+{
+    let (p, p_tape) = p.retaped::<T>().split_tape();
+    *tape = std::mem::take(tape).merge(p_tape);
+    let values = read(&p);
+    (p, values)
 }

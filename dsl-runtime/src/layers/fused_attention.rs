@@ -12,10 +12,10 @@
 )]
 
 use super::activation::softmax_row;
-use super::cpu_fast::{cpu_vec, filled, for_chunks, for_chunks2, sum8, CPU};
+use super::cpu_fast::{cpu_vec, filled, for_chunks, for_chunks2, read, sum8, CPU};
 use super::linear::{as_f, Gemm};
 use super::{cast, Mask, Real};
-use dfdx::shapes::{Dim, Dtype, HasShape, Shape};
+use dfdx::shapes::{Dim, Dtype, HasShape};
 use dfdx::tensor::{PutTape, SplitTape, Tape, Tensor};
 use dfdx::tensor_ops::{Device, ReshapeTo};
 use faer::linalg::matmul::matmul;
@@ -486,13 +486,6 @@ fn unstack_add<F: Real>(
     });
 }
 
-/// A tensor's elements in row-major order (the caller made it contiguous), as `F` = `E`.
-fn read<S: Shape, E: Dtype, D: Device<E>, F: 'static>(t: &Tensor<S, E, D>) -> Vec<F> {
-    let mut buf = filled(t.shape().num_elements(), E::default());
-    t.copy_into(&mut buf);
-    cast(buf)
-}
-
 /// One row of the softmax's backward pass, in place over the weights `y`:
 /// `y ← y ⊙ (dp − Σ dp ⊙ y)`, or 0 for a row with nothing kept. Masked weights are exactly 0,
 /// so their gradient is too.
@@ -516,7 +509,33 @@ mod tests {
 
     type Q = Tensor<(usize, usize, usize, usize), f64, Cpu>;
 
-    /// The output and the gradients of `q`, `k` and `v` for the loss `Σ out ⊙ w`.
+    /// The output and the gradients of `inputs` for the loss `Σ out ⊙ w`.
+    fn output_and_grads<S: Shape, Si: Shape>(
+        out: Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>>,
+        w: &Tensor<S, f64, Cpu>,
+        [q, k, v]: [&Tensor<Si, f64, Cpu>; 3],
+    ) -> [Vec<f64>; 4] {
+        let y = out.as_vec();
+        let g = (out * w.clone()).sum::<Rank0, _>().backward();
+        [y, g.get(q).as_vec(), g.get(k).as_vec(), g.get(v).as_vec()]
+    }
+
+    /// Fails when the kernel's output or gradients differ from the composition's.
+    fn assert_same(name: &str, fused: &[Vec<f64>; 4], composed: &[Vec<f64>; 4]) {
+        for (what, (a, c)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.iter().zip(composed))
+        {
+            let err = a
+                .iter()
+                .zip(c)
+                .map(|(a, c)| (a - c).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-12, "{name}: {what} differs by {err:e}");
+        }
+    }
+
+    /// [`attend`]'s output and gradients.
     fn run(
         q: &Q,
         k: &Q,
@@ -525,22 +544,12 @@ mod tests {
         keep: impl Fn() -> Option<Keep<(usize, usize, usize, usize), Cpu>>,
         empty_rows: bool,
     ) -> [Vec<f64>; 4] {
-        let out = attend(
-            q.leaky_trace(),
-            k.leaky_trace(),
-            v.leaky_trace(),
-            keep(),
-            empty_rows,
+        let (qt, kt, vt) = (q.leaky_trace(), k.leaky_trace(), v.leaky_trace());
+        output_and_grads(
+            attend(qt, kt, vt, keep(), empty_rows).unwrap(),
+            w,
+            [q, k, v],
         )
-        .unwrap();
-        let y = out.as_vec();
-        let grads = (out * w.clone()).sum::<Rank0, _>().backward();
-        [
-            y,
-            grads.get(q).as_vec(),
-            grads.get(k).as_vec(),
-            grads.get(v).as_vec(),
-        ]
     }
 
     #[test]
@@ -583,23 +592,13 @@ mod tests {
         for (name, keep, empty_rows) in cases {
             let fused = run(&q, &k, &v, &w, &keep, empty_rows);
             let composed = composition_only(|| run(&q, &k, &v, &w, &keep, empty_rows));
-            for (what, (a, c)) in ["output", "dq", "dk", "dv"]
-                .iter()
-                .zip(fused.iter().zip(&composed))
-            {
-                let err = a
-                    .iter()
-                    .zip(c)
-                    .map(|(a, c)| (a - c).abs())
-                    .fold(0.0, f64::max);
-                assert!(err < 1e-12, "{name}: {what} differs by {err:e}");
-            }
+            assert_same(name, &fused, &composed);
         }
     }
 
     type X = Tensor<(usize, usize, usize), f64, Cpu>;
 
-    /// [`attend_heads`]' output and its gradients of `q`, `k` and `v` for `Σ out ⊙ w`.
+    /// [`attend_heads`]' output and gradients.
     fn run_heads(
         q: &X,
         k: &X,
@@ -607,23 +606,12 @@ mod tests {
         w: &X,
         keep: Option<Tensor<(usize, usize, usize, usize), bool, Cpu>>,
     ) -> [Vec<f64>; 4] {
-        let out = attend_heads(
-            q.leaky_trace(),
-            k.leaky_trace(),
-            v.leaky_trace(),
-            3,
-            keep,
-            true,
+        let (qt, kt, vt) = (q.leaky_trace(), k.leaky_trace(), v.leaky_trace());
+        output_and_grads(
+            attend_heads(qt, kt, vt, 3, keep, true).unwrap(),
+            w,
+            [q, k, v],
         )
-        .unwrap();
-        let y = out.as_vec();
-        let grads = (out * w.clone()).sum::<Rank0, _>().backward();
-        [
-            y,
-            grads.get(q).as_vec(),
-            grads.get(k).as_vec(),
-            grads.get(v).as_vec(),
-        ]
     }
 
     #[test]
@@ -641,21 +629,7 @@ mod tests {
         for keep in [None, Some(flags)] {
             let fused = run_heads(&q, &k, &v, &w, keep.clone());
             let composed = composition_only(|| run_heads(&q, &k, &v, &w, keep.clone()));
-            for (what, (a, c)) in ["output", "dq", "dk", "dv"]
-                .iter()
-                .zip(fused.iter().zip(&composed))
-            {
-                let err = a
-                    .iter()
-                    .zip(c)
-                    .map(|(a, c)| (a - c).abs())
-                    .fold(0.0, f64::max);
-                assert!(
-                    err < 1e-12,
-                    "mask {}: {what} differs by {err:e}",
-                    keep.is_some()
-                );
-            }
+            assert_same(&format!("mask {}", keep.is_some()), &fused, &composed);
         }
     }
 }

@@ -8,7 +8,7 @@
 //! thread, for the shapes of the tiny presets). Other devices compose dfdx's `matmul` and a
 //! broadcast add.
 
-use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, CPU, TASK_ELEMS};
+use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, read, take_param, CPU, TASK_ELEMS};
 use super::{cast, LayerInfo};
 use crate::Elem;
 use dfdx::nn::{
@@ -252,34 +252,22 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let ow = weight.shape().0;
     let (i, o) = (iw.size(), ow.size());
     // Free for contiguous rows; a strided view is copied on the tape first.
-    let (x, tape) = x.try_reshape_like(&(n, iw))?.split_tape();
-    let (w, w_tape) = weight.retaped::<T>().split_tape();
-    let mut tape = tape.merge(w_tape);
-    let b = match bias {
-        Some(b) => {
-            let (b, b_tape) = b.retaped::<T>().split_tape();
-            tape = tape.merge(b_tape);
-            Some(b)
-        }
-        None => None,
+    let (x, mut tape) = x.try_reshape_like(&(n, iw))?.split_tape();
+    let (w, ws): (_, Vec<F>) = take_param(weight, &mut tape);
+    let (b, bs): (_, Option<Vec<F>>) = match bias.map(|b| take_param(b, &mut tape)) {
+        Some((b, bs)) => (Some(b), Some(bs)),
+        None => (None, None),
     };
-    let read = |len: usize, copy: &dyn Fn(&mut [E])| -> Vec<F> {
-        let mut v = filled(len, E::default());
-        copy(&mut v);
-        cast(v)
-    };
-    let xs: Vec<F> = read(n * i, &|v| x.copy_into(v));
-    let ws: Vec<F> = read(o * i, &|v| w.copy_into(v));
-    let mut y: Vec<F> = match &b {
-        Some(b) => {
-            let bs: Vec<F> = read(o, &|v| b.copy_into(v));
+    let xs: Vec<F> = read(&x);
+    let mut y: Vec<F> = match &bs {
+        Some(bs) => {
             // Row copies on the pool: a `cycle()` iterator wrote one element at a time on the
             // calling thread, a tenth of a BERT step's serial time.
             let mut y = filled(n * o, F::zero_impl());
             if o > 0 {
                 par_rows(&mut y, o, |_, rows| {
                     rows.chunks_exact_mut(o)
-                        .for_each(|r| r.copy_from_slice(&bs));
+                        .for_each(|r| r.copy_from_slice(bs));
                 });
             }
             y
