@@ -266,8 +266,7 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
             let mut y = filled(n * o, F::zero_impl());
             if o > 0 {
                 par_rows(&mut y, o, |_, rows| {
-                    rows.chunks_exact_mut(o)
-                        .for_each(|r| r.copy_from_slice(bs));
+                    rows.chunks_exact_mut(o).for_each(|r| r.copy_from_slice(bs));
                 });
             }
             y
