@@ -211,7 +211,22 @@ pub mod __private {
             }
         };
     }
-    elementwise!(add, try_add, TryAdd);
+    /// The element-wise `+` of a `forward` body (a residual connection), after its shape check:
+    /// one parallel pass each way on the CPU.
+    #[allow(
+        clippy::type_complexity,
+        reason = "the same signature as `sub` and `mul`, which the macro generates"
+    )]
+    pub fn add<A: Shape, B: Shape, E: Dtype, D: Device<E>, T>(
+        ab: (Tensor<A, E, D, T>, Tensor<B, E, D, T>),
+    ) -> Result<Tensor<A, E, D, T>, D::Err>
+    where
+        (): SameShape<A, B>,
+        T: Tape<E, D> + dfdx::tensor::Merge<T>,
+    {
+        let (a, b) = ab;
+        crate::layers::elementwise::add(a, <() as SameShape<A, B>>::cast(b))
+    }
     elementwise!(sub, try_sub, TrySub);
     elementwise!(mul, try_mul, TryMul);
 

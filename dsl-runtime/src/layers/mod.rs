@@ -12,6 +12,7 @@ mod causal_attention;
 mod conv;
 pub(crate) mod cpu_fast;
 pub mod dropout;
+pub(crate) mod elementwise;
 mod embedding;
 mod first_token;
 mod flatten;

@@ -6,7 +6,7 @@ use crate::Error;
 use dfdx::nn::{BuildModule, BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection};
 use dfdx::shapes::{Dtype, Shape};
 use dfdx::tensor::{HasErr, Merge, Tape, Tensor, WithEmptyTape};
-use dfdx::tensor_ops::{Device, TryAdd};
+use dfdx::tensor_ops::Device;
 use std::marker::PhantomData;
 
 /// `F(x) + x`, as introduced by ResNet (<https://arxiv.org/abs/1512.03385>): `F` must keep the
@@ -68,7 +68,7 @@ where
             .0
             .try_forward(x.with_empty_tape())
             .map_err(Into::into)?;
-        Ok(fx.try_add(x)?)
+        Ok(super::elementwise::add(fx, x)?)
     }
 }
 
@@ -87,7 +87,7 @@ where
             .0
             .try_forward_mut(x.with_empty_tape())
             .map_err(Into::into)?;
-        Ok(fx.try_add(x)?)
+        Ok(super::elementwise::add(fx, x)?)
     }
 }
 
