@@ -30,6 +30,7 @@ mod error;
 // The code `model!` generates names `::neural_arch`; this lets the crate's own tests use it.
 extern crate self as neural_arch;
 
+pub mod amp;
 pub mod checkpoint;
 pub mod gradcheck;
 pub mod init;

@@ -12,9 +12,10 @@
 //! | [`bce_with_logits`] | `F.binary_cross_entropy_with_logits(logits, targets)` |
 //! | [`clip_loss`] | CLIP's symmetric InfoNCE (<https://arxiv.org/abs/2103.00020>, Figure 3) |
 
-use crate::layers::cpu_fast::{cpu_vec, filled, fused_float, par_rows, sum8, CPU};
+use crate::layers::cpu_fast::{cpu_vec, filled, fused_cpu, fused_float, par_rows, sum8, CPU};
 use crate::layers::{cast, LogitScaleModule, Real};
 use crate::{Elem, Error};
+use dfdx::dtypes::f16;
 use dfdx::shapes::{Axes2, Axis, Const, Dim, Dtype, HasShape, Rank0, Shape};
 use dfdx::tensor::{HasErr, Merge, PutTape, SplitTape, Storage, Tape, Tensor, WithEmptyTape};
 use dfdx::tensor_ops::{
@@ -137,11 +138,12 @@ where
         });
     }
     let counted = targets.iter().filter(|&&t| !ignored(t)).count();
-    if fused_float::<E, D>() {
-        return Ok(if TypeId::of::<E>() == TypeId::of::<f32>() {
-            cross_entropy_cpu::<f32, C, E, D, T>(x, targets, ignore_index, eps, counted)?
-        } else {
+    if fused_float::<E, D>() || (fused_cpu::<E, D>() && TypeId::of::<E>() == TypeId::of::<f16>()) {
+        // f16 logits are computed on in f32: an f16 sum over a vocabulary stalls at 2048.
+        return Ok(if TypeId::of::<E>() == TypeId::of::<f64>() {
             cross_entropy_cpu::<f64, C, E, D, T>(x, targets, ignore_index, eps, counted)?
+        } else {
+            cross_entropy_cpu::<f32, C, E, D, T>(x, targets, ignore_index, eps, counted)?
         });
     }
     let logp = x.try_log_softmax::<Axis<1>>()?;
@@ -180,8 +182,8 @@ where
     Ok(total.try_negate()?)
 }
 
-/// [`cross_entropy`] on the CPU in one kernel, for `F` = `E` = `f32` or `f64` (row sums in
-/// `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
+/// [`cross_entropy`] on the CPU in one kernel, for `F` = `E` = `f32` or `f64`, or `E` = `f16`
+/// computed in `F` = `f32` (row sums in `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
 /// gradient `∂ℓ/∂x = p·(a + C·s) − s − a·[c = y]` (`a`, `s` the row's weights of the target
 /// and of the smoothing) written over a copy of the logits. Backward scales that by the loss's
 /// gradient. dfdx's `log_softmax`, `select` and `sum` make about a dozen passes over the
@@ -199,7 +201,7 @@ fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E,
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
     let mut d = filled(shape.num_elements(), E::default());
     x.copy_into(&mut d);
-    let mut d: Vec<F> = cast(d);
+    let mut d: Vec<F> = to_real(d);
     let denom = counted.max(1) as f64;
     let (nll_w, smooth_w) = ((1.0 - eps) / denom, eps / (C as f64 * denom));
     let f = |v: &F| v.to_f64().unwrap_or(f64::NAN);
@@ -241,15 +243,36 @@ fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E,
             let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&loss_ghost)?).expect(CPU)[0];
             let g = F::from(g.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
             let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
-            let g_x: &mut Vec<F> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
-            par_rows(g_x, C, |row0, g_x| {
-                let d = &d[row0 * C..row0 * C + g_x.len()];
-                g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
-            });
+            if let Some(g_x) = (g_x as &mut dyn Any).downcast_mut::<Vec<F>>() {
+                par_rows(g_x, C, |row0, g_x| {
+                    let d = &d[row0 * C..row0 * C + g_x.len()];
+                    g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
+                });
+            } else {
+                // A half-precision gradient: accumulated in F, rounded once.
+                par_rows(g_x, C, |row0, g_x| {
+                    let d = &d[row0 * C..row0 * C + g_x.len()];
+                    g_x.iter_mut().zip(d).for_each(|(gx, d)| {
+                        let v = F::from(gx.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
+                        *gx = E::from_f64((v + g * *d).to_f64().unwrap_or(f64::NAN))
+                            .unwrap_or_default();
+                    });
+                });
+            }
             Ok(())
         });
     }
     Ok(loss.put_tape(tape))
+}
+
+/// `v` as `F`: the same vector when `E` is `F`, else converted element by element.
+fn to_real<E: Dtype, F: Real>(v: Vec<E>) -> Vec<F> {
+    if TypeId::of::<E>() == TypeId::of::<F>() {
+        return cast(v);
+    }
+    v.iter()
+        .map(|x| F::from(x.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan))
+        .collect()
 }
 
 /// Checks that two tensors a loss combines element-wise have the same (runtime) shape.
@@ -497,6 +520,53 @@ mod tests {
     /// run) in `f64`, on logits large enough to be split over several rayon tasks, with
     /// ignored rows and smoothing; the loss's own gradient (3 here) scales the logits'. The
     /// f32 composition is no closer to the f64 values than the kernel.
+    /// Over a language model's vocabulary an f16 sum stops growing at 2048 (its spacing there
+    /// is 2): here the composition in f16 reads a loss 0.4 nat low. The fused kernel computes
+    /// f16 logits in f32, so only the input, the loss and the gradient are rounded.
+    #[test]
+    fn half_precision_cross_entropy_accumulates_in_single_precision() {
+        const C: usize = 8000;
+        let dev = Cpu::seed_from_u64(4);
+        let rows = 16;
+        let x64: Tensor<(usize, Const<C>), f64, _> =
+            dev.sample_normal_like(&(rows, Const)).try_mul(0.5).unwrap();
+        let x16 = x64.clone().to_dtype::<f16>();
+        // The reference sees the same (rounded) logits.
+        let x64 = x16.clone().to_dtype::<f64>();
+        let t: Vec<usize> = (0..rows).map(|i| (i * 997) % C).collect();
+        let want = cross_entropy(x64.leaky_trace(), &t, Default::default()).unwrap();
+        let want_value = want.array();
+        let g_want = want.try_mul(1024.0).unwrap().backward().get(&x64).as_vec();
+        let loss = cross_entropy(x16.leaky_trace(), &t, Default::default()).unwrap();
+        let value = loss.array().to_f64();
+        assert!(
+            (value - want_value).abs() <= 4e-3,
+            "{value} vs {want_value}"
+        );
+        let g = loss
+            .try_mul(f16::from_f32(1024.0))
+            .unwrap()
+            .backward()
+            .get(&x16)
+            .as_vec();
+        let err = g
+            .iter()
+            .zip(&g_want)
+            .map(|(a, b)| (a.to_f64() - b).abs() / (b.abs() + 1e-3))
+            .fold(0.0, f64::max);
+        assert!(err <= 2e-3, "gradients differ by {err:e} (relative)");
+        let stalled = composition_only(|| {
+            cross_entropy(x16.leaky_trace(), &t, Default::default())
+                .unwrap()
+                .array()
+                .to_f64()
+        });
+        assert!(
+            (stalled - want_value).abs() > 0.3,
+            "the f16 composition is as far off as this test says: {stalled} vs {want_value}"
+        );
+    }
+
     #[test]
     fn fused_cross_entropy_in_f32_matches_the_composition_in_f64() {
         const C: usize = 1000;

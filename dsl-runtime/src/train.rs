@@ -16,15 +16,17 @@
 //! the step restored its metrics are the same, line for line. Ctrl-C finishes the current step,
 //! writes a checkpoint and stops.
 
+use crate::amp::{mixed_step, GradScaler, MixedDevice, MixedTask};
 use crate::checkpoint::{
     load_safetensors, save_safetensors, write_atomically, CheckpointElem, LoadOptions,
 };
 use crate::optim::{clip_grad_norm, Optim, OptimizerState, WarmupCosine};
 use crate::Error;
+use dfdx::dtypes::f16;
 use dfdx::nn::{TensorCollection, ZeroGrads};
 use dfdx::shapes::Dtype;
 use dfdx::tensor::safetensors::SafeDtype;
-use dfdx::tensor::Gradients;
+use dfdx::tensor::{Gradients, HasErr};
 use dfdx::tensor_ops::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -138,6 +140,9 @@ pub struct CheckpointState {
     pub seed: u64,
     /// The run's settings.
     pub config: TrainConfig,
+    /// The loss scaler's state, in a mixed-precision run.
+    #[serde(default)]
+    pub scaler: Option<GradScaler>,
 }
 
 /// The end of a run, written to `DIR/summary.json`.
@@ -166,6 +171,17 @@ pub struct RunSummary {
     /// The benches' memory breakdown is the difference to the peak.
     #[serde(default)]
     pub rss_at_start_bytes: u64,
+    /// Peak memory of the device, in bytes: on the CPU the peak resident memory; on CUDA the
+    /// most device memory in use after a step (`cuMemGetInfo`: every context on the GPU, and
+    /// dfdx's cache of freed buffers, which keeps the step's high-water mark).
+    #[serde(default)]
+    pub peak_device_memory_bytes: u64,
+    /// Steps skipped because their gradients overflowed (mixed precision; 0 otherwise).
+    #[serde(default)]
+    pub skipped_steps: usize,
+    /// The loss scale at the end (mixed precision; `None` otherwise).
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
     /// Device, as configured.
     pub device: String,
     /// Element type, as configured.
@@ -331,6 +347,55 @@ impl Trainer {
         T: Task<M, E, D>,
         Error: From<D::Err>,
     {
+        self.run_in(task, model, opt, resume, &mut Plain)
+    }
+
+    /// [`run`](Self::run) in mixed precision: `model` holds the `f32` master weights that `opt`
+    /// updates and checkpoints save; each step's forward and backward passes run on `work`,
+    /// its `f16` working copy (`model.to_dtype::<f16>()`, with the same layer settings, such as
+    /// an RMSNorm's `eps`), refreshed from `model` at every step, through
+    /// [`MixedTask::half_loss`], with dynamic loss scaling (see [`crate::amp`]).
+    /// Steps whose gradients overflow are skipped: the metrics mark them (`"skipped": true`,
+    /// with the `loss_scale` of every step) and the summary counts them. Evaluation runs on
+    /// the master weights. `scaler` is the scaling to start from (`GradScaler::default()`
+    /// follows PyTorch); a resumed run continues the checkpoint's instead.
+    pub fn run_mixed<M, D, O, T>(
+        &self,
+        task: &mut T,
+        model: &mut M,
+        work: M::To<f16, D>,
+        opt: &mut O,
+        scaler: GradScaler,
+        resume: bool,
+    ) -> Result<RunSummary, Error>
+    where
+        D: MixedDevice,
+        M: TensorCollection<f32, D> + ZeroGrads<f32, D> + dfdx::nn::NumParams<f32, D>,
+        M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
+        O: Optim<M, f32, D>,
+        T: Task<M, f32, D> + MixedTask<M::To<f16, D>, D>,
+        Error: From<<D as HasErr>::Err>,
+    {
+        self.run_in(task, model, opt, resume, &mut Mixed { scaler, work })
+    }
+
+    fn run_in<M, E, D, O, T, S>(
+        &self,
+        task: &mut T,
+        model: &mut M,
+        opt: &mut O,
+        resume: bool,
+        mode: &mut S,
+    ) -> Result<RunSummary, Error>
+    where
+        E: Dtype + CheckpointElem + SafeDtype,
+        D: Device<E>,
+        M: TensorCollection<E, D> + ZeroGrads<E, D> + dfdx::nn::NumParams<E, D>,
+        O: Optim<M, E, D>,
+        T: Task<M, E, D>,
+        S: StepMode<M, E, D, T>,
+        Error: From<D::Err>,
+    {
         let cfg = &self.config;
         let started = Instant::now();
         let rss_at_start_bytes = rss_bytes();
@@ -347,6 +412,9 @@ impl Trainer {
             )?;
             let st = OptimizerState::load_safetensors(dir.join("optimizer.safetensors"))?;
             opt.load_state(model, &st)?;
+            if let (Some(scaler), Some(saved)) = (mode.scaler(), state.scaler) {
+                *scaler = saved;
+            }
             start = state.step;
             if start > cfg.steps {
                 return Err(Error::Config(format!(
@@ -369,6 +437,7 @@ impl Trainer {
         let mut step_time = 0.0f64;
         let mut eval = Metrics::new();
         let mut grads = Some(model.try_alloc_grads()?);
+        let mut memory = DeviceMemory::new::<D>();
         let mut step = start;
         let mut interrupted = false;
         while step < cfg.steps {
@@ -382,30 +451,39 @@ impl Trainer {
             crate::layers::dropout::seed_dropout(
                 cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             );
-            let out = task.train_step(model, step, g)?;
+            let out = mode.step(task, model, step, g)?;
             if let Some(e) = crate::recompute::take_error() {
                 // A recomputed layer failed in the backward pass: its gradients are missing.
                 return Err(e);
             }
-            if !out.loss.is_finite() {
+            let scaler = mode.scaler();
+            if scaler.is_none() && !out.loss.is_finite() {
                 return Err(Error::Config(format!(
                     "the loss became {} at step {step}; lower --lr (now {}) or check the data",
                     out.loss, cfg.lr
                 )));
             }
+            let loss_scale = scaler.as_ref().map(|s| s.scale);
             let mut g = out.grads;
-            let grad_norm = match cfg.grad_clip {
-                Some(c) => clip_grad_norm(&mut g, model, c)?,
-                None => f64::NAN,
-            };
-            opt.step(model, &mut g)?;
-            task.after_step(model)?;
+            let mut grad_norm = f64::NAN;
+            if !out.skipped {
+                if let Some(c) = cfg.grad_clip {
+                    grad_norm = clip_grad_norm(&mut g, model, c)?;
+                }
+                opt.step(model, &mut g)?;
+                task.after_step(model)?;
+            }
+            if let Some(s) = mode.scaler() {
+                s.update(out.skipped);
+            }
             grads = Some(g);
             let dt = t0.elapsed().as_secs_f64();
             step_time += dt;
             items_total += out.items;
             step += 1;
-            recent.push(out.loss);
+            if out.loss.is_finite() {
+                recent.push(out.loss);
+            }
             if recent.len() > 20 {
                 recent.remove(0);
             }
@@ -416,7 +494,17 @@ impl Trainer {
             if grad_norm.is_finite() {
                 line["grad_norm"] = serde_json::json!(grad_norm);
             }
+            if let Some(s) = loss_scale {
+                line["loss_scale"] = serde_json::json!(s);
+            }
+            if out.skipped {
+                line["skipped"] = serde_json::json!(true);
+            }
             metrics.write(&line)?;
+            memory.sample();
+            if let Some(s) = mode.scaler() {
+                s.check()?;
+            }
             if let Some(b) = &bar {
                 b.set_position(step as u64);
                 b.set_message(format!(
@@ -450,7 +538,8 @@ impl Trainer {
             }
             if last || interrupted || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
             {
-                self.save_checkpoint(model, opt, step, params)?;
+                let scaler = mode.scaler().map(|s| *s);
+                self.save_checkpoint(model, opt, step, params, scaler)?;
             }
             if interrupted {
                 break;
@@ -474,6 +563,9 @@ impl Trainer {
             unit: cfg.unit.clone(),
             peak_rss_bytes: peak_rss_bytes(),
             rss_at_start_bytes,
+            peak_device_memory_bytes: memory.peak(),
+            skipped_steps: mode.scaler().map_or(0, |s| s.skipped_steps),
+            loss_scale: mode.scaler().map(|s| s.scale),
             device: cfg.device.clone(),
             dtype: cfg.dtype.clone(),
             wall_seconds: started.elapsed().as_secs_f64(),
@@ -529,6 +621,9 @@ impl Trainer {
             unit: cfg.unit.clone(),
             peak_rss_bytes: peak_rss_bytes(),
             rss_at_start_bytes: 0,
+            peak_device_memory_bytes: DeviceMemory::new::<D>().peak(),
+            skipped_steps: 0,
+            loss_scale: None,
             device: cfg.device.clone(),
             dtype: cfg.dtype.clone(),
             wall_seconds: started.elapsed().as_secs_f64(),
@@ -545,6 +640,7 @@ impl Trainer {
         opt: &mut O,
         step: usize,
         params: usize,
+        scaler: Option<GradScaler>,
     ) -> Result<(), Error>
     where
         E: Dtype + CheckpointElem + SafeDtype,
@@ -573,6 +669,7 @@ impl Trainer {
             step,
             seed: cfg.seed,
             config: cfg.clone(),
+            scaler,
         };
         let json = serde_json::to_string_pretty(&state)
             .map_err(|e| Error::Checkpoint(format!("cannot encode the checkpoint state: {e}")))?;
@@ -586,6 +683,129 @@ impl Trainer {
             std::fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
         }
         Ok(())
+    }
+}
+
+/// How a step's forward and backward passes run: in the model's element type ([`Plain`]), or
+/// in mixed precision ([`Mixed`]).
+trait StepMode<M, E: Dtype, D: Device<E>, T> {
+    fn step(
+        &mut self,
+        task: &mut T,
+        model: &mut M,
+        step: usize,
+        grads: Gradients<E, D>,
+    ) -> Result<Stepped<E, D>, Error>;
+    /// The loss scaler, in mixed precision.
+    fn scaler(&mut self) -> Option<&mut GradScaler>;
+}
+
+/// What a [`StepMode`] step computed.
+struct Stepped<E: Dtype, D: Device<E>> {
+    loss: f64,
+    grads: Gradients<E, D>,
+    items: usize,
+    /// The gradients overflowed: no optimizer step.
+    skipped: bool,
+}
+
+struct Plain;
+
+impl<M, E: Dtype, D: Device<E>, T: Task<M, E, D>> StepMode<M, E, D, T> for Plain {
+    fn step(
+        &mut self,
+        task: &mut T,
+        model: &mut M,
+        step: usize,
+        grads: Gradients<E, D>,
+    ) -> Result<Stepped<E, D>, Error> {
+        let out = task.train_step(model, step, grads)?;
+        Ok(Stepped {
+            loss: out.loss,
+            grads: out.grads,
+            items: out.items,
+            skipped: false,
+        })
+    }
+    fn scaler(&mut self) -> Option<&mut GradScaler> {
+        None
+    }
+}
+
+struct Mixed<H> {
+    scaler: GradScaler,
+    work: H,
+}
+
+impl<M, D, T> StepMode<M, f32, D, T> for Mixed<M::To<f16, D>>
+where
+    D: MixedDevice,
+    M: TensorCollection<f32, D>,
+    M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
+    T: MixedTask<M::To<f16, D>, D>,
+    Error: From<<D as HasErr>::Err>,
+{
+    fn step(
+        &mut self,
+        task: &mut T,
+        model: &mut M,
+        step: usize,
+        mut grads: Gradients<f32, D>,
+    ) -> Result<Stepped<f32, D>, Error> {
+        let out = mixed_step(
+            model,
+            &mut self.work,
+            &mut grads,
+            &self.scaler,
+            |half, g| task.half_loss(half, step, g),
+        )?;
+        Ok(Stepped {
+            loss: out.loss,
+            grads,
+            items: out.items,
+            skipped: out.found_inf,
+        })
+    }
+    fn scaler(&mut self) -> Option<&mut GradScaler> {
+        Some(&mut self.scaler)
+    }
+}
+
+/// The peak memory of the run's device (see [`RunSummary::peak_device_memory_bytes`]).
+struct DeviceMemory {
+    cuda: bool,
+    peak: u64,
+}
+
+impl DeviceMemory {
+    // `D` is only read in a build with CUDA.
+    #[allow(clippy::extra_unused_type_parameters)]
+    fn new<D: 'static>() -> Self {
+        #[cfg(feature = "cuda")]
+        let cuda = std::any::TypeId::of::<D>() == std::any::TypeId::of::<dfdx::tensor::Cuda>();
+        #[cfg(not(feature = "cuda"))]
+        let cuda = false;
+        let mut m = DeviceMemory { cuda, peak: 0 };
+        m.sample();
+        m
+    }
+
+    fn sample(&mut self) {
+        #[cfg(feature = "cuda")]
+        if self.cuda {
+            // The context dfdx made current on this thread when it built the device.
+            if let Ok((free, total)) = cudarc::driver::result::mem_get_info() {
+                self.peak = self.peak.max(total.saturating_sub(free) as u64);
+            }
+        }
+    }
+
+    fn peak(&self) -> u64 {
+        if self.cuda {
+            self.peak
+        } else {
+            peak_rss_bytes()
+        }
     }
 }
 
