@@ -797,7 +797,7 @@ fn tokenizer(args: &BertArgs, out: &Path) -> Result<WordPiece> {
 /// Trains (or, with `--eval-only`, evaluates) BERT tiny on the chosen task.
 pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary> {
     let c = &args.common;
-    c.check_device()?;
+    c.check_device(false)?;
     c.apply_recompute("bert", false)?;
     ensure!(
         c.preset == "tiny",

@@ -415,7 +415,7 @@ where
         > + Module<Batch<Cpu, NoneTape>, Output = Logits<Cpu, NoneTape>, Error = ModelError>,
 {
     let c = &args.common;
-    c.check_device()?;
+    c.check_device(false)?;
     c.apply_recompute(arch, false)?;
     let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;

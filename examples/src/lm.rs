@@ -9,10 +9,12 @@
 
 use crate::bpe::Bpe;
 use crate::cli::{
-    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+    apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
+    CommonArgs, Defaults,
 };
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
+use neural_arch::amp::{Half, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
@@ -392,6 +394,30 @@ where
     }
 }
 
+impl<const V: usize, D, H> MixedTask<H, D> for LmTask<V, D>
+where
+    D: Device<f32> + Device<Half>,
+    H: ModuleMut<
+        Ids<D, OwnedTape<Half, D>>,
+        Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
+        Error = ModelError,
+    >,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    fn half_loss(
+        &mut self,
+        model: &mut H,
+        step: usize,
+        grads: Gradients<Half, D>,
+    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        let t = &*self;
+        let (x, y) = t.batch_at(step);
+        let ids = t.dev.try_tensor_from_vec(x, (t.batch, t.context))?;
+        let logits = model.try_forward_mut(ids.traced(grads))?;
+        Ok((cross_entropy(logits, &y, Default::default())?, y.len()))
+    }
+}
+
 /// `--eval-only --tokens FILE`: the mean next-token loss over a given sequence.
 struct TokensEval<const V: usize, D> {
     tokens: Vec<usize>,
@@ -458,10 +484,18 @@ where
             Output = Logits<V, Cpu, OwnedTape<f32, Cpu>>,
             Error = ModelError,
         > + Module<Ids<Cpu, NoneTape>, Output = Logits<V, Cpu, NoneTape>, Error = ModelError>
-        + CausalLm<V, f32, Cpu>,
+        + CausalLm<V, f32, Cpu>
+        + ToDtype<f32, Cpu>,
+    <Built<B, f32, Cpu> as TensorCollection<f32, Cpu>>::To<Half, Cpu>: TensorCollection<Half, Cpu>
+        + ZeroGrads<Half, Cpu>
+        + ModuleMut<
+            Ids<Cpu, OwnedTape<Half, Cpu>>,
+            Output = Tensor<(usize, usize, Const<V>), Half, Cpu, OwnedTape<Half, Cpu>>,
+            Error = ModelError,
+        >,
 {
     let c = &args.common;
-    c.check_device()?;
+    c.check_device(true)?;
     c.apply_recompute(arch, true)?;
     let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
@@ -530,5 +564,9 @@ where
         sample_tokens: settings.sample_tokens,
         dev: dev.clone(),
     };
+    // A resumed run keeps the element type it started with.
+    if config.dtype == "f16" {
+        return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.1);
+    }
     train_or_evaluate(c, config, &mut task, &mut model, 0.1)
 }

@@ -205,3 +205,80 @@ fn recompute_trains_the_same_model() {
         );
     }
 }
+
+#[test]
+fn mixed_precision_trains_like_f32_and_resumes_exactly() {
+    let run = |name: &str, extra: &[&str]| {
+        let dir = temp(name);
+        let mut args = vec!["--steps", "6", "--out", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = train(GPT2, &args);
+        assert!(ok, "{name}: {err}");
+        dir
+    };
+    let single = run("f32", &[]);
+    let half = run("f16", &["--dtype", "f16"]);
+    let (a, b) = (metrics(&single), metrics(&half));
+    let losses = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|v| v["loss"].as_f64()).collect()
+    };
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    // An f16 loss is rounded to 2⁻⁸ relative; the weights drift apart by f16 rounding.
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 2e-2 * x.abs(), "{la:?} vs {lb:?}");
+    }
+    let s = json(&half.join("summary.json"));
+    assert_eq!(s["dtype"], "f16");
+    assert_eq!(s["skipped_steps"], 0);
+    assert_eq!(s["loss_scale"], 32768.0);
+    assert!(s["peak_device_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(b
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .all(|v| v["loss_scale"] == 32768.0));
+
+    // Stopped after step 3 and resumed without the flag: the checkpoint keeps f16 and the
+    // scaler, and the metrics are those of the run that never stopped.
+    let parts = temp("f16-parts");
+    let p = parts.to_str().unwrap();
+    let (ok, _, err) = train(
+        GPT2,
+        &[
+            "--steps",
+            "6",
+            "--out",
+            p,
+            "--dtype",
+            "f16",
+            "--stop-after",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = train(GPT2, &["--steps", "6", "--resume", p]);
+    assert!(ok, "{err}");
+    let strip = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        m.into_iter()
+            .map(|mut v| {
+                v.as_object_mut().unwrap().remove("items_per_sec");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(metrics(&parts)), strip(b));
+    for d in [single, half, parts] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn element_types_without_a_mixed_step_are_refused_with_the_alternative() {
+    let (ok, _, err) = train(GPT2, &["--dtype", "bf16", "--steps", "1"]);
+    assert!(
+        !ok && err.contains("no bf16") && err.contains("--dtype f16"),
+        "{err}"
+    );
+    let (ok, _, err) = train(LLAMA, &["--dtype", "f64", "--steps", "1"]);
+    assert!(!ok && err.contains("use f32 or f16"), "{err}");
+}

@@ -435,7 +435,7 @@ impl ClipTask {
 
 fn run(cli: &Cli) -> Result<RunSummary> {
     let c = &cli.common;
-    c.check_device()?;
+    c.check_device(false)?;
     c.apply_recompute("clip", false)?;
     match c.preset.as_str() {
         "tiny" => {}
