@@ -33,13 +33,15 @@
 
 use crate::argmax;
 use crate::cli::{
-    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+    apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
+    CommonArgs, Defaults,
 };
 use crate::lm::{fetched, load_corpus, Corpus};
 use crate::order::{mix, EpochOrder};
 use crate::wordpiece::{WordPiece, CLS, MASK, PAD, SEP};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
+use neural_arch::amp::{Half, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -455,35 +457,71 @@ impl<D: Device<f32>> MlmTask<D> {
 /// BERT tiny with its masked-LM head, as built on the CPU.
 pub type Mlm = Built<BertTiny, f32, Cpu>;
 const WIDTH: usize = 128;
-type Hidden<T> = Tensor<(usize, usize, Const<WIDTH>), f32, Cpu, T>;
-type MlmLogits<T> = Tensor<(usize, usize, Const<VOCAB>), f32, Cpu, T>;
+type Hidden<E, T> = Tensor<(usize, usize, Const<WIDTH>), E, Cpu, T>;
+type MlmLogits<E, T> = Tensor<(usize, usize, Const<VOCAB>), E, Cpu, T>;
 
-/// The vocabulary logits at the predicted positions only (labels other than `-100`), as
-/// `[1, M, V]`, with their targets. HF's `BertForMaskedLM` projects every position and
-/// ignores 85 % of them; projecting only the predicted ones gives the same loss and gradients
-/// for a sixth of the head's work.
-fn head_at_labels<T: Tape<f32, Cpu> + Merge<NoneTape>>(
-    model: &Mlm,
-    hidden: Hidden<T>,
-    labels: &[i64],
-) -> Result<(MlmLogits<T>, Vec<usize>), ModelError> {
-    let (b, t, _) = *hidden.shape();
-    let (at, targets): (Vec<usize>, Vec<usize>) = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != IGNORE_INDEX)
-        .map(|(i, &l)| (i, l as usize))
-        .unzip();
-    let m = at.len();
-    let dev = hidden.device().clone();
-    let idx = dev.try_tensor_from_vec(at, (m,))?;
-    let flat = hidden.try_reshape_like(&(b * t, Const::<WIDTH>))?;
-    let picked = flat
-        .try_gather(idx)?
-        .try_reshape_like(&(1usize, m, Const::<WIDTH>))?;
-    let h = model.cls.try_forward(picked)?;
-    let logits = model.cls.add_bias(model.bert.unembed(h)?)?;
-    Ok((logits, targets))
+/// Defines `$name`, [`head_at_labels`] for the model in element type `$e` (the model's
+/// fields are only reachable on its concrete type, so one definition serves both).
+macro_rules! head_at_labels_in {
+    ($(#[$doc:meta])* $name:ident, $e:ty) => {
+        $(#[$doc])*
+        fn $name<T: Tape<$e, Cpu> + Merge<NoneTape>>(
+            model: &Built<BertTiny, $e, Cpu>,
+            hidden: Hidden<$e, T>,
+            labels: &[i64],
+        ) -> Result<(MlmLogits<$e, T>, Vec<usize>), ModelError> {
+            let (b, t, _) = *hidden.shape();
+            let (at, targets): (Vec<usize>, Vec<usize>) = labels
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l != IGNORE_INDEX)
+                .map(|(i, &l)| (i, l as usize))
+                .unzip();
+            let m = at.len();
+            let dev = hidden.device().clone();
+            let idx = dev.try_tensor_from_vec(at, (m,))?;
+            let flat = hidden.try_reshape_like(&(b * t, Const::<WIDTH>))?;
+            let picked = flat
+                .try_gather(idx)?
+                .try_reshape_like(&(1usize, m, Const::<WIDTH>))?;
+            let h = model.cls.try_forward(picked)?;
+            let logits = model.cls.add_bias(model.bert.unembed(h)?)?;
+            Ok((logits, targets))
+        }
+    };
+}
+
+head_at_labels_in!(
+    /// The vocabulary logits at the predicted positions only (labels other than `-100`), as
+    /// `[1, M, V]`, with their targets. HF's `BertForMaskedLM` projects every position and
+    /// ignores 85 % of them; projecting only the predicted ones gives the same loss and gradients
+    /// for a sixth of the head's work.
+    head_at_labels,
+    f32
+);
+head_at_labels_in!(
+    /// [`head_at_labels`] on the mixed-precision working copy.
+    head_at_labels_half,
+    Half
+);
+
+impl MixedTask<Built<BertTiny, Half, Cpu>, Cpu> for MlmTask<Cpu> {
+    fn half_loss(
+        &mut self,
+        model: &mut Built<BertTiny, Half, Cpu>,
+        step: usize,
+        grads: Gradients<Half, Cpu>,
+    ) -> Result<(Tensor<Rank0, Half, Cpu, OwnedTape<Half, Cpu>>, usize), ModelError> {
+        let p = pad(&self.batch_at(step));
+        let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
+        let types = types.put_tape(OwnedTape::default());
+        let hidden = model
+            .bert
+            .try_forward_mut((ids.traced(grads), mask, types))?;
+        let (logits, targets) = head_at_labels_half(model, hidden, &p.labels)?;
+        let loss = cross_entropy(logits, &targets, Default::default())?;
+        Ok((loss, p.mask.iter().filter(|&&m| m).count()))
+    }
 }
 
 impl Task<Mlm, f32, Cpu> for MlmTask<Cpu> {
@@ -698,6 +736,32 @@ where
     Ok((correct as f64 / n, loss_sum / n))
 }
 
+impl<D, H> MixedTask<H, D> for SentimentTask<D>
+where
+    D: Device<f32> + Device<Half> + TensorFromVec<bool>,
+    H: ModuleMut<
+        Input<D, OwnedTape<Half, D>>,
+        Output = Tensor<(usize, Const<2>), Half, D, OwnedTape<Half, D>>,
+        Error = ModelError,
+    >,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    fn half_loss(
+        &mut self,
+        model: &mut H,
+        step: usize,
+        grads: Gradients<Half, D>,
+    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        let batch = self.batch_at(step);
+        let (p, y) = as_padded(&batch);
+        let (ids, mask, types) = tensors(&self.dev, &p, batch.len())?;
+        let types = types.put_tape(OwnedTape::default());
+        let logits = model.try_forward_mut((ids.traced(grads), mask, types))?;
+        let loss = cross_entropy(logits, &y, Default::default())?;
+        Ok((loss, p.mask.iter().filter(|&&m| m).count()))
+    }
+}
+
 impl<D, M> Task<M, f32, D> for SentimentTask<D>
 where
     D: Device<f32> + TensorFromVec<bool>,
@@ -797,7 +861,7 @@ fn tokenizer(args: &BertArgs, out: &Path) -> Result<WordPiece> {
 /// Trains (or, with `--eval-only`, evaluates) BERT tiny on the chosen task.
 pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary> {
     let c = &args.common;
-    c.check_device(false)?;
+    c.check_device()?;
     c.apply_recompute("bert", false)?;
     ensure!(
         c.preset == "tiny",
@@ -852,6 +916,10 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 task.valid.len(),
                 settings.context
             );
+            // A resumed run keeps the element type it started with.
+            if config.dtype == "f16" {
+                return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
+            }
             train_or_evaluate(c, config, &mut task, &mut model, 0.01)
         }
         BertTask::Sentiment => {
@@ -914,6 +982,10 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                     ""
                 }
             );
+            // A resumed run keeps the element type it started with.
+            if config.dtype == "f16" {
+                return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
+            }
             train_or_evaluate(c, config, &mut task, &mut model, 0.01)
         }
     }

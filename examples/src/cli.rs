@@ -30,7 +30,7 @@ pub struct CommonArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Element type of the forward and backward passes: `f32`, or `f16` for mixed precision
-    /// (f32 master weights, dynamic loss scaling; GPT-2 and Llama).
+    /// (f32 master weights, dynamic loss scaling).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Seed of the initialisation and the data order.
@@ -95,9 +95,8 @@ impl CommonArgs {
         }
     }
 
-    /// Refuses what this build cannot do, with the way to get it; `half` says whether the
-    /// trainer runs mixed precision.
-    pub fn check_device(&self, half: bool) -> Result<()> {
+    /// Refuses what this build cannot do, with the way to get it.
+    pub fn check_device(&self) -> Result<()> {
         match self.device.as_str() {
             "cpu" => {}
             d if d == "cuda" || d.starts_with("cuda:") => bail!(
@@ -108,11 +107,7 @@ impl CommonArgs {
         }
         match self.dtype.as_str() {
             "f32" => Ok(()),
-            "f16" if half => Ok(()),
-            "f16" => bail!(
-                "--dtype f16: this trainer has no mixed-precision step yet (train-gpt2 and \
-                 train-llama have); use --dtype f32"
-            ),
+            "f16" => Ok(()),
             "bf16" => bail!(
                 "--dtype bf16: dfdx 0.13, which runs the layers, has no bf16 element type; use \
                  --dtype f16 (mixed precision with loss scaling) or f32"

@@ -24,12 +24,14 @@
 
 use crate::argmax;
 use crate::cli::{
-    apply_epochs, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+    apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
+    CommonArgs, Defaults,
 };
 use crate::lm::fetched;
 use crate::order::{mix, EpochOrder};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
+use neural_arch::amp::{Half, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -385,6 +387,32 @@ where
     }
 }
 
+impl<D, H> MixedTask<H, D> for ImageTask<D>
+where
+    D: Device<f32> + Device<Half>,
+    H: ModuleMut<
+        Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, D, OwnedTape<Half, D>>,
+        Output = Tensor<(usize, Const<CLASSES>), Half, D, OwnedTape<Half, D>>,
+        Error = ModelError,
+    >,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    fn half_loss(
+        &mut self,
+        model: &mut H,
+        step: usize,
+        grads: Gradients<Half, D>,
+    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        let (x, y) = self.batch_at(step);
+        let x = x.into_iter().map(Half::from_f32).collect();
+        let x = self
+            .dev
+            .try_tensor_from_vec(x, (y.len(), Const, Const, Const))?;
+        let logits = model.try_forward_mut(x.traced(grads))?;
+        Ok((cross_entropy(logits, &y, Default::default())?, y.len()))
+    }
+}
+
 /// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
 pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
 
@@ -412,10 +440,18 @@ where
             Batch<Cpu, OwnedTape<f32, Cpu>>,
             Output = Logits<Cpu, OwnedTape<f32, Cpu>>,
             Error = ModelError,
-        > + Module<Batch<Cpu, NoneTape>, Output = Logits<Cpu, NoneTape>, Error = ModelError>,
+        > + Module<Batch<Cpu, NoneTape>, Output = Logits<Cpu, NoneTape>, Error = ModelError>
+        + ToDtype<f32, Cpu>,
+    <Built<B, f32, Cpu> as TensorCollection<f32, Cpu>>::To<Half, Cpu>: TensorCollection<Half, Cpu>
+        + ZeroGrads<Half, Cpu>
+        + ModuleMut<
+            Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, Cpu, OwnedTape<Half, Cpu>>,
+            Output = Tensor<(usize, Const<CLASSES>), Half, Cpu, OwnedTape<Half, Cpu>>,
+            Error = ModelError,
+        >,
 {
     let c = &args.common;
-    c.check_device(false)?;
+    c.check_device()?;
     c.apply_recompute(arch, false)?;
     let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
@@ -456,7 +492,12 @@ where
         dev.clone(),
     );
     let out = config.out.clone();
-    let summary = train_or_evaluate(c, config, &mut task, &mut model, 0.05)?;
+    // A resumed run keeps the element type it started with.
+    let summary = if config.dtype == "f16" {
+        train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.05)?
+    } else {
+        train_or_evaluate(c, config, &mut task, &mut model, 0.05)?
+    };
     if let Some(draw) = picture {
         draw(&model, &task.test, &out)?;
     }

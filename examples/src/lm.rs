@@ -495,7 +495,7 @@ where
         >,
 {
     let c = &args.common;
-    c.check_device(true)?;
+    c.check_device()?;
     c.apply_recompute(arch, true)?;
     let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;

@@ -253,3 +253,11 @@ fn masked_lm_resumes_exactly() {
     assert_eq!(losses(&b), la);
     assert_eq!(summary(&b)["eval_loss"], s["eval_loss"]);
 }
+
+#[test]
+fn mixed_precision_trains_like_f32() {
+    let data = synthetic_data("bert-mixed-data", None);
+    let mut args = MLM.to_vec();
+    args[1] = "3";
+    common::assert_mixed_precision_matches(BIN, Some(&data), &args, "bert-mixed");
+}

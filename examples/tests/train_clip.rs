@@ -235,3 +235,10 @@ fn bad_or_missing_emoji_is_a_clear_error() {
 
     fails_with(&tmp("no-emoji"), &["python3 tools/fetch_data.py emoji"]);
 }
+
+#[test]
+fn mixed_precision_trains_like_f32() {
+    let mut args = STEPS.to_vec();
+    args[1] = "3";
+    common::assert_mixed_precision_matches(BIN, Some(&tmp("mixed-no-data")), &args, "clip-mixed");
+}

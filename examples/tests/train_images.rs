@@ -255,3 +255,24 @@ fn recompute_is_refused_by_a_model_without_recomputed_blocks() {
         "{err}"
     );
 }
+
+#[test]
+fn mixed_precision_trains_like_f32() {
+    let data = synthetic_data("mixed-data");
+    let args = [
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "3",
+    ];
+    for (bin, name) in [
+        (env!("CARGO_BIN_EXE_train-vit"), "vit-mixed"),
+        (env!("CARGO_BIN_EXE_train-resnet"), "resnet-mixed"),
+    ] {
+        common::assert_mixed_precision_matches(bin, Some(&data), &args, name);
+    }
+}

@@ -27,12 +27,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use neural_arch::amp::{Half, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_examples::argmax;
 use neural_arch_examples::cli::{
-    apply_epochs, report, run_config, task_settings, train_or_evaluate, CommonArgs, Defaults,
+    apply_epochs, report, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
+    CommonArgs, Defaults,
 };
 use neural_arch_examples::clip_data::{
     self as data, eval_scenes, mix, normalise, train_scene, Emoji, Scene, Split, Vocab, COLOURS,
@@ -303,6 +305,27 @@ fn chance_at(captions: &[String], k: usize) -> f64 {
     total / n as f64
 }
 
+impl MixedTask<Built<ClipTiny, Half, Cpu>, Cpu> for ClipTask {
+    fn half_loss(
+        &mut self,
+        model: &mut Built<ClipTiny, Half, Cpu>,
+        step: usize,
+        grads: Gradients<Half, Cpu>,
+    ) -> Result<(Tensor<Rank0, Half, Cpu, OwnedTape<Half, Cpu>>, usize), ModelError> {
+        let pairs: Vec<Pair> = (0..self.batch)
+            .map(|i| self.pair_at((step * self.batch + i) as u64))
+            .collect();
+        let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
+        let (ids, px) = self
+            .tensors(&captions, &images)
+            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        let px = px.to_dtype::<Half>();
+        let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
+        Ok((clip_loss(image, text, &model.logit_scale)?, pairs.len()))
+    }
+}
+
 impl Task<Clip, f32, Cpu> for ClipTask {
     fn train_step(
         &mut self,
@@ -435,7 +458,7 @@ impl ClipTask {
 
 fn run(cli: &Cli) -> Result<RunSummary> {
     let c = &cli.common;
-    c.check_device(false)?;
+    c.check_device()?;
     c.apply_recompute("clip", false)?;
     match c.preset.as_str() {
         "tiny" => {}
@@ -591,7 +614,12 @@ fn run(cli: &Cli) -> Result<RunSummary> {
     );
     let out = config.out.clone();
     let title = format!("clip {}: caption x image cosine similarity", c.preset);
-    let summary = train_or_evaluate(c, config, &mut task, &mut model, 0.1)?;
+    // A resumed run keeps the element type it started with.
+    let summary = if config.dtype == "f16" {
+        train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.1)?
+    } else {
+        train_or_evaluate(c, config, &mut task, &mut model, 0.1)?
+    };
     task.write_similarity(&out.join("similarity.png"), &title)?;
     Ok(summary)
 }

@@ -77,3 +77,32 @@ pub fn assert_clear_error(outcome: (bool, String, String), expected: &[&str]) {
         assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
     }
 }
+
+/// Runs `bin` twice for a few steps, in `f32` and with `--dtype f16`, and checks that mixed
+/// precision trains the same model: per-step losses within f16's rounding of each other, and a
+/// summary that records the element type and the loss scale.
+#[allow(dead_code)]
+pub fn assert_mixed_precision_matches(bin: &str, data: Option<&Path>, args: &[&str], name: &str) {
+    let run_with = |dtype: &str| {
+        let out = tmp(&format!("{name}-{dtype}"));
+        let mut a = args.to_vec();
+        a.extend(["--dtype", dtype, "--out", out.to_str().unwrap()]);
+        let (ok, stdout, stderr) = run(bin, data, &a);
+        assert!(ok, "{name} --dtype {dtype} failed:\n{stdout}\n{stderr}");
+        let l: Vec<f64> = losses(&out).into_iter().map(|(_, l)| l).collect();
+        (out, l)
+    };
+    let (single, a) = run_with("f32");
+    let (half, b) = run_with("f16");
+    assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 2e-2 * x.abs(), "{name}: {a:?} vs {b:?}");
+    }
+    let s = summary(&half);
+    assert_eq!(s["dtype"], "f16", "{s}");
+    assert!(s["loss_scale"].as_f64().unwrap() > 1.0, "{s}");
+    assert!(s["peak_device_memory_bytes"].as_u64().unwrap() > 0, "{s}");
+    for d in [single, half] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
