@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use neural_arch::amp::{GradScaler, Half, MixedTask};
+use neural_arch::amp::{half_copy, GradScaler, Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{RunSummary, Task, TrainConfig, Trainer};
@@ -68,6 +68,15 @@ pub struct CommonArgs {
     pub recompute: bool,
 }
 
+/// Where a run's tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The CPU.
+    Cpu,
+    /// The CUDA GPU of this ordinal.
+    Cuda(usize),
+}
+
 /// What the binary's defaults are, where a flag is not given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Defaults {
@@ -95,16 +104,44 @@ impl CommonArgs {
         }
     }
 
-    /// Refuses what this build cannot do, with the way to get it.
-    pub fn check_device(&self) -> Result<()> {
-        match self.device.as_str() {
-            "cpu" => {}
-            d if d == "cuda" || d.starts_with("cuda:") => bail!(
-                "--device {d}: this trainer runs on the CPU only for now (CUDA training is \
-                 issue #7); use --device cpu"
-            ),
-            d => bail!("--device {d}: unknown device; use cpu"),
+    /// The device `--device` names (`cuda` is `cuda:0`), after checking that this build can
+    /// use it and that the element type is one the trainers take; refusals name the way out.
+    pub fn device_choice(&self) -> Result<DeviceChoice> {
+        let choice = match self.device.as_str() {
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda(0),
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => DeviceChoice::Cuda(n),
+                _ => bail!("--device {d}: unknown device; use cpu, cuda or cuda:N"),
+            },
+        };
+        if let DeviceChoice::Cuda(_) = choice {
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {}: this binary was built without CUDA; build it with \
+                     `cargo build --release --features cuda` (needs the CUDA toolkit and a GPU), \
+                     or use --device cpu",
+                    self.device
+                );
+            }
         }
+        self.check_dtype()?;
+        Ok(choice)
+    }
+
+    /// [`device_choice`](Self::device_choice) for a trainer that runs on the CPU only.
+    pub fn check_device(&self) -> Result<()> {
+        if let DeviceChoice::Cuda(_) = self.device_choice()? {
+            bail!(
+                "--device {}: this trainer runs on the CPU only for now (train-gpt2 and \
+                 train-llama run on CUDA); use --device cpu",
+                self.device
+            );
+        }
+        Ok(())
+    }
+
+    fn check_dtype(&self) -> Result<()> {
         match self.dtype.as_str() {
             "f32" => Ok(()),
             "f16" => Ok(()),
@@ -258,7 +295,7 @@ pub fn apply_epochs(c: &CommonArgs, config: &mut TrainConfig, examples: usize) -
 /// Trains `model` on `task` with AdamW (`weight_decay`) under the shared trainer, continuing
 /// the checkpoint with `--resume`; or, with `--eval-only`, evaluates it once (the weights of
 /// the `--resume` checkpoint when given, else the model as it is) and writes the summary.
-pub fn train_or_evaluate<M, T>(
+pub fn train_or_evaluate<M, T, D>(
     c: &CommonArgs,
     config: TrainConfig,
     task: &mut T,
@@ -266,8 +303,10 @@ pub fn train_or_evaluate<M, T>(
     weight_decay: f64,
 ) -> Result<RunSummary>
 where
-    M: TensorCollection<f32, Cpu> + ZeroGrads<f32, Cpu> + NumParams<f32, Cpu>,
-    T: Task<M, f32, Cpu>,
+    D: Device<f32>,
+    M: TensorCollection<f32, D> + ZeroGrads<f32, D> + NumParams<f32, D>,
+    T: Task<M, f32, D>,
+    ModelError: From<D::Err>,
 {
     if c.eval_only {
         if let Some(dir) = &c.resume {
@@ -277,7 +316,7 @@ where
         }
         return Ok(Trainer::new(config)?.evaluate_only(task, model)?);
     }
-    let mut opt: Adam<M, f32, Cpu> = Adam::new(model, adamw(config.lr, weight_decay));
+    let mut opt: Adam<M, f32, D> = Adam::new(model, adamw(config.lr, weight_decay));
     let trainer = Trainer::new(config)?;
     trainer.stop_on_ctrl_c();
     Ok(trainer.run(task, model, &mut opt, c.resume.is_some())?)
@@ -286,7 +325,7 @@ where
 /// [`train_or_evaluate`] in mixed precision (`--dtype f16`): `model` keeps the `f32` master
 /// weights, and the forward and backward passes run on `f16` copies (see
 /// `neural_arch::amp`). `--eval-only` evaluates the master weights, as the plain path does.
-pub fn train_or_evaluate_mixed<M, T>(
+pub fn train_or_evaluate_mixed<M, T, D>(
     c: &CommonArgs,
     config: TrainConfig,
     task: &mut T,
@@ -294,15 +333,17 @@ pub fn train_or_evaluate_mixed<M, T>(
     weight_decay: f64,
 ) -> Result<RunSummary>
 where
-    M: TensorCollection<f32, Cpu> + ZeroGrads<f32, Cpu> + NumParams<f32, Cpu> + ToDtype<f32, Cpu>,
-    M::To<Half, Cpu>: TensorCollection<Half, Cpu> + ZeroGrads<Half, Cpu>,
-    T: Task<M, f32, Cpu> + MixedTask<M::To<Half, Cpu>, Cpu>,
+    D: MixedDevice,
+    M: TensorCollection<f32, D> + ZeroGrads<f32, D> + NumParams<f32, D>,
+    M::To<Half, D>: TensorCollection<Half, D> + ZeroGrads<Half, D>,
+    T: Task<M, f32, D> + MixedTask<M::To<Half, D>, D>,
+    ModelError: From<<D as HasErr>::Err>,
 {
     if c.eval_only {
         return train_or_evaluate(c, config, task, model, weight_decay);
     }
-    let work = model.to_dtype::<Half>();
-    let mut opt: Adam<M, f32, Cpu> = Adam::new(model, adamw(config.lr, weight_decay));
+    let work = half_copy(model).map_err(ModelError::from)?;
+    let mut opt: Adam<M, f32, D> = Adam::new(model, adamw(config.lr, weight_decay));
     let trainer = Trainer::new(config)?;
     trainer.stop_on_ctrl_c();
     Ok(trainer.run_mixed(

@@ -10,11 +10,11 @@
 use crate::bpe::Bpe;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults,
+    CommonArgs, Defaults, DeviceChoice,
 };
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use neural_arch::amp::{Half, MixedTask};
+use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
@@ -465,7 +465,53 @@ pub fn read_tokens(path: &Path) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// Trains (or, with `--eval-only`, evaluates) the language model `M` built on the CPU.
+/// The bounds a language model `Built<B, f32, D>` meets for [`run`] on device `D`: training,
+/// evaluation and generation in `f32`, and training in mixed precision on its `f16` copy.
+pub trait LmModel<const V: usize, D: MixedDevice>:
+    TensorCollection<f32, D, To<Half, D> = Self::Half>
+    + ZeroGrads<f32, D>
+    + NumParams<f32, D>
+    + ModuleMut<
+        Ids<D, OwnedTape<f32, D>>,
+        Output = Logits<V, D, OwnedTape<f32, D>>,
+        Error = ModelError,
+    > + Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>
+    + CausalLm<V, f32, D>
+{
+    /// The `f16` working copy's type.
+    type Half: TensorCollection<Half, D>
+        + ZeroGrads<Half, D>
+        + ModuleMut<
+            Ids<D, OwnedTape<Half, D>>,
+            Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
+            Error = ModelError,
+        >;
+}
+
+impl<const V: usize, D: MixedDevice, M, H> LmModel<V, D> for M
+where
+    M: TensorCollection<f32, D, To<Half, D> = H>
+        + ZeroGrads<f32, D>
+        + NumParams<f32, D>
+        + ModuleMut<
+            Ids<D, OwnedTape<f32, D>>,
+            Output = Logits<V, D, OwnedTape<f32, D>>,
+            Error = ModelError,
+        > + Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>
+        + CausalLm<V, f32, D>,
+    H: TensorCollection<Half, D>
+        + ZeroGrads<Half, D>
+        + ModuleMut<
+            Ids<D, OwnedTape<Half, D>>,
+            Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
+            Error = ModelError,
+        >,
+{
+    type Half = H;
+}
+
+/// Trains (or, with `--eval-only`, evaluates) the language model `B`, on the CPU or, with
+/// `--device cuda` in a build with the `cuda` feature, on a GPU.
 pub fn run<const V: usize, B>(
     arch: &str,
     args: &LmArgs,
@@ -475,29 +521,107 @@ pub fn run<const V: usize, B>(
     init: impl Fn(&str, &[usize]) -> neural_arch::init::Init,
 ) -> Result<RunSummary>
 where
-    B: BuildOnDevice<Cpu, f32>,
-    Built<B, f32, Cpu>: TensorCollection<f32, Cpu>
-        + ZeroGrads<f32, Cpu>
-        + NumParams<f32, Cpu>
-        + ModuleMut<
-            Ids<Cpu, OwnedTape<f32, Cpu>>,
-            Output = Logits<V, Cpu, OwnedTape<f32, Cpu>>,
-            Error = ModelError,
-        > + Module<Ids<Cpu, NoneTape>, Output = Logits<V, Cpu, NoneTape>, Error = ModelError>
-        + CausalLm<V, f32, Cpu>
-        + ToDtype<f32, Cpu>,
-    <Built<B, f32, Cpu> as TensorCollection<f32, Cpu>>::To<Half, Cpu>: TensorCollection<Half, Cpu>
-        + ZeroGrads<Half, Cpu>
-        + ModuleMut<
-            Ids<Cpu, OwnedTape<Half, Cpu>>,
-            Output = Tensor<(usize, usize, Const<V>), Half, Cpu, OwnedTape<Half, Cpu>>,
-            Error = ModelError,
-        >,
+    B: BuildOnDevice<Cpu, f32> + OnCuda<V>,
+    Built<B, f32, Cpu>: LmModel<V, Cpu>,
 {
     let c = &args.common;
-    c.check_device()?;
+    match c.device_choice()? {
+        DeviceChoice::Cpu => {
+            let dev = Cpu::seed_from_u64(c.seed);
+            run_on::<V, B, Cpu>(
+                dev,
+                arch,
+                args,
+                defaults,
+                load_options,
+                default_corpus,
+                &init,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => {
+            B::run_cuda(n, arch, args, defaults, load_options, default_corpus, &init)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("device_choice refuses CUDA in a build without it"),
+    }
+}
+
+/// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
+pub type InitRule<'a> = &'a dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
+
+/// A language model that also trains on CUDA, in a build with the `cuda` feature (a bound
+/// every model meets in a build without it). A `where` clause cannot depend on a feature on
+/// stable Rust; a trait can.
+pub trait OnCuda<const V: usize> {
+    /// [`run`] on CUDA device `ordinal`.
+    #[cfg(feature = "cuda")]
+    fn run_cuda(
+        ordinal: usize,
+        arch: &str,
+        args: &LmArgs,
+        defaults: &Defaults,
+        load_options: LoadOptions,
+        default_corpus: Corpus,
+        init: InitRule,
+    ) -> Result<RunSummary>;
+}
+
+#[cfg(not(feature = "cuda"))]
+impl<const V: usize, B> OnCuda<V> for B {}
+
+#[cfg(feature = "cuda")]
+impl<const V: usize, B> OnCuda<V> for B
+where
+    B: BuildOnDevice<Cuda, f32>,
+    Built<B, f32, Cuda>: LmModel<V, Cuda>,
+{
+    fn run_cuda(
+        ordinal: usize,
+        arch: &str,
+        args: &LmArgs,
+        defaults: &Defaults,
+        load_options: LoadOptions,
+        default_corpus: Corpus,
+        init: InitRule,
+    ) -> Result<RunSummary> {
+        let c = &args.common;
+        let dev = Cuda::try_build(ordinal, c.seed).map_err(|e| {
+            anyhow::anyhow!(
+                "--device {}: no usable CUDA device {ordinal} ({e:?}); check `nvidia-smi`, or \
+                 use --device cpu",
+                c.device
+            )
+        })?;
+        run_on::<V, B, Cuda>(
+            dev,
+            arch,
+            args,
+            defaults,
+            load_options,
+            default_corpus,
+            init,
+        )
+    }
+}
+
+fn run_on<const V: usize, B, D>(
+    dev: D,
+    arch: &str,
+    args: &LmArgs,
+    defaults: &Defaults,
+    load_options: LoadOptions,
+    default_corpus: Corpus,
+    init: InitRule,
+) -> Result<RunSummary>
+where
+    D: MixedDevice + DeviceBuildExt,
+    B: BuildOnDevice<D, f32>,
+    Built<B, f32, D>: LmModel<V, D>,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    let c = &args.common;
     c.apply_recompute(arch, true)?;
-    let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
     neural_arch::init::init_weights(&mut model, c.seed, init)?;
     if let Some(path) = &c.init_from {
@@ -509,7 +633,7 @@ where
         if c.out.is_none() {
             config.out = PathBuf::from("runs").join(format!("{arch}-{}-eval", c.preset));
         }
-        let mut task = TokensEval::<V, Cpu> {
+        let mut task = TokensEval::<V, D> {
             tokens: read_tokens(tokens)?,
             context: args.context,
             dev,
@@ -552,7 +676,7 @@ where
         "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
         c.preset, model.num_trainable_params(), corpus, train.len(), valid.len(), bpe.vocab_size()
     );
-    let mut task = LmTask::<V, Cpu> {
+    let mut task = LmTask::<V, D> {
         train,
         valid,
         batch: config.batch_size,

@@ -174,8 +174,14 @@ fn missing_data_and_unavailable_devices_say_what_to_do() {
     let (ok, _, err) = common::run(LLAMA, Some(&empty), &["--corpus", "brown", "--steps", "1"]);
     assert!(!ok);
     assert!(err.contains("python3 tools/fetch_data.py brown"), "{err}");
+    // This test binary is built without the `cuda` feature.
     let (ok, _, err) = train(GPT2, &["--device", "cuda", "--steps", "1"]);
-    assert!(!ok && err.contains("--device cuda"), "{err}");
+    assert!(
+        !ok && err.contains("--device cuda") && err.contains("--features cuda"),
+        "{err}"
+    );
+    let (ok, _, err) = train(LLAMA, &["--device", "tpu", "--steps", "1"]);
+    assert!(!ok && err.contains("use cpu, cuda or cuda:N"), "{err}");
     let (ok, _, err) = train(GPT2, &["--preset", "huge"]);
     assert!(!ok && err.contains("choose tiny or small"), "{err}");
 }
