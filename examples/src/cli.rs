@@ -133,8 +133,8 @@ impl CommonArgs {
     pub fn check_device(&self) -> Result<()> {
         if let DeviceChoice::Cuda(_) = self.device_choice()? {
             bail!(
-                "--device {}: this trainer runs on the CPU only for now (train-gpt2 and \
-                 train-llama run on CUDA); use --device cpu",
+                "--device {}: this trainer runs on the CPU only for now (train-gpt2, \
+                 train-llama, train-vit and train-resnet run on CUDA); use --device cpu",
                 self.device
             );
         }

@@ -25,13 +25,13 @@
 use crate::argmax;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults,
+    CommonArgs, Defaults, DeviceChoice,
 };
 use crate::lm::fetched;
 use crate::order::{mix, EpochOrder};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use neural_arch::amp::{Half, MixedTask};
+use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -419,9 +419,50 @@ pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
 /// A picture drawn from the trained model and the test images into the run's directory.
 pub type Picture<M> = dyn Fn(&M, &Images, &Path) -> Result<()>;
 
-/// Trains (or, with `--eval-only`, evaluates) the image classifier `B` built on the CPU.
-/// `init` sets the fresh weights by name (none: the layers' defaults); `augment` turns on
-/// random crops and flips; `picture`, if any, is drawn at the end.
+/// The bounds an image classifier `Built<B, f32, D>` meets for [`run`] on device `D`:
+/// training and evaluation in `f32`, training in mixed precision on its `f16` copy, and a copy
+/// on the CPU for the pictures.
+pub trait ImageModel<D: MixedDevice>:
+    TensorCollection<f32, D, To<Half, D> = Self::Half>
+    + ZeroGrads<f32, D>
+    + NumParams<f32, D>
+    + ModuleMut<
+        Batch<D, OwnedTape<f32, D>>,
+        Output = Logits<D, OwnedTape<f32, D>>,
+        Error = ModelError,
+    > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>
+{
+    /// The `f16` working copy's type.
+    type Half: TensorCollection<Half, D>
+        + ZeroGrads<Half, D>
+        + ModuleMut<HalfBatch<D>, Output = HalfLogits<D>, Error = ModelError>;
+}
+
+impl<D: MixedDevice, M, H> ImageModel<D> for M
+where
+    M: TensorCollection<f32, D, To<Half, D> = H>
+        + ZeroGrads<f32, D>
+        + NumParams<f32, D>
+        + ModuleMut<
+            Batch<D, OwnedTape<f32, D>>,
+            Output = Logits<D, OwnedTape<f32, D>>,
+            Error = ModelError,
+        > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>,
+    H: TensorCollection<Half, D>
+        + ZeroGrads<Half, D>
+        + ModuleMut<HalfBatch<D>, Output = HalfLogits<D>, Error = ModelError>,
+{
+    type Half = H;
+}
+
+type HalfBatch<D> =
+    Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, D, OwnedTape<Half, D>>;
+type HalfLogits<D> = Tensor<(usize, Const<CLASSES>), Half, D, OwnedTape<Half, D>>;
+
+/// Trains (or, with `--eval-only`, evaluates) the image classifier `B`, on the CPU or, with
+/// `--device cuda` in a build with the `cuda` feature, on a GPU. `init` sets the fresh weights
+/// by name (none: the layers' defaults); `augment` turns on random crops and flips; `picture`,
+/// if any, is drawn at the end from a CPU copy of the model.
 pub fn run<B>(
     arch: &str,
     args: &ImageArgs,
@@ -432,28 +473,88 @@ pub fn run<B>(
     picture: Option<&Picture<Built<B, f32, Cpu>>>,
 ) -> Result<RunSummary>
 where
-    B: BuildOnDevice<Cpu, f32>,
-    Built<B, f32, Cpu>: TensorCollection<f32, Cpu>
-        + ZeroGrads<f32, Cpu>
-        + NumParams<f32, Cpu>
-        + ModuleMut<
-            Batch<Cpu, OwnedTape<f32, Cpu>>,
-            Output = Logits<Cpu, OwnedTape<f32, Cpu>>,
-            Error = ModelError,
-        > + Module<Batch<Cpu, NoneTape>, Output = Logits<Cpu, NoneTape>, Error = ModelError>
-        + ToDtype<f32, Cpu>,
-    <Built<B, f32, Cpu> as TensorCollection<f32, Cpu>>::To<Half, Cpu>: TensorCollection<Half, Cpu>
-        + ZeroGrads<Half, Cpu>
-        + ModuleMut<
-            Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, Cpu, OwnedTape<Half, Cpu>>,
-            Output = Tensor<(usize, Const<CLASSES>), Half, Cpu, OwnedTape<Half, Cpu>>,
-            Error = ModelError,
-        >,
+    B: BuildOnDevice<Cpu, f32> + ImagesOnCuda,
+    Built<B, f32, Cpu>: ImageModel<Cpu>,
 {
     let c = &args.common;
-    c.check_device()?;
+    let run = Run {
+        arch,
+        args,
+        defaults,
+        load_options,
+        init,
+        augment,
+        picture,
+    };
+    match c.device_choice()? {
+        DeviceChoice::Cpu => run_on::<B, Cpu>(Cpu::seed_from_u64(c.seed), run),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => B::run_cuda(n, run),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("device_choice refuses CUDA in a build without it"),
+    }
+}
+
+/// The arguments of [`run`].
+pub struct Run<'a, M> {
+    arch: &'a str,
+    args: &'a ImageArgs,
+    defaults: &'a Defaults,
+    load_options: LoadOptions,
+    init: Option<&'a InitRule>,
+    augment: bool,
+    picture: Option<&'a Picture<M>>,
+}
+
+/// An image classifier that also trains on CUDA, in a build with the `cuda` feature (a bound
+/// every model meets in a build without it); see `lm::OnCuda`.
+pub trait ImagesOnCuda: BuildOnDevice<Cpu, f32> {
+    /// [`run`] on CUDA device `ordinal`.
+    #[cfg(feature = "cuda")]
+    fn run_cuda(ordinal: usize, run: Run<'_, Built<Self, f32, Cpu>>) -> Result<RunSummary>;
+}
+
+#[cfg(not(feature = "cuda"))]
+impl<B: BuildOnDevice<Cpu, f32>> ImagesOnCuda for B {}
+
+#[cfg(feature = "cuda")]
+impl<B> ImagesOnCuda for B
+where
+    B: BuildOnDevice<Cpu, f32> + BuildOnDevice<Cuda, f32>,
+    Built<B, f32, Cuda>:
+        ImageModel<Cuda> + TensorCollection<f32, Cuda, To<f32, Cpu> = Built<B, f32, Cpu>>,
+{
+    fn run_cuda(ordinal: usize, run: Run<'_, Built<B, f32, Cpu>>) -> Result<RunSummary> {
+        let c = &run.args.common;
+        let dev = Cuda::try_build(ordinal, c.seed).map_err(|e| {
+            anyhow::anyhow!(
+                "--device {}: no usable CUDA device {ordinal} ({e:?}); check `nvidia-smi`, or \
+                 use --device cpu",
+                c.device
+            )
+        })?;
+        run_on::<B, Cuda>(dev, run)
+    }
+}
+
+fn run_on<B, D>(dev: D, run: Run<'_, Built<B, f32, Cpu>>) -> Result<RunSummary>
+where
+    D: MixedDevice + DeviceBuildExt,
+    B: BuildOnDevice<D, f32> + BuildOnDevice<Cpu, f32>,
+    Built<B, f32, D>: ImageModel<D> + TensorCollection<f32, D, To<f32, Cpu> = Built<B, f32, Cpu>>,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    let Run {
+        arch,
+        args,
+        defaults,
+        load_options,
+        init,
+        augment,
+        picture,
+    } = run;
+    let c = &args.common;
     c.apply_recompute(arch, false)?;
-    let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev.try_build_module::<B, f32>().map_err(ModelError::from)?;
     if let Some(rule) = init {
         neural_arch::init::init_weights(&mut model, c.seed, rule)?;
@@ -499,7 +600,10 @@ where
         train_or_evaluate(c, config, &mut task, &mut model, 0.05)?
     };
     if let Some(draw) = picture {
-        draw(&model, &task.test, &out)?;
+        let on_cpu = model
+            .try_to_device(&Cpu::default())
+            .map_err(|e| ModelError::Config(format!("cannot copy the model to the CPU: {e:?}")))?;
+        draw(&on_cpu, &task.test, &out)?;
     }
     Ok(summary)
 }
