@@ -75,12 +75,16 @@ where
 {
     let copy = M::iter_tensors(&mut RecursiveWalker {
         m: model,
-        f: &mut ToHalf,
+        f: &mut ToHalf { kept: None },
     })?;
     Ok(copy.expect("a mapping walk returns the copy"))
 }
 
-struct ToHalf;
+/// Casts every tensor to `f16`, building the cast model, and keeps each cast tensor in `kept`
+/// (in the walk's order) when it is `Some`.
+struct ToHalf {
+    kept: Option<Vec<Box<dyn Any>>>,
+}
 
 impl<D: MixedDevice> TensorVisitor<f32, D> for ToHalf {
     type Viewer = ViewTensorRef;
@@ -92,7 +96,11 @@ impl<D: MixedDevice> TensorVisitor<f32, D> for ToHalf {
         _: TensorOptions<S, f32, D>,
         t: &Tensor<S, f32, D>,
     ) -> Result<Option<Tensor<S, f16, D>>, Self::Err> {
-        Ok(Some(D::to_half(t.clone())?))
+        let half = D::to_half(t.clone())?;
+        if let Some(kept) = &mut self.kept {
+            kept.push(Box::new(half.clone()));
+        }
+        Ok(Some(half))
     }
 }
 
@@ -230,13 +238,15 @@ where
     M::To<f16, D>: TensorCollection<f16, D>,
     Error: From<<D as HasErr>::Err>,
 {
-    let mut collect = CastAll { out: Vec::new() };
+    let mut cast = ToHalf {
+        kept: Some(Vec::new()),
+    };
     M::iter_tensors(&mut RecursiveWalker {
         m: master,
-        f: &mut collect,
+        f: &mut cast,
     })?;
     let mut assign = Assign {
-        values: collect.out.into_iter(),
+        values: cast.kept.unwrap_or_default().into_iter(),
         mismatch: false,
     };
     <M::To<f16, D> as TensorCollection<f16, D>>::iter_tensors(&mut RecursiveWalker {
@@ -317,27 +327,7 @@ where
     })
 }
 
-/// Visits the master's tensors, keeping each one cast to `f16`, in the walk's order.
-struct CastAll {
-    out: Vec<Box<dyn Any>>,
-}
-
-impl<D: MixedDevice> TensorVisitor<f32, D> for CastAll {
-    type Viewer = ViewTensorRef;
-    type Err = <D as HasErr>::Err;
-    type E2 = f32;
-    type D2 = D;
-    fn visit<S: Shape>(
-        &mut self,
-        _: TensorOptions<S, f32, D>,
-        t: &Tensor<S, f32, D>,
-    ) -> Result<Option<Tensor<S, f32, D>>, Self::Err> {
-        self.out.push(Box::new(D::to_half(t.clone())?));
-        Ok(None)
-    }
-}
-
-/// Visits the working copy in the same order as [`CastAll`] visited the master: replaces each
+/// Visits the working copy in the same order as [`ToHalf`] visited the master: replaces each
 /// tensor by the cast one.
 struct Assign<I> {
     values: I,

@@ -9,7 +9,9 @@
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
 use super::cast;
-use super::cpu_fast::{cpu_vec, filled, for_chunks, fused_cpu, fused_float, read, take_param, CPU};
+use super::cpu_fast::{
+    block, cpu_vec, filled, for_chunks, fused_cpu, fused_float, read, take_param, CPU,
+};
 use super::linear::{as_f, Gemm};
 use super::LayerInfo;
 use crate::{Elem, Error};
@@ -717,11 +719,6 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
         });
     }
     Ok(out.put_tape(tape))
-}
-
-/// Matrix `i` of `all`, a row-major stack of `rows × cols` matrices.
-fn block<F>(all: &[F], i: usize, rows: usize, cols: usize) -> faer::MatRef<'_, F> {
-    faer::MatRef::from_row_major_slice(&all[i * rows * cols..][..rows * cols], rows, cols)
 }
 
 /// The whole convolution on the CPU in `f32` or `f64` (the caller checks), from the flat input

@@ -158,6 +158,11 @@ pub(crate) fn filled<E: Copy + Send + Sync>(n: usize, value: E) -> Vec<E> {
     v
 }
 
+/// Matrix `i` of `all`, a row-major stack of `rows × cols` matrices (for `faer`).
+pub(crate) fn block<F>(all: &[F], i: usize, rows: usize, cols: usize) -> faer::MatRef<'_, F> {
+    faer::MatRef::from_row_major_slice(&all[i * rows * cols..][..rows * cols], rows, cols)
+}
+
 /// A tensor's elements in memory order (row-major for a contiguous tensor), as `F` = `E`
 /// (checked by the caller): the one way dfdx lets a kernel read a tensor, a copy.
 pub(crate) fn read<S: Shape, E: Dtype, D: Storage<E> + CopySlice<E>, F: 'static>(

@@ -12,7 +12,7 @@
 )]
 
 use super::activation::softmax_row;
-use super::cpu_fast::{cpu_vec, filled, for_chunks, for_chunks2, read, sum8, CPU};
+use super::cpu_fast::{block, cpu_vec, filled, for_chunks, for_chunks2, read, sum8, CPU};
 use super::linear::{as_f, Gemm};
 use super::{cast, Mask, Real};
 use dfdx::shapes::{Dim, Dtype, HasShape};
@@ -120,11 +120,6 @@ struct Block {
     t: usize,
     hd: usize,
     hv: usize,
-}
-
-/// Block `i` of `all`, a row-major stack of `rows × cols` matrices.
-fn block<F>(all: &[F], i: usize, rows: usize, cols: usize) -> MatRef<'_, F> {
-    MatRef::from_row_major_slice(&all[i * rows * cols..][..rows * cols], rows, cols)
 }
 
 /// What the passes over the blocks share.
