@@ -86,11 +86,7 @@ fn param_grads<M: TensorCollection<f32, D>, D: Device<f32>>(
         grads,
         out: Vec::new(),
     };
-    M::iter_tensors(&mut RecursiveWalker {
-        m,
-        f: &mut walk,
-    })
-    .unwrap();
+    M::iter_tensors(&mut RecursiveWalker { m, f: &mut walk }).unwrap();
     walk.out
 }
 
@@ -162,7 +158,9 @@ fn losses_match_the_cpu() {
     let (cpu, cuda) = (Cpu::seed_from_u64(5), Cuda::default());
     let x: Tensor<(usize, Const<50>), f32, Cpu> = cpu.sample_normal_like(&(12, Const));
     let x_gpu = x.to_device(&cuda);
-    let targets: Vec<usize> = (0..12).map(|i| if i == 4 { 49 } else { (i * 7) % 50 }).collect();
+    let targets: Vec<usize> = (0..12)
+        .map(|i| if i == 4 { 49 } else { (i * 7) % 50 })
+        .collect();
     for (label_smoothing, ignore_index) in [(0.0, None), (0.1, Some(49))] {
         let opts = CrossEntropy {
             ignore_index,
@@ -170,12 +168,7 @@ fn losses_match_the_cpu() {
         };
         let loss = cross_entropy(x.leaky_trace(), &targets, opts).unwrap();
         let loss_gpu = cross_entropy(x_gpu.leaky_trace(), &targets, opts).unwrap();
-        close(
-            "cross_entropy",
-            &[loss.array()],
-            &[loss_gpu.array()],
-            1e-5,
-        );
+        close("cross_entropy", &[loss.array()], &[loss_gpu.array()], 1e-5);
         close(
             "cross_entropy grad",
             &loss.backward().get(&x).as_vec(),
@@ -223,10 +216,16 @@ fn a_mixed_precision_step_matches_the_cpu() {
     })
     .unwrap();
     let mut grads_gpu = m_gpu.alloc_grads();
-    let out_gpu = mixed_step(&mut m_gpu, &mut work_gpu, &mut grads_gpu, &scaler, |h, g| {
-        let y = h.try_forward(x_gpu.to_dtype::<Half>().traced(g))?;
-        Ok((cross_entropy(y, &targets, Default::default())?, 16))
-    })
+    let out_gpu = mixed_step(
+        &mut m_gpu,
+        &mut work_gpu,
+        &mut grads_gpu,
+        &scaler,
+        |h, g| {
+            let y = h.try_forward(x_gpu.to_dtype::<Half>().traced(g))?;
+            Ok((cross_entropy(y, &targets, Default::default())?, 16))
+        },
+    )
     .unwrap();
     assert!(!out.found_inf && !out_gpu.found_inf);
     close(

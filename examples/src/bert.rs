@@ -34,14 +34,14 @@
 use crate::argmax;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults,
+    CommonArgs, Defaults, DeviceChoice,
 };
 use crate::lm::{fetched, load_corpus, Corpus};
 use crate::order::{mix, EpochOrder};
 use crate::wordpiece::{WordPiece, CLS, MASK, PAD, SEP};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use neural_arch::amp::{Half, MixedTask};
+use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -457,19 +457,22 @@ impl<D: Device<f32>> MlmTask<D> {
 /// BERT tiny with its masked-LM head, as built on the CPU.
 pub type Mlm = Built<BertTiny, f32, Cpu>;
 const WIDTH: usize = 128;
-type Hidden<E, T> = Tensor<(usize, usize, Const<WIDTH>), E, Cpu, T>;
-type MlmLogits<E, T> = Tensor<(usize, usize, Const<VOCAB>), E, Cpu, T>;
+type Hidden<E, D, T> = Tensor<(usize, usize, Const<WIDTH>), E, D, T>;
+type MlmLogits<E, D, T> = Tensor<(usize, usize, Const<VOCAB>), E, D, T>;
 
 /// Defines `$name`, [`head_at_labels`] for the model in element type `$e` (the model's
 /// fields are only reachable on its concrete type, so one definition serves both).
 macro_rules! head_at_labels_in {
     ($(#[$doc:meta])* $name:ident, $e:ty) => {
         $(#[$doc])*
-        fn $name<T: Tape<$e, Cpu> + Merge<NoneTape>>(
-            model: &Built<BertTiny, $e, Cpu>,
-            hidden: Hidden<$e, T>,
+        fn $name<D: Device<$e>, T: Tape<$e, D> + Merge<NoneTape>>(
+            model: &Built<BertTiny, $e, D>,
+            hidden: Hidden<$e, D, T>,
             labels: &[i64],
-        ) -> Result<(MlmLogits<$e, T>, Vec<usize>), ModelError> {
+        ) -> Result<(MlmLogits<$e, D, T>, Vec<usize>), ModelError>
+        where
+            ModelError: From<D::Err>,
+        {
             let (b, t, _) = *hidden.shape();
             let (at, targets): (Vec<usize>, Vec<usize>) = labels
                 .iter()
@@ -505,13 +508,17 @@ head_at_labels_in!(
     Half
 );
 
-impl MixedTask<Built<BertTiny, Half, Cpu>, Cpu> for MlmTask<Cpu> {
+impl<D> MixedTask<Built<BertTiny, Half, D>, D> for MlmTask<D>
+where
+    D: Device<f32> + Device<Half> + TensorFromVec<bool>,
+    ModelError: From<<D as HasErr>::Err>,
+{
     fn half_loss(
         &mut self,
-        model: &mut Built<BertTiny, Half, Cpu>,
+        model: &mut Built<BertTiny, Half, D>,
         step: usize,
-        grads: Gradients<Half, Cpu>,
-    ) -> Result<(Tensor<Rank0, Half, Cpu, OwnedTape<Half, Cpu>>, usize), ModelError> {
+        grads: Gradients<Half, D>,
+    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
         let p = pad(&self.batch_at(step));
         let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
         let types = types.put_tape(OwnedTape::default());
@@ -524,13 +531,17 @@ impl MixedTask<Built<BertTiny, Half, Cpu>, Cpu> for MlmTask<Cpu> {
     }
 }
 
-impl Task<Mlm, f32, Cpu> for MlmTask<Cpu> {
+impl<D> Task<Built<BertTiny, f32, D>, f32, D> for MlmTask<D>
+where
+    D: Device<f32> + TensorFromVec<bool>,
+    ModelError: From<D::Err>,
+{
     fn train_step(
         &mut self,
-        model: &mut Mlm,
+        model: &mut Built<BertTiny, f32, D>,
         step: usize,
-        grads: Gradients<f32, Cpu>,
-    ) -> Result<StepOutput<f32, Cpu>, ModelError> {
+        grads: Gradients<f32, D>,
+    ) -> Result<StepOutput<f32, D>, ModelError> {
         let p = pad(&self.batch_at(step));
         let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
         let types = types.put_tape(OwnedTape::default());
@@ -546,7 +557,7 @@ impl Task<Mlm, f32, Cpu> for MlmTask<Cpu> {
         })
     }
 
-    fn evaluate(&mut self, model: &mut Mlm) -> Result<Metrics, ModelError> {
+    fn evaluate(&mut self, model: &mut Built<BertTiny, f32, D>) -> Result<Metrics, ModelError> {
         let masked = self.valid_masked();
         let (mut loss_sum, mut correct, mut total) = (0.0f64, 0usize, 0usize);
         for chunk in masked.chunks(self.batch.clamp(1, 64)) {
@@ -571,7 +582,7 @@ impl Task<Mlm, f32, Cpu> for MlmTask<Cpu> {
         ]))
     }
 
-    fn samples(&mut self, model: &mut Mlm) -> Result<Vec<String>, ModelError> {
+    fn samples(&mut self, model: &mut Built<BertTiny, f32, D>) -> Result<Vec<String>, ModelError> {
         // One held-out sentence with its masked pieces filled in: `[guess|truth]`.
         let Some((input, labels)) = self.valid_masked().into_iter().next() else {
             return Ok(Vec::new());
@@ -858,17 +869,31 @@ fn tokenizer(args: &BertArgs, out: &Path) -> Result<WordPiece> {
     Ok(tok)
 }
 
-/// Trains (or, with `--eval-only`, evaluates) BERT tiny on the chosen task.
+/// Trains (or, with `--eval-only`, evaluates) BERT tiny on the chosen task, on the CPU or, with
+/// `--device cuda` in a build with the `cuda` feature, on a GPU.
 pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary> {
     let c = &args.common;
-    c.check_device()?;
+    match c.device_choice()? {
+        DeviceChoice::Cpu => run_on(Cpu::seed_from_u64(c.seed), args, mlm, sentiment),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => run_on(crate::cli::cuda_device(c, n)?, args, mlm, sentiment),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("device_choice refuses CUDA in a build without it"),
+    }
+}
+
+fn run_on<D>(dev: D, args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary>
+where
+    D: MixedDevice + DeviceBuildExt + TensorFromVec<bool>,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    let c = &args.common;
     c.apply_recompute("bert", false)?;
     ensure!(
         c.preset == "tiny",
         "unknown preset `{}` for bert; choose tiny (bert-base takes days on a CPU)",
         c.preset
     );
-    let dev = Cpu::seed_from_u64(c.seed);
     let rule = neural_arch::init::transformer_rule(0.02);
     let settings = task_settings(
         c,
@@ -888,12 +913,8 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
                 run_config(c, "bert-mlm", mlm, model.num_trainable_params(), &settings)?;
             let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
-                load_safetensors(
-                    &mut model,
-                    path,
-                    &<Built<BertTiny, f32, Cpu>>::load_options(),
-                )
-                .with_context(|| format!("cannot start from {}", path.display()))?;
+                load_safetensors(&mut model, path, &<Built<BertTiny, f32, D>>::load_options())
+                    .with_context(|| format!("cannot start from {}", path.display()))?;
             }
             let (train, valid) = mlm_text()?;
             let mut task = MlmTask::new(
@@ -938,7 +959,7 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
             let tok = tokenizer(args, &config.out)?;
             if let Some(path) = &c.init_from {
                 // A masked-LM checkpoint: its trunk, a fresh pooler and classifier.
-                let mut opts = <Built<Clf, f32, Cpu>>::load_options();
+                let mut opts = <Built<Clf, f32, D>>::load_options();
                 opts.ignored.extend(
                     ["cls.predictions.bias", "cls.predictions.transform.*.*"].map(String::from),
                 );

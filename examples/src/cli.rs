@@ -68,6 +68,19 @@ pub struct CommonArgs {
     pub recompute: bool,
 }
 
+/// CUDA device `ordinal`, seeded with the run's seed; a missing or unusable GPU is an error
+/// that says what to check.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(c: &CommonArgs, ordinal: usize) -> Result<Cuda> {
+    Cuda::try_build(ordinal, c.seed).map_err(|e| {
+        anyhow::anyhow!(
+            "--device {}: no usable CUDA device {ordinal} ({e:?}); check `nvidia-smi`, or use \
+             --device cpu",
+            c.device
+        )
+    })
+}
+
 /// Where a run's tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -127,18 +140,6 @@ impl CommonArgs {
         }
         self.check_dtype()?;
         Ok(choice)
-    }
-
-    /// [`device_choice`](Self::device_choice) for a trainer that runs on the CPU only.
-    pub fn check_device(&self) -> Result<()> {
-        if let DeviceChoice::Cuda(_) = self.device_choice()? {
-            bail!(
-                "--device {}: this trainer runs on the CPU only for now (train-gpt2, \
-                 train-llama, train-vit and train-resnet run on CUDA); use --device cpu",
-                self.device
-            );
-        }
-        Ok(())
     }
 
     fn check_dtype(&self) -> Result<()> {

@@ -526,13 +526,7 @@ where
 {
     fn run_cuda(ordinal: usize, run: Run<'_, Built<B, f32, Cpu>>) -> Result<RunSummary> {
         let c = &run.args.common;
-        let dev = Cuda::try_build(ordinal, c.seed).map_err(|e| {
-            anyhow::anyhow!(
-                "--device {}: no usable CUDA device {ordinal} ({e:?}); check `nvidia-smi`, or \
-                 use --device cpu",
-                c.device
-            )
-        })?;
+        let dev = crate::cli::cuda_device(c, ordinal)?;
         run_on::<B, Cuda>(dev, run)
     }
 }

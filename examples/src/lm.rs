@@ -586,13 +586,7 @@ where
         init: InitRule,
     ) -> Result<RunSummary> {
         let c = &args.common;
-        let dev = Cuda::try_build(ordinal, c.seed).map_err(|e| {
-            anyhow::anyhow!(
-                "--device {}: no usable CUDA device {ordinal} ({e:?}); check `nvidia-smi`, or \
-                 use --device cpu",
-                c.device
-            )
-        })?;
+        let dev = crate::cli::cuda_device(c, ordinal)?;
         run_on::<V, B, Cuda>(
             dev,
             arch,

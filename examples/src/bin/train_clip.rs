@@ -27,14 +27,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use neural_arch::amp::{Half, MixedTask};
+use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_examples::argmax;
 use neural_arch_examples::cli::{
     apply_epochs, report, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults,
+    CommonArgs, Defaults, DeviceChoice,
 };
 use neural_arch_examples::clip_data::{
     self as data, eval_scenes, mix, normalise, train_scene, Emoji, Scene, Split, Vocab, COLOURS,
@@ -47,7 +47,7 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::ExitCode;
 
-type Clip = Built<ClipTiny, f32, Cpu>;
+type Clip<D> = Built<ClipTiny, f32, D>;
 /// ClipTiny's projection width.
 const PR: usize = 128;
 /// Pairs per forward pass in evaluation, to bound memory.
@@ -104,7 +104,7 @@ struct Cli {
 /// A caption and its image (`[3, 32, 32]` in `[0, 1]`).
 type Pair = (String, Vec<f32>);
 
-struct ClipTask {
+struct ClipTask<D> {
     data: DataKind,
     seed: u64,
     batch: usize,
@@ -120,7 +120,7 @@ struct ClipTask {
     singles: Vec<Scene>,
     /// Single-object scenes of training combinations, likewise.
     singles_seen: Vec<Scene>,
-    dev: Cpu,
+    dev: D,
     /// Image×caption cosine similarities of `eval` at the last evaluation.
     last_sim: Option<Vec<f32>>,
 }
@@ -129,7 +129,10 @@ fn scene_pair(s: &Scene) -> Pair {
     (s.caption(), s.render())
 }
 
-impl ClipTask {
+impl<D: MixedDevice> ClipTask<D>
+where
+    ModelError: From<<D as HasErr>::Err>,
+{
     /// Training pair at stream position `position`: a pure function of the seed and it.
     fn pair_at(&self, position: u64) -> Pair {
         let emoji = match self.data {
@@ -157,8 +160,8 @@ impl ClipTask {
         captions: &[&str],
         images: &[&[f32]],
     ) -> Result<(
-        Tensor<(usize, usize), usize, Cpu>,
-        Tensor<(usize, Const<3>, Const<SIDE>, Const<SIDE>), f32, Cpu>,
+        Tensor<(usize, usize), usize, D>,
+        Tensor<(usize, Const<3>, Const<SIDE>, Const<SIDE>), f32, D>,
     )> {
         let t = captions
             .iter()
@@ -188,7 +191,7 @@ impl ClipTask {
     /// L2-normalised text and image features (`n × PR` each) of `captions` and `images`.
     fn features(
         &self,
-        model: &Clip,
+        model: &Clip<D>,
         captions: &[&str],
         images: &[&[f32]],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -206,7 +209,7 @@ impl ClipTask {
     }
 
     /// Loss and image×text cosine similarities of `pairs`.
-    fn score(&self, model: &Clip, pairs: &[Pair]) -> Result<(f64, Vec<f32>)> {
+    fn score(&self, model: &Clip<D>, pairs: &[Pair]) -> Result<(f64, Vec<f32>)> {
         let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
         let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
         let (text, image) = self.features(model, &captions, &images)?;
@@ -225,7 +228,7 @@ impl ClipTask {
             .dev
             .try_tensor_from_vec(text, (n, Const::<PR>))
             .map_err(ModelError::from)?;
-        let loss = clip_loss(it, tt, &model.logit_scale)?.array() as f64;
+        let loss = clip_loss(it, tt, &model.logit_scale)?.as_vec()[0] as f64;
         Ok((loss, sim))
     }
 
@@ -233,7 +236,7 @@ impl ClipTask {
     /// `label(scene)` is the true class.
     fn zero_shot(
         &self,
-        model: &Clip,
+        model: &Clip<D>,
         scenes: &[Scene],
         prompts: &[String],
         label: impl Fn(&Scene) -> usize,
@@ -305,13 +308,16 @@ fn chance_at(captions: &[String], k: usize) -> f64 {
     total / n as f64
 }
 
-impl MixedTask<Built<ClipTiny, Half, Cpu>, Cpu> for ClipTask {
+impl<D: MixedDevice> MixedTask<Built<ClipTiny, Half, D>, D> for ClipTask<D>
+where
+    ModelError: From<<D as HasErr>::Err>,
+{
     fn half_loss(
         &mut self,
-        model: &mut Built<ClipTiny, Half, Cpu>,
+        model: &mut Built<ClipTiny, Half, D>,
         step: usize,
-        grads: Gradients<Half, Cpu>,
-    ) -> Result<(Tensor<Rank0, Half, Cpu, OwnedTape<Half, Cpu>>, usize), ModelError> {
+        grads: Gradients<Half, D>,
+    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
         let pairs: Vec<Pair> = (0..self.batch)
             .map(|i| self.pair_at((step * self.batch + i) as u64))
             .collect();
@@ -320,19 +326,22 @@ impl MixedTask<Built<ClipTiny, Half, Cpu>, Cpu> for ClipTask {
         let (ids, px) = self
             .tensors(&captions, &images)
             .map_err(|e| ModelError::Config(format!("{e:#}")))?;
-        let px = px.to_dtype::<Half>();
+        let px = D::to_half(px)?;
         let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
         Ok((clip_loss(image, text, &model.logit_scale)?, pairs.len()))
     }
 }
 
-impl Task<Clip, f32, Cpu> for ClipTask {
+impl<D: MixedDevice> Task<Clip<D>, f32, D> for ClipTask<D>
+where
+    ModelError: From<<D as HasErr>::Err>,
+{
     fn train_step(
         &mut self,
-        model: &mut Clip,
+        model: &mut Clip<D>,
         step: usize,
-        grads: Gradients<f32, Cpu>,
-    ) -> Result<StepOutput<f32, Cpu>, ModelError> {
+        grads: Gradients<f32, D>,
+    ) -> Result<StepOutput<f32, D>, ModelError> {
         let pairs: Vec<Pair> = (0..self.batch)
             .map(|i| self.pair_at((step * self.batch + i) as u64))
             .collect();
@@ -343,7 +352,7 @@ impl Task<Clip, f32, Cpu> for ClipTask {
             .map_err(|e| ModelError::Config(format!("{e:#}")))?;
         let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
         let loss = clip_loss(image, text, &model.logit_scale)?;
-        let value = loss.array() as f64;
+        let value = loss.as_vec()[0] as f64;
         Ok(StepOutput {
             loss: value,
             grads: loss.backward(),
@@ -352,17 +361,17 @@ impl Task<Clip, f32, Cpu> for ClipTask {
     }
 
     /// OpenAI's clamp of the temperature to at most 100, after every optimizer step.
-    fn after_step(&mut self, model: &mut Clip) -> Result<(), ModelError> {
+    fn after_step(&mut self, model: &mut Clip<D>) -> Result<(), ModelError> {
         model.logit_scale.clamp();
         Ok(())
     }
 
-    fn evaluate(&mut self, model: &mut Clip) -> Result<Metrics, ModelError> {
+    fn evaluate(&mut self, model: &mut Clip<D>) -> Result<Metrics, ModelError> {
         self.evaluate_inner(model)
             .map_err(|e| ModelError::Config(format!("{e:#}")))
     }
 
-    fn samples(&mut self, _model: &mut Clip) -> Result<Vec<String>, ModelError> {
+    fn samples(&mut self, _model: &mut Clip<D>) -> Result<Vec<String>, ModelError> {
         let Some(sim) = &self.last_sim else {
             return Ok(Vec::new());
         };
@@ -387,8 +396,11 @@ impl Task<Clip, f32, Cpu> for ClipTask {
     }
 }
 
-impl ClipTask {
-    fn evaluate_inner(&mut self, model: &Clip) -> Result<Metrics> {
+impl<D: MixedDevice> ClipTask<D>
+where
+    ModelError: From<<D as HasErr>::Err>,
+{
+    fn evaluate_inner(&mut self, model: &Clip<D>) -> Result<Metrics> {
         let mut m = Metrics::new();
         let (loss, sim) = self.score(model, &self.eval)?;
         let captions: Vec<String> = self.eval.iter().map(|p| p.0.clone()).collect();
@@ -399,7 +411,7 @@ impl ClipTask {
         m.insert("chance_r_at_10".into(), chance_at(&captions, 10));
         m.insert(
             "logit_scale".into(),
-            (model.logit_scale.logit_scale.array() as f64).exp(),
+            (model.logit_scale.logit_scale.as_vec()[0] as f64).exp(),
         );
         self.last_sim = Some(sim);
         if !self.seen.is_empty() {
@@ -458,7 +470,21 @@ impl ClipTask {
 
 fn run(cli: &Cli) -> Result<RunSummary> {
     let c = &cli.common;
-    c.check_device()?;
+    match c.device_choice()? {
+        DeviceChoice::Cpu => run_on(Cpu::seed_from_u64(c.seed), cli),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => run_on(neural_arch_examples::cli::cuda_device(c, n)?, cli),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("device_choice refuses CUDA in a build without it"),
+    }
+}
+
+fn run_on<D>(dev: D, cli: &Cli) -> Result<RunSummary>
+where
+    D: MixedDevice + DeviceBuildExt,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    let c = &cli.common;
     c.apply_recompute("clip", false)?;
     match c.preset.as_str() {
         "tiny" => {}
@@ -476,7 +502,6 @@ fn run(cli: &Cli) -> Result<RunSummary> {
         warmup_steps: 100,
         unit: "images",
     };
-    let dev = Cpu::seed_from_u64(c.seed);
     let mut model = dev
         .try_build_module::<ClipTiny, f32>()
         .map_err(ModelError::from)?;
@@ -486,7 +511,7 @@ fn run(cli: &Cli) -> Result<RunSummary> {
         neural_arch::init::transformer_rule(0.02),
     )?;
     if let Some(path) = &c.init_from {
-        load_safetensors(&mut model, path, &Clip::load_options())
+        load_safetensors(&mut model, path, &Clip::<D>::load_options())
             .with_context(|| format!("cannot start from {}", path.display()))?;
     }
     let given = Settings {
