@@ -242,3 +242,32 @@ fn a_mixed_precision_step_matches_the_cpu() {
         5e-3,
     );
 }
+
+#[test]
+fn dropout_drops_what_the_cpu_drops() {
+    let (cpu, cuda) = (Cpu::seed_from_u64(7), Cuda::default());
+    let mut drop = cpu.build_module::<Dropout<30>, f32>();
+    let mut drop_gpu = cuda.build_module::<Dropout<30>, f32>();
+    let x: Tensor<(usize, Const<64>), f32, Cpu> = cpu.sample_normal_like(&(40, Const));
+    let x_gpu = x.to_device(&cuda);
+    let g: Tensor<(usize, Const<64>), f32, Cpu> = cpu.sample_normal_like(&(40, Const));
+    // The masks are drawn on the host from the per-thread generator, whatever the device.
+    seed_dropout(5);
+    let y = drop.forward_mut(x.leaky_trace());
+    seed_dropout(5);
+    let y_gpu = drop_gpu.forward_mut(x_gpu.leaky_trace());
+    let dropped = y.as_vec().iter().filter(|v| **v == 0.0).count();
+    assert!(
+        (600..1000).contains(&dropped),
+        "{dropped} of 2560 dropped at p = 0.3"
+    );
+    close("dropout forward", &y.as_vec(), &y_gpu.as_vec(), 1e-6);
+    let gr = (y * g.clone()).sum::<Rank0, _>().backward();
+    let gr_gpu = (y_gpu * g.to_device(&cuda)).sum::<Rank0, _>().backward();
+    close(
+        "dropout grad x",
+        &gr.get(&x).as_vec(),
+        &gr_gpu.get(&x_gpu).as_vec(),
+        1e-6,
+    );
+}
