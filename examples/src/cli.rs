@@ -215,7 +215,7 @@ impl CommonArgs {
 }
 
 /// The run's configuration: from the flags, or, with `--resume`, the settings the run was
-/// started with (only `--steps` and `--stop-after` may change). `params` is the model's
+/// started with (only `--steps`, `--stop-after` and `--device` may change). `params` is the model's
 /// parameter count, which a checkpoint must match; `task` the task's own settings (from
 /// [`task_settings`]), which the checkpoint keeps.
 pub fn run_config(
@@ -231,12 +231,20 @@ pub fn run_config(
         return Ok(config);
     };
     let state = neural_arch::train::read_checkpoint_state(dir, &config, params)?;
+    if c.dtype != state.config.dtype {
+        eprintln!(
+            "note: the resumed run keeps its element type, --dtype {}, not {}",
+            state.config.dtype, c.dtype
+        );
+    }
     Ok(TrainConfig {
         steps: c.steps.unwrap_or(state.config.steps),
         progress: config.progress,
         out: dir.clone(),
         stop_after: c.stop_after,
         task: config.task,
+        // A checkpoint is the same on every device: a run may continue on another one.
+        device: c.device.clone(),
         ..state.config
     })
 }

@@ -264,6 +264,7 @@ fn mixed_precision_trains_like_f32_and_resumes_exactly() {
     assert!(ok, "{err}");
     let (ok, _, err) = train(GPT2, &["--steps", "6", "--resume", p]);
     assert!(ok, "{err}");
+    assert!(err.contains("keeps its element type, --dtype f16"), "{err}");
     let strip = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
         m.into_iter()
             .map(|mut v| {
