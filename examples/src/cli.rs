@@ -81,6 +81,9 @@ pub fn cuda_device(c: &CommonArgs, ordinal: usize) -> Result<Cuda> {
     })
 }
 
+/// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
+pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
+
 /// Where a run's tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {

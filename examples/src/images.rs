@@ -25,7 +25,7 @@
 use crate::argmax;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults, DeviceChoice,
+    CommonArgs, Defaults, DeviceChoice, InitRule,
 };
 use crate::lm::fetched;
 use crate::order::{mix, EpochOrder};
@@ -412,9 +412,6 @@ where
         Ok((cross_entropy(logits, &y, Default::default())?, y.len()))
     }
 }
-
-/// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
-pub type InitRule = dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
 
 /// A picture drawn from the trained model and the test images into the run's directory.
 pub type Picture<M> = dyn Fn(&M, &Images, &Path) -> Result<()>;

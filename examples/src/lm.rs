@@ -10,7 +10,7 @@
 use crate::bpe::Bpe;
 use crate::cli::{
     apply_epochs, run_config, task_settings, train_or_evaluate, train_or_evaluate_mixed,
-    CommonArgs, Defaults, DeviceChoice,
+    CommonArgs, Defaults, DeviceChoice, InitRule,
 };
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
@@ -518,7 +518,7 @@ pub fn run<const V: usize, B>(
     defaults: &Defaults,
     load_options: LoadOptions,
     default_corpus: Corpus,
-    init: impl Fn(&str, &[usize]) -> neural_arch::init::Init,
+    init: impl Fn(&str, &[usize]) -> neural_arch::init::Init + 'static,
 ) -> Result<RunSummary>
 where
     B: BuildOnDevice<Cpu, f32> + OnCuda<V>,
@@ -547,9 +547,6 @@ where
     }
 }
 
-/// A weight-initialisation rule by tensor name and shape (see [`neural_arch::init`]).
-pub type InitRule<'a> = &'a dyn Fn(&str, &[usize]) -> neural_arch::init::Init;
-
 /// A language model that also trains on CUDA, in a build with the `cuda` feature (a bound
 /// every model meets in a build without it). A `where` clause cannot depend on a feature on
 /// stable Rust; a trait can.
@@ -563,7 +560,7 @@ pub trait OnCuda<const V: usize> {
         defaults: &Defaults,
         load_options: LoadOptions,
         default_corpus: Corpus,
-        init: InitRule,
+        init: &InitRule,
     ) -> Result<RunSummary>;
 }
 
@@ -583,7 +580,7 @@ where
         defaults: &Defaults,
         load_options: LoadOptions,
         default_corpus: Corpus,
-        init: InitRule,
+        init: &InitRule,
     ) -> Result<RunSummary> {
         let c = &args.common;
         let dev = crate::cli::cuda_device(c, ordinal)?;
@@ -606,7 +603,7 @@ fn run_on<const V: usize, B, D>(
     defaults: &Defaults,
     load_options: LoadOptions,
     default_corpus: Corpus,
-    init: InitRule,
+    init: &InitRule,
 ) -> Result<RunSummary>
 where
     D: MixedDevice + DeviceBuildExt,
