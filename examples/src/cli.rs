@@ -147,8 +147,7 @@ impl CommonArgs {
 
     fn check_dtype(&self) -> Result<()> {
         match self.dtype.as_str() {
-            "f32" => Ok(()),
-            "f16" => Ok(()),
+            "f32" | "f16" => Ok(()),
             "bf16" => bail!(
                 "--dtype bf16: dfdx 0.13, which runs the layers, has no bf16 element type; use \
                  --dtype f16 (mixed precision with loss scaling) or f32"
