@@ -46,6 +46,10 @@ pub enum Error {
     /// A saved state could not be written, read, or does not fit (the message says why).
     #[error("{0}")]
     Checkpoint(String),
+    /// A data-parallel group failed: a rank disagrees, or the engine reported an error (the
+    /// message says which).
+    #[error("{0}")]
+    Distributed(String),
 }
 
 impl From<dfdx::tensor::CpuError> for Error {

@@ -32,6 +32,7 @@ extern crate self as neural_arch;
 
 pub mod amp;
 pub mod checkpoint;
+pub mod dist;
 pub mod gradcheck;
 pub mod init;
 pub mod layers;

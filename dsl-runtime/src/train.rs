@@ -20,6 +20,7 @@ use crate::amp::{mixed_step, GradScaler, MixedDevice, MixedTask};
 use crate::checkpoint::{
     load_safetensors, save_safetensors, write_atomically, CheckpointElem, LoadOptions,
 };
+use crate::dist::{average_gradients, broadcast_model, Collective, Shard};
 use crate::optim::{clip_grad_norm, Optim, OptimizerState, WarmupCosine};
 use crate::Error;
 use dfdx::dtypes::f16;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -276,6 +278,7 @@ pub fn read_checkpoint_state(
 pub struct Trainer {
     config: TrainConfig,
     stop: Arc<AtomicBool>,
+    group: Option<Rc<dyn Collective>>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -308,7 +311,26 @@ impl Trainer {
         Ok(Trainer {
             config,
             stop: Arc::new(AtomicBool::new(false)),
+            group: None,
         })
+    }
+
+    /// Trains data-parallel in `group` (see [`crate::dist`]): this process is one of the
+    /// group's ranks. The task must draw this rank's shard of each global batch
+    /// (`config.batch_size` examples in all); the trainer broadcasts rank 0's weights before
+    /// the first step, averages the gradients before each optimizer step, and sums the items
+    /// and averages the losses it reports. Only rank 0 evaluates and writes files (metrics,
+    /// checkpoints, summary); the others wait for it in the next step's all-reduce. A resumed
+    /// run reads the checkpoint on every rank, so the output directory must be one they all
+    /// see (shared storage across machines).
+    pub fn with_group(mut self, group: Rc<dyn Collective>) -> Self {
+        self.group = Some(group);
+        self
+    }
+
+    /// This process's place in its group ([`Shard::SINGLE`] without one).
+    pub fn shard(&self) -> Shard {
+        self.group.as_ref().map_or(Shard::SINGLE, |g| g.shard())
     }
 
     /// Installs a Ctrl-C handler that makes the run stop after the current step, with a
@@ -423,15 +445,34 @@ impl Trainer {
                 )));
             }
         }
+        let root = self.shard().is_root();
+        if let Some(g) = &self.group {
+            let mut theirs = [start as f64];
+            g.broadcast_f64(&mut theirs, "the start-step check")?;
+            if theirs[0] != start as f64 {
+                return Err(Error::Distributed(format!(
+                    "rank {} resumes at step {start} but rank 0 at step {}: the ranks read \
+                     different checkpoints; --resume must name one directory that every rank \
+                     sees (shared storage)",
+                    g.shard().rank,
+                    theirs[0]
+                )));
+            }
+            broadcast_model(g.as_ref(), model)?;
+        }
         let metrics_path = cfg.out.join("metrics.jsonl");
-        let mut metrics = MetricsLog::open(&metrics_path, start, resume)?;
+        let mut metrics = if root {
+            Some(MetricsLog::open(&metrics_path, start, resume)?)
+        } else {
+            None
+        };
         let schedule = WarmupCosine {
             peak_lr: cfg.lr,
             min_lr: cfg.min_lr,
             warmup_steps: cfg.warmup_steps,
             decay_steps: cfg.steps,
         };
-        let bar = progress_bar(cfg, start);
+        let bar = if root { progress_bar(cfg, start) } else { None };
         let mut recent: Vec<f64> = Vec::new();
         let mut items_total = 0usize;
         let mut step_time = 0.0f64;
@@ -447,14 +488,36 @@ impl Trainer {
                 .take()
                 .ok_or_else(|| Error::Config("lost gradients".into()))?;
             model.try_zero_grads(&mut g)?;
-            // Dropout masks from (seed, step): a resumed run drops what this one would.
+            // Dropout masks from (seed, step, rank): a resumed run drops what this one would,
+            // and each rank draws its own.
             crate::layers::dropout::seed_dropout(
-                cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                cfg.seed
+                    ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    ^ (self.shard().rank as u64).wrapping_mul(0xd1b5_4a32_d192_ed03),
             );
-            let out = mode.step(task, model, step, g)?;
+            let mut out = mode.step(task, model, step, g)?;
             if let Some(e) = crate::recompute::take_error() {
                 // A recomputed layer failed in the backward pass: its gradients are missing.
                 return Err(e);
+            }
+            let mut stop_now = self.stop.load(Ordering::SeqCst);
+            if let Some(g) = &self.group {
+                g.set_step(step + 1);
+                average_gradients(g.as_ref(), model, &mut out.grads)?;
+                // Every rank must agree on the loss it reports, on skipping the step (one
+                // rank's overflow poisons the average) and on stopping.
+                let world = g.shard().world as f64;
+                let mut agreed = [
+                    out.loss / world,
+                    out.items as f64,
+                    f64::from(u8::from(out.skipped)),
+                    f64::from(u8::from(stop_now)),
+                ];
+                g.all_reduce_sum_f64(&mut agreed, "the step's loss all-reduce")?;
+                out.loss = agreed[0];
+                out.items = agreed[1] as usize;
+                out.skipped = agreed[2] > 0.0;
+                stop_now = agreed[3] > 0.0;
             }
             let scaler = mode.scaler();
             if scaler.is_none() && !out.loss.is_finite() {
@@ -500,7 +563,9 @@ impl Trainer {
             if out.skipped {
                 line["skipped"] = serde_json::json!(true);
             }
-            metrics.write(&line)?;
+            if let Some(m) = &mut metrics {
+                m.write(&line)?;
+            }
             memory.sample();
             if let Some(s) = mode.scaler() {
                 s.check()?;
@@ -515,15 +580,16 @@ impl Trainer {
                 ));
             }
             let last = step == cfg.steps;
-            interrupted =
-                (self.stop.load(Ordering::SeqCst) || cfg.stop_after == Some(step)) && !last;
-            if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+            interrupted = (stop_now || cfg.stop_after == Some(step)) && !last;
+            if root && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
                 eval = task.evaluate(model)?;
                 let mut line = serde_json::json!({ "step": step });
                 for (k, v) in &eval {
                     line[k] = serde_json::json!(v);
                 }
-                metrics.write(&line)?;
+                if let Some(m) = &mut metrics {
+                    m.write(&line)?;
+                }
                 let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                 let samples = task.samples(model)?;
                 let mut text = format!("step {step}: {}", shown.join(", "));
@@ -536,7 +602,10 @@ impl Trainer {
                     None => println!("{text}"),
                 }
             }
-            if last || interrupted || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
+            if root
+                && (last
+                    || interrupted
+                    || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))
             {
                 let scaler = mode.scaler().map(|s| *s);
                 self.save_checkpoint(model, opt, step, params, scaler)?;
@@ -571,6 +640,9 @@ impl Trainer {
             wall_seconds: started.elapsed().as_secs_f64(),
             interrupted,
         };
+        if !root {
+            return Ok(summary);
+        }
         self.write_summary(&summary)?;
         let text =
             std::fs::read_to_string(&metrics_path).map_err(|e| io_error(&metrics_path, e))?;
@@ -606,10 +678,18 @@ impl Trainer {
         T: Task<M, E, D>,
     {
         let started = Instant::now();
-        let eval = task.evaluate(model)?;
+        // In a group the ranks hold the same weights: rank 0 alone evaluates.
+        let root = self.shard().is_root();
+        let eval = if root {
+            task.evaluate(model)?
+        } else {
+            Metrics::new()
+        };
         let cfg = &self.config;
-        let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-        println!("{}", shown.join(", "));
+        if root {
+            let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!("{}", shown.join(", "));
+        }
         let summary = RunSummary {
             model: cfg.model.clone(),
             preset: cfg.preset.clone(),
@@ -629,7 +709,9 @@ impl Trainer {
             wall_seconds: started.elapsed().as_secs_f64(),
             interrupted: false,
         };
-        self.write_summary(&summary)?;
+        if root {
+            self.write_summary(&summary)?;
+        }
         Ok(summary)
     }
 

@@ -4,9 +4,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use neural_arch::amp::{half_copy, GradScaler, Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::dist::{Collective, Shard};
 use neural_arch::prelude::*;
 use neural_arch::train::{RunSummary, Task, TrainConfig, Trainer};
 use std::path::PathBuf;
+use std::rc::Rc;
 
 /// Flags common to `train-gpt2`, `train-llama`, ...
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -66,6 +68,30 @@ pub struct CommonArgs {
     /// Llama, whose blocks are declared `#[recompute]`).
     #[arg(long)]
     pub recompute: bool,
+    /// Data-parallel training in the processes `mpirun -np N` started (a binary built with
+    /// `--features mpi`): each takes 1/N of every batch (--batch-size is the global batch),
+    /// gradients are averaged by an all-reduce, and rank 0 writes the files.
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: seconds a rank waits for the others in one collective before it
+    /// ends the job (a rank that died or hangs); must exceed an evaluation's length.
+    #[arg(long, default_value_t = 300.0)]
+    pub dist_timeout: f64,
+}
+
+#[cfg(feature = "mpi")]
+thread_local! {
+    /// The process's MPI group, once `--distributed` started it (MPI starts once per process).
+    static MPI: std::cell::OnceCell<Rc<neural_arch::dist::MpiGroup>> = const { std::cell::OnceCell::new() };
+}
+
+/// The number of processes the MPI launcher started, from its environment (Open MPI's or
+/// MPICH's / PMI's variables); 1 when not launched by one.
+fn launched_world_size() -> usize {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
 }
 
 /// CUDA device `ordinal`, seeded with the run's seed; a missing or unusable GPU is an error
@@ -143,6 +169,71 @@ impl CommonArgs {
         }
         self.check_dtype()?;
         Ok(choice)
+    }
+
+    /// The data-parallel group with `--distributed` (MPI starts on the first call), else
+    /// `None`. Refuses `--distributed` in a build without MPI, and a launch by `mpirun` of
+    /// several processes without `--distributed` (each would train alone and overwrite the
+    /// others' files).
+    pub fn group(&self) -> Result<Option<Rc<dyn Collective>>> {
+        if !self.distributed {
+            let n = launched_world_size();
+            if n > 1 {
+                bail!(
+                    "this process is one of {n} that mpirun started, but --distributed is not \
+                     given: each would train alone and overwrite the others' files; add \
+                     --distributed, or run one process"
+                );
+            }
+            return Ok(None);
+        }
+        if !(self.dist_timeout.is_finite() && self.dist_timeout > 0.0) {
+            bail!(
+                "--dist-timeout must be a positive number of seconds, got {}",
+                self.dist_timeout
+            );
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let timeout = std::time::Duration::from_secs_f64(self.dist_timeout);
+            let group = MPI.with(|cell| -> Result<Rc<neural_arch::dist::MpiGroup>> {
+                if let Some(g) = cell.get() {
+                    return Ok(g.clone());
+                }
+                let g = Rc::new(neural_arch::dist::MpiGroup::init(timeout)?);
+                if g.shard().is_root() {
+                    eprintln!(
+                        "distributed: {} processes over {}",
+                        g.shard().world,
+                        g.engine()
+                    );
+                }
+                let _ = cell.set(g.clone());
+                Ok(g)
+            })?;
+            Ok(Some(group as Rc<dyn Collective>))
+        }
+        #[cfg(not(feature = "mpi"))]
+        bail!(
+            "--distributed: this binary was built without MPI; build it with `cargo build \
+             --release --features mpi` (needs Open MPI and libclang: bash \
+             tools/install-openmpi.sh), then launch it with `mpirun -np N`"
+        )
+    }
+
+    /// This process's shard of each batch: its rank and the group's size (one process
+    /// without `--distributed`).
+    pub fn shard(&self) -> Result<Shard> {
+        Ok(self.group()?.map_or(Shard::SINGLE, |g| g.shard()))
+    }
+
+    /// A trainer for `config`, in the `--distributed` group when there is one.
+    pub fn trainer(&self, config: TrainConfig) -> Result<Trainer> {
+        let trainer = Trainer::new(config)?;
+        Ok(match self.group()? {
+            Some(g) => trainer.with_group(g),
+            None => trainer,
+        })
     }
 
     fn check_dtype(&self) -> Result<()> {
@@ -325,10 +416,10 @@ where
             load_safetensors(model, &path, &LoadOptions::default())
                 .with_context(|| format!("cannot evaluate {}", path.display()))?;
         }
-        return Ok(Trainer::new(config)?.evaluate_only(task, model)?);
+        return Ok(c.trainer(config)?.evaluate_only(task, model)?);
     }
     let mut opt: Adam<M, f32, D> = Adam::new(model, adamw(config.lr, weight_decay));
-    let trainer = Trainer::new(config)?;
+    let trainer = c.trainer(config)?;
     trainer.stop_on_ctrl_c();
     Ok(trainer.run(task, model, &mut opt, c.resume.is_some())?)
 }
@@ -355,7 +446,7 @@ where
     }
     let work = half_copy(model).map_err(ModelError::from)?;
     let mut opt: Adam<M, f32, D> = Adam::new(model, adamw(config.lr, weight_decay));
-    let trainer = Trainer::new(config)?;
+    let trainer = c.trainer(config)?;
     trainer.stop_on_ctrl_c();
     Ok(trainer.run_mixed(
         task,
@@ -368,10 +459,28 @@ where
 }
 
 /// Ends a trainer binary: one line with the run's result and where its files are, or the error
-/// with its causes; the exit status says which.
+/// with its causes; the exit status says which. In a `--distributed` group, rank 0 prints the
+/// result and MPI shuts down once every rank is done; an error on any rank ends the whole job
+/// at once (`MPI_Abort`), so that no rank waits for it.
 pub fn report(c: &CommonArgs, result: Result<RunSummary>) -> std::process::ExitCode {
+    #[cfg(feature = "mpi")]
+    let group = MPI.with(|cell| cell.get().cloned());
+    #[cfg(not(feature = "mpi"))]
+    let group: Option<Rc<dyn Collective>> = None;
+    let shard = group.as_ref().map_or(Shard::SINGLE, |g| g.shard());
     match result {
+        Ok(_) if !shard.is_root() => {
+            #[cfg(feature = "mpi")]
+            if let Some(g) = &group {
+                g.finish();
+            }
+            std::process::ExitCode::SUCCESS
+        }
         Ok(s) => {
+            #[cfg(feature = "mpi")]
+            if let Some(g) = &group {
+                g.finish();
+            }
             let out = c.out_dir(&s.model);
             println!(
                 "done: {} steps, train loss {:.4}, {:?}, {:.0} {}/s, summary in {}",
@@ -385,7 +494,17 @@ pub fn report(c: &CommonArgs, result: Result<RunSummary>) -> std::process::ExitC
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if shard.world > 1 {
+                eprintln!("error: rank {} of {}: {e:#}", shard.rank, shard.world);
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            #[cfg(feature = "mpi")]
+            if let Some(g) = &group {
+                if shard.world > 1 {
+                    g.abort(1);
+                }
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -16,6 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
 use neural_arch_models::generate::{generate, CausalLm, GenerateConfig, Sampling};
@@ -245,6 +246,8 @@ pub struct LmTask<const V: usize, D: Device<f32>> {
     pub sample_tokens: usize,
     /// Where tensors are made.
     pub dev: D,
+    /// This process's rows of each batch (all of them outside a `--distributed` group).
+    pub shard: Shard,
 }
 
 impl<const V: usize, D: Device<f32>> std::fmt::Debug for LmTask<V, D> {
@@ -262,19 +265,25 @@ type Ids<D, T> = Tensor<(usize, usize), usize, D, T>;
 type Logits<const V: usize, D, T> = Tensor<(usize, usize, Const<V>), f32, D, T>;
 
 impl<const V: usize, D: Device<f32>> LmTask<V, D> {
-    /// Inputs and next-token targets of step `step`'s batch.
-    pub fn batch_at(&self, step: usize) -> (Vec<usize>, Vec<usize>) {
+    /// Inputs and next-token targets of this process's rows of step `step`'s batch, and the
+    /// number of rows.
+    pub fn batch_at(&self, step: usize) -> Result<(Vec<usize>, Vec<usize>, usize), ModelError> {
         let mut rng = StdRng::seed_from_u64(
             self.seed ^ 0x4c4d_0000_0000 ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let span = self.train.len() - self.context - 1;
+        let rows = self.shard.rows(self.batch)?;
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        for _ in 0..self.batch {
+        // Every rank draws the whole global batch, so that its rows are the ones one process
+        // would see.
+        for row in 0..self.batch {
             let at = rng.gen_range(0..=span);
-            x.extend_from_slice(&self.train[at..at + self.context]);
-            y.extend_from_slice(&self.train[at + 1..at + self.context + 1]);
+            if rows.contains(&row) {
+                x.extend_from_slice(&self.train[at..at + self.context]);
+                y.extend_from_slice(&self.train[at + 1..at + self.context + 1]);
+            }
         }
-        (x, y)
+        Ok((x, y, rows.len()))
     }
 }
 
@@ -345,8 +354,8 @@ where
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
         let t = &*self;
-        let (x, y) = t.batch_at(step);
-        let ids = t.dev.try_tensor_from_vec(x, (t.batch, t.context))?;
+        let (x, y, rows) = t.batch_at(step)?;
+        let ids = t.dev.try_tensor_from_vec(x, (rows, t.context))?;
         let logits = model.try_forward_mut(ids.traced(grads))?;
         let loss = cross_entropy(logits, &y, Default::default())?;
         let value = loss.as_vec()[0] as f64;
@@ -411,8 +420,8 @@ where
         grads: Gradients<Half, D>,
     ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
         let t = &*self;
-        let (x, y) = t.batch_at(step);
-        let ids = t.dev.try_tensor_from_vec(x, (t.batch, t.context))?;
+        let (x, y, rows) = t.batch_at(step)?;
+        let ids = t.dev.try_tensor_from_vec(x, (rows, t.context))?;
         let logits = model.try_forward_mut(ids.traced(grads))?;
         Ok((cross_entropy(logits, &y, Default::default())?, y.len()))
     }
@@ -643,15 +652,31 @@ where
     let mut config = run_config(c, arch, defaults, model.num_trainable_params(), &settings)?;
     let corpus = settings.corpus;
     let (train_text, valid_text) = load_corpus(corpus)?;
-    std::fs::create_dir_all(&config.out)?;
+    let shard = c.shard()?;
     let tok_path = config.out.join("tokenizer.json");
-    let bpe = if c.resume.is_some() && tok_path.exists() {
-        Bpe::load(&tok_path)?
-    } else {
-        let bpe = Bpe::train(&[&train_text], V)?;
-        bpe.save(&tok_path)?;
-        bpe
-    };
+    // Rank 0 trains (or reloads) the tokenizer; the others take its copy, bit for bit.
+    let mut bpe = None;
+    if shard.is_root() {
+        std::fs::create_dir_all(&config.out)?;
+        bpe = Some(if c.resume.is_some() && tok_path.exists() {
+            Bpe::load(&tok_path)?
+        } else {
+            let bpe = Bpe::train(&[&train_text], V)?;
+            bpe.save(&tok_path)?;
+            bpe
+        });
+    }
+    if let Some(g) = c.group()? {
+        let mut json = match &bpe {
+            Some(b) => b.to_json()?.into_bytes(),
+            None => Vec::new(),
+        };
+        g.broadcast_bytes(&mut json, "the tokenizer broadcast")?;
+        if bpe.is_none() {
+            bpe = Some(Bpe::from_json(std::str::from_utf8(&json)?)?);
+        }
+    }
+    let bpe = bpe.context("no tokenizer")?;
     let train = bpe.encode(&train_text)?;
     let valid = bpe.encode(&valid_text)?;
     ensure!(
@@ -678,6 +703,7 @@ where
         bpe,
         sample_tokens: settings.sample_tokens,
         dev: dev.clone(),
+        shard,
     };
     // A resumed run keeps the element type it started with.
     if config.dtype == "f16" {
