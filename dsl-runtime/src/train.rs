@@ -446,6 +446,8 @@ impl Trainer {
             }
         }
         let root = self.shard().is_root();
+        // A batch that does not split over the ranks is refused before any work.
+        self.shard().rows(cfg.batch_size)?;
         if let Some(g) = &self.group {
             let mut theirs = [start as f64];
             g.broadcast_f64(&mut theirs, "the start-step check")?;

@@ -43,6 +43,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
+use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_models::bert::{BertTiny, BertTinyClassifier, IGNORE_INDEX};
@@ -339,6 +340,8 @@ pub struct MlmTask<D: Device<f32>> {
     /// Where tensors are made.
     pub dev: D,
     order: EpochOrder,
+    /// This process's rows of each batch (all of them outside a `--distributed` group).
+    pub shard: Shard,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for MlmTask<D> {
@@ -418,13 +421,16 @@ impl<D: Device<f32>> MlmTask<D> {
             seed,
             tokenizer,
             dev,
+            shard: Shard::SINGLE,
         })
     }
 
     /// The masked sequences and labels of step `step`'s batch.
-    pub fn batch_at(&mut self, step: usize) -> Vec<(Vec<usize>, Vec<i64>)> {
+    pub fn batch_at(&mut self, step: usize) -> Result<Vec<(Vec<usize>, Vec<i64>)>, ModelError> {
         let vocab = self.tokenizer.vocab_size();
-        (0..self.batch)
+        Ok(self
+            .shard
+            .rows(self.batch)?
             .map(|i| {
                 let position = step * self.batch + i;
                 let sentence = self.order.at(position);
@@ -437,7 +443,7 @@ impl<D: Device<f32>> MlmTask<D> {
                 let mut rng = StdRng::seed_from_u64(mix(self.seed, 0x4d41_534b, position as u64));
                 mask_sequence(&seq, vocab, &mut rng)
             })
-            .collect()
+            .collect())
     }
 
     /// The held-out sequences, masked the same way at every evaluation of every run.
@@ -519,7 +525,7 @@ where
         step: usize,
         grads: Gradients<Half, D>,
     ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
-        let p = pad(&self.batch_at(step));
+        let p = pad(&self.batch_at(step)?);
         let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
         let types = types.put_tape(OwnedTape::default());
         let hidden = model
@@ -542,7 +548,7 @@ where
         step: usize,
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
-        let p = pad(&self.batch_at(step));
+        let p = pad(&self.batch_at(step)?);
         let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
         let types = types.put_tape(OwnedTape::default());
         let hidden = model
@@ -628,6 +634,8 @@ pub struct SentimentTask<D: Device<f32>> {
     /// Where tensors are made.
     pub dev: D,
     order: EpochOrder,
+    /// This process's rows of each batch (all of them outside a `--distributed` group).
+    pub shard: Shard,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for SentimentTask<D> {
@@ -699,18 +707,21 @@ impl<D: Device<f32>> SentimentTask<D> {
             batch,
             seed,
             dev,
+            shard: Shard::SINGLE,
         })
     }
 
     /// The sentences and labels of step `step`'s batch.
-    pub fn batch_at(&mut self, step: usize) -> Vec<Example> {
-        (0..self.batch)
+    pub fn batch_at(&mut self, step: usize) -> Result<Vec<Example>, ModelError> {
+        Ok(self
+            .shard
+            .rows(self.batch)?
             .map(|i| {
                 let position = step * self.batch + i;
                 let idx = self.order.at(position);
                 self.train[idx].clone()
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -763,7 +774,7 @@ where
         step: usize,
         grads: Gradients<Half, D>,
     ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
-        let batch = self.batch_at(step);
+        let batch = self.batch_at(step)?;
         let (p, y) = as_padded(&batch);
         let (ids, mask, types) = tensors(&self.dev, &p, batch.len())?;
         let types = types.put_tape(OwnedTape::default());
@@ -789,7 +800,7 @@ where
         step: usize,
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
-        let batch = self.batch_at(step);
+        let batch = self.batch_at(step)?;
         let (p, y) = as_padded(&batch);
         let (ids, mask, types) = tensors(&self.dev, &p, batch.len())?;
         let types = types.put_tape(OwnedTape::default());
@@ -911,7 +922,8 @@ where
             neural_arch::init::init_weights(&mut model, c.seed, &rule)?;
             let mut config =
                 run_config(c, "bert-mlm", mlm, model.num_trainable_params(), &settings)?;
-            let tok = tokenizer(args, &config.out)?;
+            let tok =
+                WordPiece::from_json(&c.from_root(|| tokenizer(args, &config.out)?.to_json())?)?;
             if let Some(path) = &c.init_from {
                 load_safetensors(&mut model, path, &<Built<BertTiny, f32, D>>::load_options())
                     .with_context(|| format!("cannot start from {}", path.display()))?;
@@ -927,6 +939,7 @@ where
                 settings.eval_examples,
                 dev.clone(),
             )?;
+            task.shard = c.shard()?;
             apply_epochs(c, &mut config, task.starts.len())?;
             println!(
                 "bert-mlm tiny: {} parameters; {} training sentences ({} word pieces), {} \
@@ -956,7 +969,8 @@ where
                 model.num_trainable_params(),
                 &settings,
             )?;
-            let tok = tokenizer(args, &config.out)?;
+            let tok =
+                WordPiece::from_json(&c.from_root(|| tokenizer(args, &config.out)?.to_json())?)?;
             if let Some(path) = &c.init_from {
                 // A masked-LM checkpoint: its trunk, a fresh pooler and classifier.
                 let mut opts = <Built<Clf, f32, D>>::load_options();
@@ -989,6 +1003,7 @@ where
                 config.seed,
                 dev.clone(),
             )?;
+            task.shard = c.shard()?;
             apply_epochs(c, &mut config, task.train.len())?;
             println!(
                 "bert-sentiment tiny: {} parameters; {} training and {} held-out snippets, {} \

@@ -227,6 +227,22 @@ impl CommonArgs {
         Ok(self.group()?.map_or(Shard::SINGLE, |g| g.shard()))
     }
 
+    /// What rank 0's `make` returns, on every rank of the `--distributed` group (only rank 0
+    /// runs `make`); `make`'s own value outside a group. For what must be identical on every
+    /// rank and is made once, such as a trained tokenizer, which rank 0 also saves.
+    pub fn from_root(&self, make: impl FnOnce() -> Result<String>) -> Result<String> {
+        let Some(g) = self.group()? else {
+            return make();
+        };
+        let mut bytes = if g.shard().is_root() {
+            make()?.into_bytes()
+        } else {
+            Vec::new()
+        };
+        g.broadcast_bytes(&mut bytes, "the broadcast of rank 0's tokenizer")?;
+        Ok(String::from_utf8(bytes)?)
+    }
+
     /// A trainer for `config`, in the `--distributed` group when there is one.
     pub fn trainer(&self, config: TrainConfig) -> Result<Trainer> {
         let trainer = Trainer::new(config)?;

@@ -33,6 +33,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use rand::rngs::StdRng;
@@ -258,6 +259,8 @@ pub struct ImageTask<D: Device<f32>> {
     pub dev: D,
     /// Which training image each stream position is.
     order: EpochOrder,
+    /// This process's images of each batch (all of them outside a `--distributed` group).
+    pub shard: Shard,
 }
 
 impl<D: Device<f32>> std::fmt::Debug for ImageTask<D> {
@@ -292,14 +295,17 @@ impl<D: Device<f32>> ImageTask<D> {
             augment,
             eval_limit,
             dev,
+            shard: Shard::SINGLE,
         }
     }
 
-    /// The inputs (`[B, 3, 32, 32]`, flattened) and labels of step `step`'s batch.
-    pub fn batch_at(&mut self, step: usize) -> (Vec<f32>, Vec<usize>) {
-        let mut x = Vec::with_capacity(self.batch * 3 * INPUT * INPUT);
-        let mut y = Vec::with_capacity(self.batch);
-        for i in 0..self.batch {
+    /// The inputs (`[B, 3, 32, 32]`, flattened) and labels of this process's images of step
+    /// `step`'s batch (all `B` of them outside a `--distributed` group).
+    pub fn batch_at(&mut self, step: usize) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+        let rows = self.shard.rows(self.batch)?;
+        let mut x = Vec::with_capacity(rows.len() * 3 * INPUT * INPUT);
+        let mut y = Vec::with_capacity(rows.len());
+        for i in rows {
             let position = step * self.batch + i;
             let idx = self.order.at(position);
             let (dy, dx, flip) = if self.augment {
@@ -317,7 +323,7 @@ impl<D: Device<f32>> ImageTask<D> {
             preprocess_into(self.train.image(idx), dy, dx, flip, &mut x);
             y.push(self.train.labels[idx] as usize);
         }
-        (x, y)
+        Ok((x, y))
     }
 }
 
@@ -337,7 +343,7 @@ where
         step: usize,
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
-        let (x, y) = self.batch_at(step);
+        let (x, y) = self.batch_at(step)?;
         let x = self
             .dev
             .try_tensor_from_vec(x, (y.len(), Const, Const, Const))?;
@@ -403,7 +409,7 @@ where
         step: usize,
         grads: Gradients<Half, D>,
     ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
-        let (x, y) = self.batch_at(step);
+        let (x, y) = self.batch_at(step)?;
         let x = x.into_iter().map(Half::from_f32).collect();
         let x = self
             .dev
@@ -565,7 +571,9 @@ where
     apply_epochs(c, &mut config, train.len())?;
     let eval_limit = settings.eval_limit.unwrap_or(test.len());
     ensure!(eval_limit >= 1, "--eval-limit must be at least 1");
-    println!(
+    let shard = c.shard()?;
+    if shard.is_root() {
+        println!(
         "{arch} {}: {} parameters; Fashion-MNIST: {} training and {} test images (evaluating on {}){}",
         c.preset,
         model.num_trainable_params(),
@@ -574,6 +582,7 @@ where
         eval_limit.min(test.len()),
         if augment { "; random crops and flips" } else { "" }
     );
+    }
     let mut task = ImageTask::new(
         train,
         test,
@@ -583,6 +592,7 @@ where
         eval_limit,
         dev.clone(),
     );
+    task.shard = shard;
     let out = config.out.clone();
     // A resumed run keeps the element type it started with.
     let summary = if config.dtype == "f16" {
@@ -590,7 +600,7 @@ where
     } else {
         train_or_evaluate(c, config, &mut task, &mut model, 0.05)?
     };
-    if let Some(draw) = picture {
+    if let (Some(draw), true) = (picture, task.shard.is_root()) {
         let on_cpu = model
             .try_to_device(&Cpu::default())
             .map_err(|e| ModelError::Config(format!("cannot copy the model to the CPU: {e:?}")))?;
@@ -655,14 +665,26 @@ mod tests {
         };
         let mk = || ImageTask::new(data.clone(), data.clone(), 4, 7, true, 10, Cpu::default());
         let (mut a, mut b) = (mk(), mk());
-        let later = a.batch_at(5);
+        let later = a.batch_at(5).unwrap();
         for s in 0..5 {
-            b.batch_at(s);
+            b.batch_at(s).unwrap();
         }
-        assert_eq!(later, b.batch_at(5));
+        assert_eq!(later, b.batch_at(5).unwrap());
         // One epoch (steps 0, 1 and half of 2) sees every image once.
-        let mut seen: Vec<usize> = (0..3).flat_map(|s| a.batch_at(s).1).take(n).collect();
+        let mut seen: Vec<usize> = (0..3)
+            .flat_map(|s| a.batch_at(s).unwrap().1)
+            .take(n)
+            .collect();
         seen.sort();
         assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        // Two ranks split each batch into halves.
+        let mut halves = [mk(), mk()];
+        for (rank, h) in halves.iter_mut().enumerate() {
+            h.shard = Shard { rank, world: 2 };
+        }
+        let (x0, y0) = halves[0].batch_at(5).unwrap();
+        let (x1, y1) = halves[1].batch_at(5).unwrap();
+        assert_eq!([y0, y1].concat(), later.1);
+        assert_eq!([x0, x1].concat(), later.0);
     }
 }

@@ -654,29 +654,19 @@ where
     let (train_text, valid_text) = load_corpus(corpus)?;
     let shard = c.shard()?;
     let tok_path = config.out.join("tokenizer.json");
-    // Rank 0 trains (or reloads) the tokenizer; the others take its copy, bit for bit.
-    let mut bpe = None;
-    if shard.is_root() {
+    // Rank 0 trains (or reloads) and saves the tokenizer; every rank uses its copy.
+    let json = c.from_root(|| {
         std::fs::create_dir_all(&config.out)?;
-        bpe = Some(if c.resume.is_some() && tok_path.exists() {
+        let bpe = if c.resume.is_some() && tok_path.exists() {
             Bpe::load(&tok_path)?
         } else {
             let bpe = Bpe::train(&[&train_text], V)?;
             bpe.save(&tok_path)?;
             bpe
-        });
-    }
-    if let Some(g) = c.group()? {
-        let mut json = match &bpe {
-            Some(b) => b.to_json()?.into_bytes(),
-            None => Vec::new(),
         };
-        g.broadcast_bytes(&mut json, "the tokenizer broadcast")?;
-        if bpe.is_none() {
-            bpe = Some(Bpe::from_json(std::str::from_utf8(&json)?)?);
-        }
-    }
-    let bpe = bpe.context("no tokenizer")?;
+        bpe.to_json()
+    })?;
+    let bpe = Bpe::from_json(&json)?;
     let train = bpe.encode(&train_text)?;
     let valid = bpe.encode(&valid_text)?;
     ensure!(
@@ -688,10 +678,12 @@ where
     // An epoch is one pass over the training tokens, in windows of --context.
     apply_epochs(c, &mut config, train.len() / settings.context)?;
     let unigram = unigram_loss(&train, &valid, V);
-    println!(
-        "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
-        c.preset, model.num_trainable_params(), corpus, train.len(), valid.len(), bpe.vocab_size()
-    );
+    if shard.is_root() {
+        println!(
+            "{arch} {}: {} parameters; corpus {:?}: {} training and {} validation tokens (BPE of {} tokens); unigram baseline {unigram:.3} nats",
+            c.preset, model.num_trainable_params(), corpus, train.len(), valid.len(), bpe.vocab_size()
+        );
+    }
     let mut task = LmTask::<V, D> {
         train,
         valid,

@@ -182,6 +182,20 @@ impl WordPiece {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// The tokenizer as the text of a `tokenizer.json` (what [`save`](Self::save) writes).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tk)
+    }
+
+    /// A tokenizer from the text of a `tokenizer.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let inner: Inner = json
+            .parse()
+            .map_err(tk)
+            .context("cannot read the tokenizer")?;
+        Ok(WordPiece { inner })
+    }
+
     /// Reads a `tokenizer.json` written by [`save`](Self::save).
     pub fn load(path: &Path) -> Result<Self> {
         let inner = Inner::from_file(path)

@@ -486,6 +486,15 @@ where
 {
     let c = &cli.common;
     c.apply_recompute("clip", false)?;
+    if c.distributed {
+        // Sharding alone would change the loss: each rank would contrast its captions with
+        // its own shard's images only, not the whole batch's.
+        bail!(
+            "--distributed: CLIP's contrastive loss compares every image with every caption of \
+             the global batch, which needs the embeddings all-gathered across ranks; that is \
+             not implemented yet. Train CLIP in one process"
+        );
+    }
     match c.preset.as_str() {
         "tiny" => {}
         "vit-b-32" => bail!(

@@ -1,0 +1,305 @@
+//! Data-parallel training across processes (`--distributed`, the `mpi` feature), launched by
+//! Open MPI's `mpirun` as a user would: two processes compute what one does on the same global
+//! batch, a stopped group resumes exactly, and a rank that dies or hangs ends the job with an
+//! error instead of leaving the others waiting.
+//!
+//! Needs `mpirun` on the PATH (`bash tools/install-openmpi.sh`).
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use common::{json, metrics};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GPT2: &str = env!("CARGO_BIN_EXE_train-gpt2");
+const CLIP: &str = env!("CARGO_BIN_EXE_train-clip");
+
+fn temp(name: &str) -> PathBuf {
+    common::tmp(&format!("dist-{name}"))
+}
+
+/// Small GPT-2 settings: a global batch of 4 sequences of 16 tokens.
+const SMALL: &[&str] = &[
+    "--corpus",
+    "embedded",
+    "--batch-size",
+    "4",
+    "--context",
+    "16",
+    "--eval-tokens",
+    "256",
+    "--sample-tokens",
+    "4",
+    "--eval-every",
+    "4",
+];
+
+/// What a finished (or killed) `mpirun` left: its exit status (`None` when the test had to
+/// kill it), stdout, stderr, and how long it ran.
+struct Outcome {
+    status: Option<std::process::ExitStatus>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Starts `mpirun -np <np> <bin> --distributed <args>`, one thread per rank, with output to
+/// files in `dir`.
+fn launch(np: usize, bin: &str, args: &[&str], dir: &Path) -> std::process::Child {
+    let out = std::fs::File::create(dir.join("mpirun.out")).unwrap();
+    let err = std::fs::File::create(dir.join("mpirun.err")).unwrap();
+    Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            bin,
+            "--distributed",
+        ])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("mpirun starts (install Open MPI with `bash tools/install-openmpi.sh`)")
+}
+
+/// Waits for `child` at most `limit`; kills it after that (a hung job fails the test instead of
+/// hanging it).
+fn finish(
+    mut child: std::process::Child,
+    dir: &Path,
+    started: Instant,
+    limit: Duration,
+) -> Outcome {
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Outcome {
+        status,
+        stdout: std::fs::read_to_string(dir.join("mpirun.out")).unwrap_or_default(),
+        stderr: std::fs::read_to_string(dir.join("mpirun.err")).unwrap_or_default(),
+        took: started.elapsed(),
+    }
+}
+
+fn mpirun(np: usize, bin: &str, args: &[&str], dir: &Path) -> Outcome {
+    let started = Instant::now();
+    let child = launch(np, bin, args, dir);
+    finish(child, dir, started, Duration::from_secs(600))
+}
+
+fn succeeded(o: &Outcome) -> bool {
+    o.status.is_some_and(|s| s.success())
+}
+
+/// The training losses and the evaluations of a run's `metrics.jsonl`.
+fn numbers(dir: &Path) -> Vec<(u64, String, f64)> {
+    metrics(dir)
+        .iter()
+        .flat_map(|v| {
+            let step = v["step"].as_u64().unwrap();
+            v.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| ["loss", "eval_loss", "grad_norm"].contains(&k.as_str()))
+                .map(move |(k, x)| (step, k.clone(), x.as_f64().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn two_processes_compute_what_one_does_and_resume_exactly() {
+    let one = temp("one");
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "8", "--out", one.to_str().unwrap()]);
+    let (ok, _, err) = common::run(GPT2, None, &args);
+    assert!(ok, "{err}");
+
+    let two = temp("two");
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "8", "--out", two.to_str().unwrap()]);
+    let o = mpirun(2, GPT2, &args, &two);
+    assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    // Rank 0 alone reports: one summary line, one metrics file with one line per event.
+    assert_eq!(o.stdout.matches("done:").count(), 1, "{}", o.stdout);
+    assert!(
+        o.stderr.contains("2 processes over Open MPI"),
+        "{}",
+        o.stderr
+    );
+    let (a, b) = (numbers(&one), numbers(&two));
+    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+    assert!(a.iter().any(|(_, k, _)| k == "eval_loss"));
+    for ((sa, ka, xa), (sb, kb, xb)) in a.iter().zip(&b) {
+        assert_eq!((sa, ka), (sb, kb));
+        // Only the order of the float sums differs (two half-batch means averaged, against one
+        // mean over the batch).
+        assert!(
+            (xa - xb).abs() <= 1e-4 * xa.abs().max(1.0),
+            "step {sa} {ka}: one process {xa}, two {xb}"
+        );
+    }
+    let s = json(&two.join("summary.json"));
+    assert_eq!(s["steps"], 8);
+    assert!(s["items_per_sec"].as_f64().unwrap() > 0.0);
+
+    // Stopped after step 4 and resumed by a new group: the metrics of the uninterrupted run.
+    let resumed = temp("resumed");
+    let mut args = SMALL.to_vec();
+    let r = resumed.to_str().unwrap();
+    args.extend(["--steps", "8", "--stop-after", "4", "--out", r]);
+    let o = mpirun(2, GPT2, &args, &resumed);
+    assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    let o = mpirun(2, GPT2, &["--resume", r], &resumed);
+    assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(metrics(&resumed), metrics(&two));
+}
+
+/// Starts a long two-rank run, waits for its first steps, and does `signal` to one rank.
+fn disturb_a_rank(name: &str, signal: &str, timeout: &str) -> Outcome {
+    let dir = temp(name);
+    let mut args = SMALL.to_vec();
+    let out = dir.join("run");
+    args.extend([
+        "--steps",
+        "100000",
+        "--dist-timeout",
+        timeout,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let started = Instant::now();
+    let child = launch(2, GPT2, &args, &dir);
+    let metrics_file = out.join("metrics.jsonl");
+    let lines = || {
+        std::fs::read_to_string(&metrics_file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    while lines() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no steps");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    let victim = ranks[1].to_string();
+    assert!(Command::new("kill")
+        .args([signal, &victim])
+        .status()
+        .unwrap()
+        .success());
+    let at = Instant::now();
+    let mut o = finish(child, &dir, started, Duration::from_secs(900));
+    o.took = at.elapsed();
+    // Nothing of the job may outlive it (a stopped rank must be gone too).
+    let _ = Command::new("kill").args(["-9", &victim]).status();
+    o
+}
+
+/// The processes whose parent is `pid`, from `/proc`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut kids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let p: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may hold spaces, so read after the last ')'.
+            let ppid: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(p)
+        })
+        .collect();
+    kids.sort();
+    kids
+}
+
+#[test]
+fn a_rank_that_dies_ends_the_job() {
+    let o = disturb_a_rank("killed", "-9", "600");
+    assert!(
+        o.status.is_some_and(|s| !s.success()),
+        "the job did not end within 15 minutes of a rank's death:\n{}",
+        o.stderr
+    );
+    assert!(o.took < Duration::from_secs(60), "took {:?}", o.took);
+    assert!(o.stderr.contains("rank 1"), "{}", o.stderr);
+}
+
+#[test]
+fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
+    // SIGSTOP: the process lives but never answers, as a rank stuck in a loop or on a
+    // dead node's network would.
+    let o = disturb_a_rank("stopped", "-STOP", "3");
+    assert!(
+        o.status.is_some_and(|s| !s.success()),
+        "the job did not end within 15 minutes of a rank's hang:\n{}",
+        o.stderr
+    );
+    assert!(o.took < Duration::from_secs(60), "took {:?}", o.took);
+    assert!(
+        o.stderr.contains("rank 0 of 2: waited 3 s") && o.stderr.contains("raise --dist-timeout"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn a_batch_that_does_not_split_is_refused_on_every_rank() {
+    let dir = temp("odd-batch");
+    let out = dir.join("run");
+    let mut args = SMALL.to_vec();
+    let at = args.iter().position(|a| *a == "--batch-size").unwrap();
+    args[at + 1] = "5";
+    args.extend(["--steps", "2", "--out", out.to_str().unwrap()]);
+    let o = mpirun(2, GPT2, &args, &dir);
+    assert!(o.status.is_some_and(|s| !s.success()), "{}", o.stdout);
+    assert!(
+        o.stderr.contains("does not split evenly over 2 processes")
+            && o.stderr.contains("multiple of 2"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+}
+
+#[test]
+fn a_launch_without_the_flag_and_clip_are_refused_with_the_reason() {
+    // What mpirun tells its processes, without mpirun: each would train alone.
+    let dir = temp("no-flag");
+    let out = Command::new(GPT2)
+        .args(SMALL)
+        .args(["--steps", "1", "--out", dir.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("one of 2 that mpirun started") && err.contains("add --distributed"),
+        "{err}"
+    );
+    common::assert_clear_error(
+        common::run(CLIP, None, &["--distributed", "--steps", "1"]),
+        &["all-gathered", "one process"],
+    );
+}
