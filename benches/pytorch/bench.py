@@ -4,6 +4,7 @@ optimizer: the operation table (`benches/ops.rs`), one training step of each tin
 
     python bench.py micro --threads 1 --out torch-1.json   # ops and training steps
     python bench.py run gpt2 --threads 2 --steps 20        # a whole run; prints one JSON line
+    python bench.py ddp gpt2 --world 2 --steps 20          # DistributedDataParallel (gloo)
 
 Each row is timed as criterion times ours: warm up, then many runs; we keep the median. The
 model FLOPs of each step are counted by `torch.utils.flop_counter` on eager attention (the
@@ -168,9 +169,10 @@ class ResNetCifar(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def build(name, attn="sdpa"):
+def build(name, attn="sdpa", wrap=None):
     """(model, lr, weight decay, step closure factory, items per step, unit) for a preset.
-    The closure computes the loss of the fixed batch."""
+    The closure computes the loss of the fixed batch; `wrap` (DistributedDataParallel)
+    wraps the model the closure calls."""
     import transformers as tf
 
     g = torch.Generator().manual_seed(0)
@@ -192,6 +194,7 @@ def build(name, attn="sdpa"):
                 tie_word_embeddings=False, attn_implementation=attn,
             )
             model = tf.LlamaForCausalLM(cfg)
+        model = wrap(model) if wrap else model
         x = torch.randint(0, VOCAB, (b, t), generator=g)
         y = torch.randint(0, VOCAB, (b * t,), generator=g)
 
@@ -230,12 +233,14 @@ def build(name, attn="sdpa"):
                 attention_probs_dropout_prob=0.0, num_labels=10, attn_implementation=attn,
             )
             model = tf.ViTForImageClassification(cfg)
+            model = wrap(model) if wrap else model
             lr = 1e-3
 
             def forward(x):
                 return model(pixel_values=x).logits
         else:
             model = ResNetCifar()
+            model = wrap(model) if wrap else model
             lr = 2e-3
             forward = model
         x = torch.randn(b, 3, 32, 32, generator=g)
@@ -352,6 +357,63 @@ def run(args):
     }))
 
 
+def ddp_rank(rank, args, port, out):
+    """One rank of `ddp`: the preset's batch on each rank; DistributedDataParallel over gloo
+    (bucketed all-reduces that overlap the backward pass) when there are several."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    torch.manual_seed(rank)
+    wrap = DistributedDataParallel if args.world > 1 else None
+    model, lr, wd, loss_fn, items, unit = build(args.preset, wrap=wrap)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=1e-8)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dist.barrier()
+    dt = time.perf_counter() - t0
+    if rank == 0:
+        out.put({"preset": args.preset, "world": args.world, "steps": args.steps,
+                 "items_per_sec": items * args.world * args.steps / dt, "unit": unit})
+    dist.destroy_process_group()
+
+
+def ddp(args):
+    """`world` processes of one thread each, every one with the preset's batch (weak
+    scaling); prints the global throughput as one JSON line."""
+    import random
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = random.randint(20000, 60000)
+    procs = [ctx.Process(target=ddp_rank, args=(r, args, port, out)) for r in range(args.world)]
+    for p in procs:
+        p.start()
+    result = out.get()
+    for p in procs:
+        p.join()
+    print(json.dumps(result))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -363,9 +425,13 @@ def main():
     r.add_argument("preset", choices=list(PARAMS))
     r.add_argument("--threads", type=int, required=True)
     r.add_argument("--steps", type=int, default=20)
+    d = sub.add_parser("ddp", help="data-parallel training across processes, one thread each")
+    d.add_argument("preset", choices=list(PARAMS))
+    d.add_argument("--world", type=int, required=True)
+    d.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     torch.manual_seed(0)
-    {"micro": micro, "run": run}[args.cmd](args)
+    {"micro": micro, "run": run, "ddp": ddp}[args.cmd](args)
 
 
 if __name__ == "__main__":

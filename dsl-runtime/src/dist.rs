@@ -61,7 +61,7 @@ impl Shard {
     /// contiguous, equal parts. A batch that does not split evenly is an error naming the
     /// sizes that do (unequal shards would weigh some examples more than others).
     pub fn rows(&self, global: usize) -> Result<Range<usize>, Error> {
-        if global % self.world != 0 || global == 0 {
+        if !global.is_multiple_of(self.world) || global == 0 {
             return Err(Error::Config(format!(
                 "a batch of {global} examples does not split evenly over {} processes; use a \
                  --batch-size that is a multiple of {}",
@@ -88,11 +88,11 @@ pub trait Collective {
     /// The engine, for logs (`"Open MPI v4.1.4"`, `"NCCL over ..."`).
     fn engine(&self) -> String;
 
-    /// `buf ← Σ over ranks of buf`, element by element.
-    fn all_reduce_sum_f32(&self, buf: &mut [f32], what: &str) -> Result<(), Error>;
+    /// `sum ← Σ over ranks of send`, element by element (`sum` holds as many as `send`).
+    fn all_reduce_sum_f32(&self, send: &[f32], sum: &mut [f32], what: &str) -> Result<(), Error>;
 
-    /// `buf ← Σ over ranks of buf`, element by element.
-    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<(), Error>;
+    /// `sum ← Σ over ranks of send`, element by element (`sum` holds as many as `send`).
+    fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], what: &str) -> Result<(), Error>;
 
     /// `buf ← rank 0's buf`.
     fn broadcast_f32(&self, buf: &mut [f32], what: &str) -> Result<(), Error>;
@@ -137,8 +137,43 @@ where
     if world == 1 {
         return Ok(());
     }
-    let wide = std::mem::size_of::<E>() > 4;
-    let mut pack = Pack {
+    if std::mem::size_of::<E>() > 4 {
+        average_through::<f64, E, D, M>(group, model, grads)
+    } else {
+        average_through::<f32, E, D, M>(group, model, grads)
+    }
+}
+
+/// A number type MPI sums: what the gradients travel as (`f32`, or `f64` for an `f64` model).
+trait Wire: Copy + Default + num_traits::NumCast + std::ops::MulAssign + 'static {
+    fn all_reduce(g: &dyn Collective, send: &[Self], sum: &mut [Self]) -> Result<(), Error>;
+}
+
+impl Wire for f32 {
+    fn all_reduce(g: &dyn Collective, send: &[f32], sum: &mut [f32]) -> Result<(), Error> {
+        g.all_reduce_sum_f32(send, sum, "the gradient all-reduce")
+    }
+}
+
+impl Wire for f64 {
+    fn all_reduce(g: &dyn Collective, send: &[f64], sum: &mut [f64]) -> Result<(), Error> {
+        g.all_reduce_sum_f64(send, sum, "the gradient all-reduce")
+    }
+}
+
+fn average_through<W, E, D, M>(
+    group: &dyn Collective,
+    model: &M,
+    grads: &mut Gradients<E, D>,
+) -> Result<(), Error>
+where
+    W: Wire,
+    E: Dtype,
+    D: Device<E>,
+    M: TensorCollection<E, D>,
+    Error: From<D::Err>,
+{
+    let mut pack = Pack::<E, D, W> {
         grads,
         group,
         mode: PackMode::Gather,
@@ -154,17 +189,11 @@ where
     if pack.on_device == Some(true) {
         return Ok(());
     }
-    let mut values = std::mem::take(&mut pack.values);
-    if wide {
-        group.all_reduce_sum_f64(&mut values, "the gradient all-reduce")?;
-    } else {
-        let mut narrow: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        group.all_reduce_sum_f32(&mut narrow, "the gradient all-reduce")?;
-        values = narrow.into_iter().map(f64::from).collect();
-    }
-    let inv = 1.0 / world as f64;
-    values.iter_mut().for_each(|v| *v *= inv);
-    pack.values = values;
+    let mut sum = vec![W::default(); pack.values.len()];
+    W::all_reduce(group, &pack.values, &mut sum)?;
+    let inv: W = num_traits::cast(1.0 / group.shard().world as f64).unwrap_or_default();
+    sum.iter_mut().for_each(|v| *v *= inv);
+    pack.values = sum;
     pack.mode = PackMode::Scatter;
     walk(model, &mut pack)?;
     match pack.error {
@@ -212,7 +241,7 @@ where
     Ok(())
 }
 
-fn walk<E, D, M>(model: &M, pack: &mut Pack<'_, E, D>) -> Result<(), Error>
+fn walk<E, D, M, W: Wire>(model: &M, pack: &mut Pack<'_, E, D, W>) -> Result<(), Error>
 where
     E: Dtype,
     D: Device<E>,
@@ -231,17 +260,17 @@ enum PackMode {
 
 /// Visits the trainable tensors: gathers their gradients into `values`, or scatters `values`
 /// back; or, when the engine averages on the device, hands each buffer to it.
-struct Pack<'a, E: Dtype, D: Device<E>> {
+struct Pack<'a, E: Dtype, D: Device<E>, W> {
     grads: &'a mut Gradients<E, D>,
     group: &'a dyn Collective,
     mode: PackMode,
-    values: Vec<f64>,
+    values: Vec<W>,
     at: usize,
     on_device: Option<bool>,
     error: Option<Error>,
 }
 
-impl<E: Dtype, D: Device<E>> TensorVisitor<E, D> for Pack<'_, E, D> {
+impl<E: Dtype, D: Device<E>, W: Wire> TensorVisitor<E, D> for Pack<'_, E, D, W> {
     type Viewer = dfdx::nn::ViewTensorRef;
     type Err = D::Err;
     type E2 = E;
@@ -271,34 +300,28 @@ impl<E: Dtype, D: Device<E>> TensorVisitor<E, D> for Pack<'_, E, D> {
                         None => self.on_device = Some(false),
                     }
                 }
+                let nan: W = num_traits::cast(f64::NAN).unwrap_or_default();
+                let wire = |v: &E| <W as num_traits::NumCast>::from(*v).unwrap_or(nan);
                 match cpu_slice::<E, D>(buf) {
-                    Some(s) => self
+                    Some(s) => self.values.extend(s.iter().map(wire)),
+                    None => self
                         .values
-                        .extend(s.iter().map(|v| v.to_f64().unwrap_or(f64::NAN))),
-                    None => self.values.extend(
-                        self.grads
-                            .get(t)
-                            .as_vec()
-                            .iter()
-                            .map(|v| v.to_f64().unwrap_or(f64::NAN)),
-                    ),
+                        .extend(self.grads.get(t).as_vec().iter().map(wire)),
                 }
             }
             PackMode::Scatter => {
                 let part = &self.values[self.at..self.at + n];
                 self.at += n;
                 let buf = self.grads.get_or_alloc_mut(t)?;
+                let back = |v: &W| v.to_f64().and_then(E::from_f64).unwrap_or_default();
                 match cpu_slice::<E, D>(buf) {
                     Some(s) => {
-                        for (d, &v) in s.iter_mut().zip(part) {
-                            *d = E::from_f64(v).unwrap_or_default();
+                        for (d, v) in s.iter_mut().zip(part) {
+                            *d = back(v);
                         }
                     }
                     None => {
-                        let host: Vec<E> = part
-                            .iter()
-                            .map(|&v| E::from_f64(v).unwrap_or_default())
-                            .collect();
+                        let host: Vec<E> = part.iter().map(back).collect();
                         let src = t.device().try_tensor_from_vec(host, *t.shape())?;
                         overwrite(buf, src)?;
                     }
@@ -362,10 +385,12 @@ impl Collective for SingleProcess {
     fn engine(&self) -> String {
         "one process".into()
     }
-    fn all_reduce_sum_f32(&self, _: &mut [f32], _: &str) -> Result<(), Error> {
+    fn all_reduce_sum_f32(&self, send: &[f32], sum: &mut [f32], _: &str) -> Result<(), Error> {
+        sum.copy_from_slice(send);
         Ok(())
     }
-    fn all_reduce_sum_f64(&self, _: &mut [f64], _: &str) -> Result<(), Error> {
+    fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], _: &str) -> Result<(), Error> {
+        sum.copy_from_slice(send);
         Ok(())
     }
     fn broadcast_f32(&self, _: &mut [f32], _: &str) -> Result<(), Error> {

@@ -515,7 +515,8 @@ impl Trainer {
                     f64::from(u8::from(out.skipped)),
                     f64::from(u8::from(stop_now)),
                 ];
-                g.all_reduce_sum_f64(&mut agreed, "the step's loss all-reduce")?;
+                let mine = agreed;
+                g.all_reduce_sum_f64(&mine, &mut agreed, "the step's loss all-reduce")?;
                 out.loss = agreed[0];
                 out.items = agreed[1] as usize;
                 out.skipped = agreed[2] > 0.0;

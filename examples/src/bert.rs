@@ -321,6 +321,10 @@ where
     ))
 }
 
+/// A masked sequence: the token ids, and the label of each position (the original id where
+/// masked, the ignore index elsewhere).
+pub type MaskedSequence = (Vec<usize>, Vec<i64>);
+
 /// The masked-LM task of one run.
 pub struct MlmTask<D: Device<f32>> {
     /// The training sentences' word pieces, one stream.
@@ -426,7 +430,7 @@ impl<D: Device<f32>> MlmTask<D> {
     }
 
     /// The masked sequences and labels of step `step`'s batch.
-    pub fn batch_at(&mut self, step: usize) -> Result<Vec<(Vec<usize>, Vec<i64>)>, ModelError> {
+    pub fn batch_at(&mut self, step: usize) -> Result<Vec<MaskedSequence>, ModelError> {
         let vocab = self.tokenizer.vocab_size();
         Ok(self
             .shard

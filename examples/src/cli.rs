@@ -28,7 +28,8 @@ pub struct CommonArgs {
     /// Peak learning rate (AdamW, linear warm-up, cosine decay to a tenth).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// `cpu`, or `cuda` / `cuda:N` in a binary built with `--features cuda`.
+    /// `cpu`, or `cuda` / `cuda:N` in a binary built with `--features cuda` (with
+    /// --distributed, `cuda` is the GPU of the process's local rank: one GPU per process).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Element type of the forward and backward passes: `f32`, or `f16` for mixed precision
@@ -83,6 +84,19 @@ pub struct CommonArgs {
 thread_local! {
     /// The process's MPI group, once `--distributed` started it (MPI starts once per process).
     static MPI: std::cell::OnceCell<Rc<neural_arch::dist::MpiGroup>> = const { std::cell::OnceCell::new() };
+}
+
+/// This process's index among the processes the MPI launcher started on this machine (Open
+/// MPI's, MPICH's or PMI's variable); 0 when not launched by one.
+fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "PMI_LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// The number of processes the MPI launcher started, from its environment (Open MPI's or
@@ -151,6 +165,8 @@ impl CommonArgs {
     pub fn device_choice(&self) -> Result<DeviceChoice> {
         let choice = match self.device.as_str() {
             "cpu" => DeviceChoice::Cpu,
+            // One GPU per process: the launcher numbers the processes of each machine.
+            "cuda" if self.distributed => DeviceChoice::Cuda(local_rank()),
             "cuda" => DeviceChoice::Cuda(0),
             d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => DeviceChoice::Cuda(n),

@@ -703,3 +703,37 @@ where
     }
     train_or_evaluate(c, config, &mut task, &mut model, 0.1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_split_the_batch_one_process_would_draw() -> Result<()> {
+        let text = "to be or not to be, that is the question; whether 'tis nobler in the mind";
+        let task = |shard| -> Result<LmTask<300, Cpu>> {
+            Ok(LmTask {
+                train: (0..500).map(|i| (i * 7) % 300).collect(),
+                valid: vec![1, 2, 3],
+                batch: 4,
+                context: 8,
+                seed: 3,
+                eval_tokens: 3,
+                unigram: 0.0,
+                bpe: Bpe::train(&[text], 300)?,
+                sample_tokens: 1,
+                dev: Cpu::default(),
+                shard,
+            })
+        };
+        let (x, y, rows) = task(Shard::SINGLE)?.batch_at(5)?;
+        assert_eq!((x.len(), y.len(), rows), (32, 32, 4));
+        let (x0, y0, r0) = task(Shard { rank: 0, world: 2 })?.batch_at(5)?;
+        let (x1, y1, r1) = task(Shard { rank: 1, world: 2 })?.batch_at(5)?;
+        assert_eq!((r0, r1), (2, 2));
+        assert_eq!([x0, x1].concat(), x);
+        assert_eq!([y0, y1].concat(), y);
+        assert!(task(Shard { rank: 0, world: 3 })?.batch_at(5).is_err());
+        Ok(())
+    }
+}

@@ -170,6 +170,39 @@ fn two_processes_compute_what_one_does_and_resume_exactly() {
     assert_eq!(metrics(&resumed), metrics(&two));
 }
 
+#[test]
+fn mixed_precision_groups_agree_on_skipping_and_match_one_process() {
+    let run = |np: usize, name: &str| {
+        let dir = temp(name);
+        let mut args = SMALL.to_vec();
+        args.extend([
+            "--steps",
+            "4",
+            "--dtype",
+            "f16",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        if np == 1 {
+            let (ok, _, err) = common::run(GPT2, None, &args);
+            assert!(ok, "{err}");
+        } else {
+            let o = mpirun(np, GPT2, &args, &dir);
+            assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+        }
+        let s = json(&dir.join("summary.json"));
+        (common::losses(&dir), s["loss_scale"].as_f64().unwrap())
+    };
+    let (one, scale_one) = run(1, "f16-one");
+    let (two, scale_two) = run(2, "f16-two");
+    assert_eq!(scale_one, scale_two);
+    assert_eq!(one.len(), two.len());
+    for ((s, a), (_, b)) in one.iter().zip(&two) {
+        // f16 rounds half-batch activations differently from whole-batch ones.
+        assert!((a - b).abs() <= 1e-2 * a.abs(), "step {s}: {a} vs {b}");
+    }
+}
+
 /// Starts a long two-rank run, waits for its first steps, and does `signal` to one rank.
 fn disturb_a_rank(name: &str, signal: &str, timeout: &str) -> Outcome {
     let dir = temp(name);

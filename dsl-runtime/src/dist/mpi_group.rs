@@ -186,19 +186,17 @@ impl Collective for MpiGroup {
         }
     }
 
-    fn all_reduce_sum_f32(&self, buf: &mut [f32], what: &str) -> Result<(), Error> {
-        let send = buf.to_vec();
+    fn all_reduce_sum_f32(&self, send: &[f32], sum: &mut [f32], what: &str) -> Result<(), Error> {
         let _w = self.watch.enter(what);
         self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            .all_reduce_into(send, sum, SystemOperation::sum());
         Ok(())
     }
 
-    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<(), Error> {
-        let send = buf.to_vec();
+    fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], what: &str) -> Result<(), Error> {
         let _w = self.watch.enter(what);
         self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            .all_reduce_into(send, sum, SystemOperation::sum());
         Ok(())
     }
 
@@ -265,7 +263,7 @@ impl Collective for MpiGroup {
             let comm = comm.as_ref().expect("set above");
             let dev = slice.device();
             let mut out = dev
-                .alloc_zeros::<f32>(slice.len())
+                .alloc_zeros::<f32>(cudarc::driver::DeviceSlice::len(&*slice))
                 .map_err(|e| Error::Device(format!("{e:?}")))?;
             let _w = self.watch.enter("the NCCL gradient all-reduce");
             comm.all_reduce(slice, &mut out, &ReduceOp::Avg)
