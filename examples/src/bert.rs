@@ -927,7 +927,7 @@ where
             let mut config =
                 run_config(c, "bert-mlm", mlm, model.num_trainable_params(), &settings)?;
             let tok =
-                WordPiece::from_json(&c.from_root(|| tokenizer(args, &config.out)?.to_json())?)?;
+                WordPiece::from_json(&c.made_by_root(|| tokenizer(args, &config.out)?.to_json())?)?;
             if let Some(path) = &c.init_from {
                 load_safetensors(&mut model, path, &<Built<BertTiny, f32, D>>::load_options())
                     .with_context(|| format!("cannot start from {}", path.display()))?;
@@ -974,7 +974,7 @@ where
                 &settings,
             )?;
             let tok =
-                WordPiece::from_json(&c.from_root(|| tokenizer(args, &config.out)?.to_json())?)?;
+                WordPiece::from_json(&c.made_by_root(|| tokenizer(args, &config.out)?.to_json())?)?;
             if let Some(path) = &c.init_from {
                 // A masked-LM checkpoint: its trunk, a fresh pooler and classifier.
                 let mut opts = <Built<Clf, f32, D>>::load_options();

@@ -246,7 +246,7 @@ impl CommonArgs {
     /// What rank 0's `make` returns, on every rank of the `--distributed` group (only rank 0
     /// runs `make`); `make`'s own value outside a group. For what must be identical on every
     /// rank and is made once, such as a trained tokenizer, which rank 0 also saves.
-    pub fn from_root(&self, make: impl FnOnce() -> Result<String>) -> Result<String> {
+    pub fn made_by_root(&self, make: impl FnOnce() -> Result<String>) -> Result<String> {
         let Some(g) = self.group()? else {
             return make();
         };

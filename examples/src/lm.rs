@@ -655,7 +655,7 @@ where
     let shard = c.shard()?;
     let tok_path = config.out.join("tokenizer.json");
     // Rank 0 trains (or reloads) and saves the tokenizer; every rank uses its copy.
-    let json = c.from_root(|| {
+    let json = c.made_by_root(|| {
         std::fs::create_dir_all(&config.out)?;
         let bpe = if c.resume.is_some() && tok_path.exists() {
             Bpe::load(&tok_path)?
