@@ -945,15 +945,17 @@ where
             )?;
             task.shard = c.shard()?;
             apply_epochs(c, &mut config, task.starts.len())?;
-            println!(
-                "bert-mlm tiny: {} parameters; {} training sentences ({} word pieces), {} \
-                 held-out sequences of up to {} tokens",
-                model.num_trainable_params(),
-                task.starts.len(),
-                task.stream.len(),
-                task.valid.len(),
-                settings.context
-            );
+            if task.shard.is_root() {
+                println!(
+                    "bert-mlm tiny: {} parameters; {} training sentences ({} word pieces), {} \
+                     held-out sequences of up to {} tokens",
+                    model.num_trainable_params(),
+                    task.starts.len(),
+                    task.stream.len(),
+                    task.valid.len(),
+                    settings.context
+                );
+            }
             // A resumed run keeps the element type it started with.
             if config.dtype == "f16" {
                 return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
@@ -1009,19 +1011,21 @@ where
             )?;
             task.shard = c.shard()?;
             apply_epochs(c, &mut config, task.train.len())?;
-            println!(
-                "bert-sentiment tiny: {} parameters; {} training and {} held-out snippets, {} \
-                 UCI sentences (out of domain){}",
-                model.num_trainable_params(),
-                task.train.len(),
-                task.valid.len(),
-                task.ood.iter().map(|(_, v)| v.len()).sum::<usize>(),
-                if c.init_from.is_none() && c.resume.is_none() {
-                    "; no --init-from: training from scratch, without pre-training"
-                } else {
-                    ""
-                }
-            );
+            if task.shard.is_root() {
+                println!(
+                    "bert-sentiment tiny: {} parameters; {} training and {} held-out snippets, {} \
+                     UCI sentences (out of domain){}",
+                    model.num_trainable_params(),
+                    task.train.len(),
+                    task.valid.len(),
+                    task.ood.iter().map(|(_, v)| v.len()).sum::<usize>(),
+                    if c.init_from.is_none() && c.resume.is_none() {
+                        "; no --init-from: training from scratch, without pre-training"
+                    } else {
+                        ""
+                    }
+                );
+            }
             // A resumed run keeps the element type it started with.
             if config.dtype == "f16" {
                 return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
