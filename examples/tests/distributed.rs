@@ -8,9 +8,9 @@
 
 mod common;
 
-use common::{json, metrics};
+use common::{finish, json, launch, metrics, mpirun, succeeded, Outcome};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const GPT2: &str = env!("CARGO_BIN_EXE_train-gpt2");
@@ -35,76 +35,6 @@ const SMALL: &[&str] = &[
     "--eval-every",
     "4",
 ];
-
-/// What a finished (or killed) `mpirun` left: its exit status (`None` when the test had to
-/// kill it), stdout, stderr, and how long it ran.
-struct Outcome {
-    status: Option<std::process::ExitStatus>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-/// Starts `mpirun -np <np> <bin> --distributed <args>`, one thread per rank, with output to
-/// files in `dir`.
-fn launch(np: usize, bin: &str, args: &[&str], dir: &Path) -> std::process::Child {
-    let out = std::fs::File::create(dir.join("mpirun.out")).unwrap();
-    let err = std::fs::File::create(dir.join("mpirun.err")).unwrap();
-    Command::new("mpirun")
-        .args([
-            "--oversubscribe",
-            "-np",
-            &np.to_string(),
-            bin,
-            "--distributed",
-        ])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("mpirun starts (install Open MPI with `bash tools/install-openmpi.sh`)")
-}
-
-/// Waits for `child` at most `limit`; kills it after that (a hung job fails the test instead of
-/// hanging it).
-fn finish(
-    mut child: std::process::Child,
-    dir: &Path,
-    started: Instant,
-    limit: Duration,
-) -> Outcome {
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    Outcome {
-        status,
-        stdout: std::fs::read_to_string(dir.join("mpirun.out")).unwrap_or_default(),
-        stderr: std::fs::read_to_string(dir.join("mpirun.err")).unwrap_or_default(),
-        took: started.elapsed(),
-    }
-}
-
-fn mpirun(np: usize, bin: &str, args: &[&str], dir: &Path) -> Outcome {
-    let started = Instant::now();
-    let child = launch(np, bin, args, dir);
-    finish(child, dir, started, Duration::from_secs(600))
-}
-
-fn succeeded(o: &Outcome) -> bool {
-    o.status.is_some_and(|s| s.success())
-}
 
 /// The training losses and the evaluations of a run's `metrics.jsonl`.
 fn numbers(dir: &Path) -> Vec<(u64, String, f64)> {
@@ -133,7 +63,7 @@ fn two_processes_compute_what_one_does_and_resume_exactly() {
     let two = temp("two");
     let mut args = SMALL.to_vec();
     args.extend(["--steps", "8", "--out", two.to_str().unwrap()]);
-    let o = mpirun(2, GPT2, &args, &two);
+    let o = mpirun(2, GPT2, &args, &two, None);
     assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
     // Rank 0 alone reports: one summary line, one metrics file with one line per event.
     assert_eq!(o.stdout.matches("done:").count(), 1, "{}", o.stdout);
@@ -163,9 +93,9 @@ fn two_processes_compute_what_one_does_and_resume_exactly() {
     let mut args = SMALL.to_vec();
     let r = resumed.to_str().unwrap();
     args.extend(["--steps", "8", "--stop-after", "4", "--out", r]);
-    let o = mpirun(2, GPT2, &args, &resumed);
+    let o = mpirun(2, GPT2, &args, &resumed, None);
     assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
-    let o = mpirun(2, GPT2, &["--resume", r], &resumed);
+    let o = mpirun(2, GPT2, &["--resume", r], &resumed, None);
     assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
     assert_eq!(metrics(&resumed), metrics(&two));
 }
@@ -187,7 +117,7 @@ fn mixed_precision_groups_agree_on_skipping_and_match_one_process() {
             let (ok, _, err) = common::run(GPT2, None, &args);
             assert!(ok, "{err}");
         } else {
-            let o = mpirun(np, GPT2, &args, &dir);
+            let o = mpirun(np, GPT2, &args, &dir, None);
             assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
         }
         let s = json(&dir.join("summary.json"));
@@ -217,7 +147,7 @@ fn disturb_a_rank(name: &str, signal: &str, timeout: &str) -> Outcome {
         out.to_str().unwrap(),
     ]);
     let started = Instant::now();
-    let child = launch(2, GPT2, &args, &dir);
+    let child = launch(2, GPT2, &args, &dir, None);
     let metrics_file = out.join("metrics.jsonl");
     let lines = || {
         std::fs::read_to_string(&metrics_file)
@@ -304,7 +234,7 @@ fn a_batch_that_does_not_split_is_refused_on_every_rank() {
     let at = args.iter().position(|a| *a == "--batch-size").unwrap();
     args[at + 1] = "5";
     args.extend(["--steps", "2", "--out", out.to_str().unwrap()]);
-    let o = mpirun(2, GPT2, &args, &dir);
+    let o = mpirun(2, GPT2, &args, &dir, None);
     assert!(o.status.is_some_and(|s| !s.success()), "{}", o.stdout);
     assert!(
         o.stderr.contains("does not split evenly over 2 processes")

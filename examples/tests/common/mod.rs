@@ -6,7 +6,8 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// An empty directory `name` under cargo's scratch space for integration tests.
 pub fn tmp(name: &str) -> PathBuf {
@@ -105,4 +106,83 @@ pub fn assert_mixed_precision_matches(bin: &str, data: Option<&Path>, args: &[&s
     for d in [single, half] {
         std::fs::remove_dir_all(d).ok();
     }
+}
+
+/// What a finished (or killed) `mpirun` left: its exit status (`None` when the test had to
+/// kill it), stdout, stderr, and how long it ran.
+pub struct Outcome {
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+/// Starts `mpirun -np <np> <bin> --distributed <args>`, one thread per rank, with output to
+/// files in `dir`.
+pub fn launch(
+    np: usize,
+    bin: &str,
+    args: &[&str],
+    dir: &Path,
+    data: Option<&Path>,
+) -> std::process::Child {
+    let out = std::fs::File::create(dir.join("mpirun.out")).unwrap();
+    let err = std::fs::File::create(dir.join("mpirun.err")).unwrap();
+    let mut cmd = Command::new("mpirun");
+    if let Some(d) = data {
+        cmd.env("NEURAL_ARCH_DATA", d);
+    }
+    cmd.args([
+        "--oversubscribe",
+        "-np",
+        &np.to_string(),
+        bin,
+        "--distributed",
+    ])
+    .args(args)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env("RAYON_NUM_THREADS", "1")
+    .stdin(Stdio::null())
+    .stdout(out)
+    .stderr(err)
+    .spawn()
+    .expect("mpirun starts (install Open MPI with `bash tools/install-openmpi.sh`)")
+}
+
+/// Waits for `child` at most `limit`; kills it after that (a hung job fails the test instead of
+/// hanging it).
+pub fn finish(
+    mut child: std::process::Child,
+    dir: &Path,
+    started: Instant,
+    limit: Duration,
+) -> Outcome {
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Outcome {
+        status,
+        stdout: std::fs::read_to_string(dir.join("mpirun.out")).unwrap_or_default(),
+        stderr: std::fs::read_to_string(dir.join("mpirun.err")).unwrap_or_default(),
+        took: started.elapsed(),
+    }
+}
+
+pub fn mpirun(np: usize, bin: &str, args: &[&str], dir: &Path, data: Option<&Path>) -> Outcome {
+    let started = Instant::now();
+    let child = launch(np, bin, args, dir, data);
+    finish(child, dir, started, Duration::from_secs(600))
+}
+
+pub fn succeeded(o: &Outcome) -> bool {
+    o.status.is_some_and(|s| s.success())
 }
