@@ -18,7 +18,7 @@ use neural_arch::amp::{Half, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, Trainer};
+use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_models::generate::{generate, CausalLm, GenerateConfig, Sampling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -638,7 +638,7 @@ where
             context: args.context,
             dev,
         };
-        return Ok(Trainer::new(config)?.evaluate_only(&mut task, &mut model)?);
+        return Ok(c.trainer(config)?.evaluate_only(&mut task, &mut model)?);
     }
     let settings = task_settings(
         c,
