@@ -373,8 +373,8 @@ where
     }
 }
 
-/// The group of one process: every collective is the identity. What a run without
-/// `--distributed` uses, and a reference for tests.
+/// The group of one process: every collective is the identity. For code written against
+/// [`Collective`] that must also run alone (the trainer itself simply has no group then).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;
 
