@@ -14,6 +14,10 @@ pub use amp::AMP;
 #[cfg(feature = "f16")]
 pub use half::f16;
 
+// neural-arch patch: bf16 beside f16.
+#[cfg(feature = "f16")]
+pub use half::bf16;
+
 /// Represents a type where all 0 bits is a valid pattern.
 #[cfg(not(feature = "cuda"))]
 pub trait SafeZeros {}
@@ -65,6 +69,8 @@ unit!(i128, 1);
 unit!(bool, true);
 #[cfg(feature = "f16")]
 unit!(f16, f16::ONE);
+#[cfg(feature = "f16")]
+unit!(bf16, bf16::ONE);
 
 /// Represents something that has a [Unit].
 pub trait HasUnitType {
@@ -105,6 +111,8 @@ impl Dtype for u128 {}
 impl Dtype for usize {}
 #[cfg(feature = "f16")]
 impl Dtype for f16 {}
+#[cfg(feature = "f16")]
+impl Dtype for bf16 {}
 
 /// Represents something that has a [Dtype].
 pub trait HasDtype {
@@ -129,3 +137,5 @@ impl NotMixedPrecision for u128 {}
 impl NotMixedPrecision for usize {}
 #[cfg(feature = "f16")]
 impl NotMixedPrecision for f16 {}
+#[cfg(feature = "f16")]
+impl NotMixedPrecision for bf16 {}

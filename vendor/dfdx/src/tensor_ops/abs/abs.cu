@@ -5,6 +5,9 @@ struct AbsKernelOp {};
 UNARY_OP(__half, abs_fwd_f16, abs_bwd_f16, AbsKernelOp,
         absg(x),
         x == __float2half(0.0) ? __float2half(0.0) : copysigng(__float2half(1.0), x));
+UNARY_OP(__nv_bfloat16, abs_fwd_bf16, abs_bwd_bf16, AbsKernelOp,
+        absg(x),
+        x == __float2bfloat16(0.0) ? __float2bfloat16(0.0) : copysigng(__float2bfloat16(1.0), x));
 
 UNARY_OP(float, abs_fwd_f32, abs_bwd_f32, AbsKernelOp,
         absg(x),

@@ -34,6 +34,11 @@ UNARY_OP(__half, accurate_gelu_fwd_f16, accurate_gelu_bwd_f16,
     accurate_gelu_fwd(x),
     accurate_gelu_bwd(x)
 )
+UNARY_OP(__nv_bfloat16, accurate_gelu_fwd_bf16, accurate_gelu_bwd_bf16,
+    AccurateGeLUKernelOp,
+    accurate_gelu_fwd(x),
+    accurate_gelu_bwd(x)
+)
 
 UNARY_OP(float, accurate_gelu_fwd_f32, accurate_gelu_bwd_f32,
     AccurateGeLUKernelOp,

@@ -16,6 +16,13 @@ impl Erf for crate::dtypes::AMP<f16> {
 }
 
 #[cfg(feature = "f16")]
+impl Erf for half::bf16 {
+    fn erf(self) -> Self {
+        half::bf16::from_f32(erff(self.to_f32()))
+    }
+}
+
+#[cfg(feature = "f16")]
 impl Erf for f16 {
     fn erf(self) -> Self {
         f16::from_f32(erff(self.to_f32()))

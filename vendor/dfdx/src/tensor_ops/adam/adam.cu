@@ -72,6 +72,7 @@ extern "C" __global__ void FN( \
 }
 
 ADAM(__half, adam_update_f16);
+ADAM(__nv_bfloat16, adam_update_bf16);
 ADAM(float, adam_update_f32);
 ADAM(double, adam_update_f64);
 

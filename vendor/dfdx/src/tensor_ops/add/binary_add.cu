@@ -6,6 +6,10 @@ BINARY_OP(__half, badd_fwd_f16, badd_bwd_lhs_f16, badd_bwd_rhs_f16, BinaryAddOp,
     x + y,
     1.0,
     1.0)
+BINARY_OP(__nv_bfloat16, badd_fwd_bf16, badd_bwd_lhs_bf16, badd_bwd_rhs_bf16, BinaryAddOp,
+    x + y,
+    1.0,
+    1.0)
 
 BINARY_OP(float, badd_fwd_f32, badd_bwd_lhs_f32, badd_bwd_rhs_f32, BinaryAddOp,
     x + y,

@@ -85,6 +85,18 @@ impl<S: Shape, D: UnaryKernel<ScalarAddKernelOp<half::f16>, half::f16>, T: Tape<
     }
 }
 
+// neural-arch patch: the same for bf16.
+#[cfg(feature = "f16")]
+impl<S: Shape, D: UnaryKernel<ScalarAddKernelOp<half::bf16>, half::bf16>, T: Tape<half::bf16, D>>
+    TryAdd<f32> for Tensor<S, half::bf16, D, T>
+{
+    /// See [add]
+    fn try_add(self, rhs: f32) -> Result<Self, Self::Err> {
+        let scalar = half::bf16::from_f32(rhs);
+        try_unary_op(ScalarAddKernelOp { scalar }, self)
+    }
+}
+
 #[cfg(feature = "f16")]
 impl<
         S: Shape,

@@ -8,6 +8,9 @@ struct ScalarAddKernelOp {
 UNARY_OP(__half, sadd_fwd_f16, sadd_bwd_f16, ScalarAddKernelOp<__half>,
     x + op.scalar,
     1.0);
+UNARY_OP(__nv_bfloat16, sadd_fwd_bf16, sadd_bwd_bf16, ScalarAddKernelOp<__nv_bfloat16>,
+    x + op.scalar,
+    1.0);
 
 UNARY_OP(float, sadd_fwd_f32, sadd_bwd_f32, ScalarAddKernelOp<float>,
     x + op.scalar,

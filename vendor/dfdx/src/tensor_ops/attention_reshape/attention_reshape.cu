@@ -75,6 +75,17 @@ extern "C" __global__ void attention_reshape_f16(
 ) {
     attention_reshape(op, qkv, past_key, past_value, query, key, value);
 }
+extern "C" __global__ void attention_reshape_bf16(
+    const AttentionReshapeOp op,
+    const __nv_bfloat16 *qkv,
+    const __nv_bfloat16 *past_key,
+    const __nv_bfloat16 *past_value,
+    __nv_bfloat16 *query,
+    __nv_bfloat16 *key,
+    __nv_bfloat16 *value
+) {
+    attention_reshape(op, qkv, past_key, past_value, query, key, value);
+}
 
 extern "C" __global__ void attention_reshape_f32(
     const AttentionReshapeOp op,

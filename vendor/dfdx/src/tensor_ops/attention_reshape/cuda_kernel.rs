@@ -30,6 +30,10 @@ impl HasCudaKernel<AMP<f16>> for Cuda {
 impl HasCudaKernel<f16> for Cuda {
     const FN: &'static str = "attention_reshape_f16";
 }
+#[cfg(feature = "f16")]
+impl HasCudaKernel<bf16> for Cuda {
+    const FN: &'static str = "attention_reshape_bf16";
+}
 
 impl HasCudaKernel<f32> for Cuda {
     const FN: &'static str = "attention_reshape_f32";

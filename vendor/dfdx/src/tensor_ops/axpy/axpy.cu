@@ -1,4 +1,5 @@
 #include "cuda_fp16.h"
+#include "cuda_bf16.h"
 
 template<typename T>
 __device__ void axpy(const size_t n, T* a, const T alpha, const T* b, const T beta) {
@@ -8,6 +9,9 @@ __device__ void axpy(const size_t n, T* a, const T alpha, const T* b, const T be
 }
 
 extern "C" __global__ void axpy_f16(const size_t n, __half* a, const __half alpha, const __half* b, const __half beta) {
+    axpy(n, a, alpha, b, beta);
+}
+extern "C" __global__ void axpy_bf16(const size_t n, __nv_bfloat16* a, const __nv_bfloat16 alpha, const __nv_bfloat16* b, const __nv_bfloat16 beta) {
     axpy(n, a, alpha, b, beta);
 }
 

@@ -25,6 +25,11 @@ BINARY_OP(__half, bce_fwd_f16, bce_bwd_lhs_f16, bce_bwd_rhs_f16, BCEKernelOp,
     op_dfdx(x, y),
     op_dfdy(x, y)
 )
+BINARY_OP(__nv_bfloat16, bce_fwd_bf16, bce_bwd_lhs_bf16, bce_bwd_rhs_bf16, BCEKernelOp,
+    __float2bfloat16(op_f(__bfloat162float(x), __bfloat162float(y))),
+    op_dfdx(x, y),
+    op_dfdy(x, y)
+)
 
 BINARY_OP(float, bce_fwd_f32, bce_bwd_lhs_f32, bce_bwd_rhs_f32, BCEKernelOp,
     op_f(x, y),

@@ -73,5 +73,6 @@ extern "C" __global__ void BWD( \
 }
 
 CHOOSE(__half, choose_fwd_f16, choose_bwd_f16);
+CHOOSE(__nv_bfloat16, choose_fwd_bf16, choose_bwd_bf16);
 CHOOSE(float, choose_fwd_f32, choose_bwd_f32);
 CHOOSE(double, choose_fwd_f64, choose_bwd_f64);

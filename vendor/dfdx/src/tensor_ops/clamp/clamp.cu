@@ -9,6 +9,9 @@ struct ClampKernelOp {
 UNARY_OP(__half, clamp_fwd_f16, clamp_bwd_f16, ClampKernelOp<__half>,
     maxg(ming(x, op.max), op.min),
     x <= op.max && x >= op.min ? 1.0 : 0.0)
+UNARY_OP(__nv_bfloat16, clamp_fwd_bf16, clamp_bwd_bf16, ClampKernelOp<__nv_bfloat16>,
+    maxg(ming(x, op.max), op.min),
+    x <= op.max && x >= op.min ? 1.0 : 0.0)
 
 UNARY_OP(float, clamp_fwd_f32, clamp_bwd_f32, ClampKernelOp<float>,
         maxg(ming(x, op.max), op.min),

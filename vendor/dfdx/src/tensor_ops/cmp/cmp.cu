@@ -38,11 +38,17 @@ extern "C" __global__ void SCALAR_FWD( \
 }
 
 CMP_OP(__half, eq_fwd_f16, scalar_eq_fwd_f16, ==)
+CMP_OP(__nv_bfloat16, eq_fwd_bf16, scalar_eq_fwd_bf16, ==)
 CMP_OP(__half, ne_fwd_f16, scalar_ne_fwd_f16, !=)
+CMP_OP(__nv_bfloat16, ne_fwd_bf16, scalar_ne_fwd_bf16, !=)
 CMP_OP(__half, gt_fwd_f16, scalar_gt_fwd_f16, >)
+CMP_OP(__nv_bfloat16, gt_fwd_bf16, scalar_gt_fwd_bf16, >)
 CMP_OP(__half, ge_fwd_f16, scalar_ge_fwd_f16, >=)
+CMP_OP(__nv_bfloat16, ge_fwd_bf16, scalar_ge_fwd_bf16, >=)
 CMP_OP(__half, lt_fwd_f16, scalar_lt_fwd_f16, <)
+CMP_OP(__nv_bfloat16, lt_fwd_bf16, scalar_lt_fwd_bf16, <)
 CMP_OP(__half, le_fwd_f16, scalar_le_fwd_f16, <=)
+CMP_OP(__nv_bfloat16, le_fwd_bf16, scalar_le_fwd_bf16, <=)
 
 CMP_OP(float, eq_fwd_f32, scalar_eq_fwd_f32, ==)
 CMP_OP(float, ne_fwd_f32, scalar_ne_fwd_f32, !=)

@@ -238,6 +238,17 @@ macro_rules! impl_cmp_kernel_op {
                 try_scalar_cmp_op(self, half::f16::from_f32(other))
             }
         }
+        // neural-arch patch: the same for bf16.
+        #[cfg(feature = "f16")]
+        impl<S: Shape, D: ScalarCmpKernel<$KernelOp, half::bf16>, T: Tape<half::bf16, D>>
+            $TraitName<f32> for Tensor<S, half::bf16, D, T>
+        {
+            type Output = Tensor<S, bool, D, NoneTape>;
+            #[doc = $doc]
+            fn $TryFnName(&self, other: f32) -> Result<Self::Output, D::Err> {
+                try_scalar_cmp_op(self, half::bf16::from_f32(other))
+            }
+        }
 
         #[cfg(feature = "f16")]
         impl<

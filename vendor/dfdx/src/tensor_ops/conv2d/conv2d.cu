@@ -1,4 +1,5 @@
 #include "cuda_fp16.h"
+#include "cuda_bf16.h"
 
 struct Conv2DOp {
     size_t kernel;
@@ -206,6 +207,13 @@ CONV_OP(
     unfold_output_into_patches_f16,
     transpose_filters_f16,
     sum_transposed_filters_f16
+);
+CONV_OP(
+    __nv_bfloat16,
+    unfold_input_into_patches_bf16,
+    unfold_output_into_patches_bf16,
+    transpose_filters_bf16,
+    sum_transposed_filters_bf16
 );
 CONV_OP(
     float,

@@ -39,6 +39,16 @@ impl HasCudaKernel<f16> for Cuda {
         "sum_transposed_filters_f16",
     ];
 }
+#[cfg(feature = "f16")]
+impl HasCudaKernel<bf16> for Cuda {
+    const MOD: &'static str = "conv2d_bf16";
+    const FNS: &'static [&'static str] = &[
+        "unfold_input_into_patches_bf16",
+        "unfold_output_into_patches_bf16",
+        "transpose_filters_bf16",
+        "sum_transposed_filters_bf16",
+    ];
+}
 
 impl HasCudaKernel<f32> for Cuda {
     const MOD: &'static str = "conv2d_f32";

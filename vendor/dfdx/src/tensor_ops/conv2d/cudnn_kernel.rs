@@ -13,6 +13,8 @@ trait HasCudnnKernel<E> {}
 #[cfg(feature = "f16")]
 impl HasCudnnKernel<f16> for Cuda {}
 #[cfg(feature = "f16")]
+impl HasCudnnKernel<bf16> for Cuda {}
+#[cfg(feature = "f16")]
 impl HasCudnnKernel<AMP<f16>> for Cuda {}
 impl HasCudnnKernel<f32> for Cuda {}
 impl HasCudnnKernel<f64> for Cuda {}

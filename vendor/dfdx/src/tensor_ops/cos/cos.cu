@@ -5,6 +5,9 @@ struct CosKernelOp {};
 UNARY_OP(__half, cos_fwd_f16, cos_bwd_f16, CosKernelOp,
         cosg(x),
         -sing(x))
+UNARY_OP(__nv_bfloat16, cos_fwd_bf16, cos_bwd_bf16, CosKernelOp,
+        cosg(x),
+        -sing(x))
 
 UNARY_OP(float, cos_fwd_f32, cos_bwd_f32, CosKernelOp,
         cosg(x),

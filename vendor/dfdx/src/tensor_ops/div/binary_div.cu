@@ -6,6 +6,10 @@ BINARY_OP(__half, bdiv_fwd_f16, bdiv_bwd_lhs_f16, bdiv_bwd_rhs_f16, BinaryDivOp,
     x / y,
     recipg(y),
     -x / (y * y))
+BINARY_OP(__nv_bfloat16, bdiv_fwd_bf16, bdiv_bwd_lhs_bf16, bdiv_bwd_rhs_bf16, BinaryDivOp,
+    x / y,
+    recipg(y),
+    -x / (y * y))
 
 BINARY_OP(float, bdiv_fwd_f32, bdiv_bwd_lhs_f32, bdiv_bwd_rhs_f32, BinaryDivOp,
     x / y,

@@ -8,6 +8,9 @@ struct ScalarDivKernelOp {
 UNARY_OP(__half, sdiv_fwd_f16, sdiv_bwd_f16, ScalarDivKernelOp<__half>,
     x / op.scalar,
     recipg(op.scalar));
+UNARY_OP(__nv_bfloat16, sdiv_fwd_bf16, sdiv_bwd_bf16, ScalarDivKernelOp<__nv_bfloat16>,
+    x / op.scalar,
+    recipg(op.scalar));
 
 UNARY_OP(float, sdiv_fwd_f32, sdiv_bwd_f32, ScalarDivKernelOp<float>,
     x / op.scalar,

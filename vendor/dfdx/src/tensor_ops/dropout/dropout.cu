@@ -1,4 +1,5 @@
 #include "cuda_fp16.h"
+#include "cuda_bf16.h"
 
 #define DROPOUT(TYPENAME, FWD, BWD) \
 extern "C" __global__ void FWD( \
@@ -30,5 +31,6 @@ extern "C" __global__ void BWD( \
 }
 
 DROPOUT(__half, dropout_fwd_f16, dropout_bwd_f16);
+DROPOUT(__nv_bfloat16, dropout_fwd_bf16, dropout_bwd_bf16);
 DROPOUT(float, dropout_fwd_f32, dropout_bwd_f32);
 DROPOUT(double, dropout_fwd_f64, dropout_bwd_f64);

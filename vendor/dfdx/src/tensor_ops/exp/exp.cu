@@ -5,6 +5,9 @@ struct ExpKernelOp {};
 UNARY_OP(__half, exp_fwd_f16, exp_bwd_f16, ExpKernelOp,
         expg(x),
         y)
+UNARY_OP(__nv_bfloat16, exp_fwd_bf16, exp_bwd_bf16, ExpKernelOp,
+        expg(x),
+        y)
 
 UNARY_OP(float, exp_fwd_f32, exp_bwd_f32, ExpKernelOp,
         expg(x),

@@ -18,6 +18,14 @@ cuda_unary!(
 #[cfg(feature = "f16")]
 cuda_unary!(
     FastGeLUKernelOp,
+    bf16,
+    PTX,
+    "fast_gelu_fwd_bf16",
+    "fast_gelu_bwd_bf16"
+);
+#[cfg(feature = "f16")]
+cuda_unary!(
+    FastGeLUKernelOp,
     AMP<f16>,
     PTX,
     "fast_gelu_fwd_f16",

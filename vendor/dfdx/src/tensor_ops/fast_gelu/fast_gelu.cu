@@ -41,6 +41,10 @@ UNARY_OP(__half, fast_gelu_fwd_f16, fast_gelu_bwd_f16, FastGeLUKernelOp,
     fast_gelu_fwd(x),
     fast_gelu_bwd(x)
 )
+UNARY_OP(__nv_bfloat16, fast_gelu_fwd_bf16, fast_gelu_bwd_bf16, FastGeLUKernelOp,
+    fast_gelu_fwd(x),
+    fast_gelu_bwd(x)
+)
 
 UNARY_OP(float, fast_gelu_fwd_f32, fast_gelu_bwd_f32, FastGeLUKernelOp,
     fast_gelu_fwd(x),

@@ -39,6 +39,11 @@ BINARY_OP(__half, huber_fwd_f16, huber_bwd_lhs_f16, huber_bwd_rhs_f16, HuberErro
     op_dfdx(op, x, y),
     op_dfdy(op, x, y)
 )
+BINARY_OP(__nv_bfloat16, huber_fwd_bf16, huber_bwd_lhs_bf16, huber_bwd_rhs_bf16, HuberErrorOp<__nv_bfloat16>,
+    op_f(op, x, y),
+    op_dfdx(op, x, y),
+    op_dfdy(op, x, y)
+)
 
 BINARY_OP(float, huber_fwd_f32, huber_bwd_lhs_f32, huber_bwd_rhs_f32, HuberErrorOp<float>,
     op_f(op, x, y),

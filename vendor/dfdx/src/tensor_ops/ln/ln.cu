@@ -5,6 +5,9 @@ struct LnKernelOp {};
 UNARY_OP(__half, ln_fwd_f16, ln_bwd_f16, LnKernelOp,
         logg(x),
         recipg(x))
+UNARY_OP(__nv_bfloat16, ln_fwd_bf16, ln_bwd_bf16, LnKernelOp,
+        logg(x),
+        recipg(x))
 
 UNARY_OP(float, ln_fwd_f32, ln_bwd_f32, LnKernelOp,
         logg(x),

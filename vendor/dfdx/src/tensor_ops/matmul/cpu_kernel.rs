@@ -144,6 +144,57 @@ impl MatMulImpl<half::f16> for Cpu {
     }
 }
 
+// neural-arch patch: gemm 0.15 has no bf16 kernels. The operands are widened to f32, multiplied
+// with f32 accumulation, and the product is rounded to bf16 once, as cuBLAS does for bf16 inputs
+// with f32 compute. The conversions are O(mk + kn + mn) against the product's O(mnk).
+#[cfg(feature = "f16")]
+impl MatMulImpl<half::bf16> for Cpu {
+    #[inline]
+    fn matmul<M: Dim, K: Dim, N: Dim>(
+        (m, k, n): (M, K, N),
+        accum: bool,
+        ap: *const half::bf16,
+        astr: [usize; 2],
+        bp: *const half::bf16,
+        bstr: [usize; 2],
+        cp: *mut half::bf16,
+        cstr: [usize; 2],
+    ) {
+        let (rows, inner, cols) = (m.size(), k.size(), n.size());
+        let widen = |p: *const half::bf16, r: usize, c: usize, str: [usize; 2]| {
+            let mut v = std::vec::Vec::with_capacity(r * c);
+            for i in 0..r {
+                for j in 0..c {
+                    v.push(unsafe { *p.add(i * str[0] + j * str[1]) }.to_f32());
+                }
+            }
+            v
+        };
+        let a = widen(ap, rows, inner, astr);
+        let b = widen(bp, inner, cols, bstr);
+        let mut c = if accum {
+            widen(cp as *const half::bf16, rows, cols, cstr)
+        } else {
+            std::vec![0.0f32; rows * cols]
+        };
+        <Cpu as MatMulImpl<f32>>::matmul(
+            (m, k, n),
+            accum,
+            a.as_ptr(),
+            [inner, 1],
+            b.as_ptr(),
+            [cols, 1],
+            c.as_mut_ptr(),
+            [cols, 1],
+        );
+        for i in 0..rows {
+            for j in 0..cols {
+                unsafe { *cp.add(i * cstr[0] + j * cstr[1]) = half::bf16::from_f32(c[i * cols + j]) };
+            }
+        }
+    }
+}
+
 impl MatMulImpl<f32> for Cpu {
     #[inline]
     fn matmul<M: Dim, K: Dim, N: Dim>(

@@ -123,5 +123,6 @@ extern "C" __global__ void BWD( \
 }
 
 MAX(__half, max_to_fwd_f16, max_to_bwd_f16);
+MAX(__nv_bfloat16, max_to_fwd_bf16, max_to_bwd_bf16);
 MAX(float, max_to_fwd_f32, max_to_bwd_f32);
 MAX(double, max_to_fwd_f64, max_to_bwd_f64);

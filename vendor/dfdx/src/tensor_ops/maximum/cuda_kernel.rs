@@ -19,6 +19,15 @@ cuda_binary!(
 #[cfg(feature = "f16")]
 cuda_binary!(
     Max,
+    bf16,
+    PTX,
+    "maximum_fwd_bf16",
+    "maximum_bwd_lhs_bf16",
+    "maximum_bwd_rhs_bf16"
+);
+#[cfg(feature = "f16")]
+cuda_binary!(
+    Max,
     AMP<f16>,
     PTX,
     "maximum_fwd_f16",

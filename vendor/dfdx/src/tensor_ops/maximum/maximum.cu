@@ -22,6 +22,11 @@ BINARY_OP(__half, maximum_fwd_f16, maximum_bwd_lhs_f16, maximum_bwd_rhs_f16, Max
     op_dfdx(x, y),
     op_dfdy(x, y)
 )
+BINARY_OP(__nv_bfloat16, maximum_fwd_bf16, maximum_bwd_lhs_bf16, maximum_bwd_rhs_bf16, MaximumKernalOp,
+    op_f(x, y),
+    op_dfdx(x, y),
+    op_dfdy(x, y)
+)
 
 BINARY_OP(float, maximum_fwd_f32, maximum_bwd_lhs_f32, maximum_bwd_rhs_f32, MaximumKernalOp,
     op_f(x, y),

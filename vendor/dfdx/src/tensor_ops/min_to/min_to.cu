@@ -123,5 +123,6 @@ extern "C" __global__ void BWD( \
 }
 
 MIN(__half, min_to_fwd_f16, min_to_bwd_f16);
+MIN(__nv_bfloat16, min_to_fwd_bf16, min_to_bwd_bf16);
 MIN(float, min_to_fwd_f32, min_to_bwd_f32);
 MIN(double, min_to_fwd_f64, min_to_bwd_f64);

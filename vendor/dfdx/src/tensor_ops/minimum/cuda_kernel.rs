@@ -19,6 +19,15 @@ cuda_binary!(
 #[cfg(feature = "f16")]
 cuda_binary!(
     Min,
+    bf16,
+    PTX,
+    "minimum_fwd_bf16",
+    "minimum_bwd_lhs_bf16",
+    "minimum_bwd_rhs_bf16"
+);
+#[cfg(feature = "f16")]
+cuda_binary!(
+    Min,
     AMP<f16>,
     PTX,
     "minimum_fwd_f16",

@@ -22,6 +22,11 @@ BINARY_OP(__half, minimum_fwd_f16, minimum_bwd_lhs_f16, minimum_bwd_rhs_f16, Min
     op_dfdx(x, y),
     op_dfdy(x, y)
 )
+BINARY_OP(__nv_bfloat16, minimum_fwd_bf16, minimum_bwd_lhs_bf16, minimum_bwd_rhs_bf16, MinimumKernelOp,
+    op_f(x, y),
+    op_dfdx(x, y),
+    op_dfdy(x, y)
+)
 
 BINARY_OP(float, minimum_fwd_f32, minimum_bwd_lhs_f32, minimum_bwd_rhs_f32, MinimumKernelOp,
     op_f(x, y),

@@ -6,6 +6,10 @@ BINARY_OP(__half, bmul_fwd_f16, bmul_bwd_lhs_f16, bmul_bwd_rhs_f16, BinaryMulKer
     x * y,
     y,
     x)
+BINARY_OP(__nv_bfloat16, bmul_fwd_bf16, bmul_bwd_lhs_bf16, bmul_bwd_rhs_bf16, BinaryMulKernalOp,
+    x * y,
+    y,
+    x)
 
 BINARY_OP(float, bmul_fwd_f32, bmul_bwd_lhs_f32, bmul_bwd_rhs_f32, BinaryMulKernalOp,
     x * y,

@@ -8,6 +8,9 @@ struct ScalarMulKernelOp {
 UNARY_OP(__half, smul_fwd_f16, smul_bwd_f16, ScalarMulKernelOp<__half>,
     x * op.scalar,
     op.scalar);
+UNARY_OP(__nv_bfloat16, smul_fwd_bf16, smul_bwd_bf16, ScalarMulKernelOp<__nv_bfloat16>,
+    x * op.scalar,
+    op.scalar);
 
 UNARY_OP(float, smul_fwd_f32, smul_bwd_f32, ScalarMulKernelOp<float>,
     x * op.scalar,

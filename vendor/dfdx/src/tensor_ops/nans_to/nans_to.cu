@@ -8,6 +8,9 @@ struct NansToKernelOp {
 UNARY_OP(__half, nans_to_fwd_f16, nans_to_bwd_f16, NansToKernelOp<__half>,
     isnang(x) ? op.x : x,
     isnang(x) ? 0.0 : 1.0)
+UNARY_OP(__nv_bfloat16, nans_to_fwd_bf16, nans_to_bwd_bf16, NansToKernelOp<__nv_bfloat16>,
+    isnang(x) ? op.x : x,
+    isnang(x) ? 0.0 : 1.0)
 
 UNARY_OP(float, nans_to_fwd_f32, nans_to_bwd_f32, NansToKernelOp<float>,
     isnang(x) ? op.x : x,

@@ -5,6 +5,9 @@ struct NegateKernelOp {};
 UNARY_OP(__half, negate_fwd_f16, negate_bwd_f16, NegateKernelOp,
         -x,
         -1.0)
+UNARY_OP(__nv_bfloat16, negate_fwd_bf16, negate_bwd_bf16, NegateKernelOp,
+        -x,
+        -1.0)
 
 UNARY_OP(float, negate_fwd_f32, negate_bwd_f32, NegateKernelOp,
         -x,

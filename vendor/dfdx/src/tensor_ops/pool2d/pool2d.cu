@@ -184,5 +184,6 @@ extern "C" __global__ void bwd( \
 }
 
 POOL_OP(__half, pool2d_fwd_f16, pool2d_bwd_f16);
+POOL_OP(__nv_bfloat16, pool2d_fwd_bf16, pool2d_bwd_bf16);
 POOL_OP(float, pool2d_fwd_f32, pool2d_bwd_f32);
 POOL_OP(double, pool2d_fwd_f64, pool2d_bwd_f64);

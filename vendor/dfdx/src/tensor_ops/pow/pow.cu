@@ -14,6 +14,9 @@ __device__ T pow_bwd(PowFKernelOp<T> op, T x) {
 UNARY_OP(__half, pow_fwd_f16, pow_bwd_f16, PowFKernelOp<__half>,
     powg(x, op.rhs),
     pow_bwd(op, x))
+UNARY_OP(__nv_bfloat16, pow_fwd_bf16, pow_bwd_bf16, PowFKernelOp<__nv_bfloat16>,
+    powg(x, op.rhs),
+    pow_bwd(op, x))
 
 UNARY_OP(float, pow_fwd_f32, pow_bwd_f32, PowFKernelOp<float>,
     powg(x, op.rhs),

@@ -7,6 +7,11 @@ UNARY_OP(
     recipg(x),
     -y * y
 )
+UNARY_OP(
+    __nv_bfloat16, recip_fwd_bf16, recip_bwd_bf16, RecipKernelOp,
+    recipg(x),
+    -y * y
+)
 
 UNARY_OP(
     float, recip_fwd_f32, recip_bwd_f32, RecipKernelOp,

@@ -18,6 +18,9 @@ __device__ __forceinline__ T relu_bwd(T x) {
 UNARY_OP(__half, relu_fwd_f16, relu_bwd_f16, ReLUKernelOp,
         relu_fwd(x),
         relu_bwd(x))
+UNARY_OP(__nv_bfloat16, relu_fwd_bf16, relu_bwd_bf16, ReLUKernelOp,
+        relu_fwd(x),
+        relu_bwd(x))
 
 UNARY_OP(float, relu_fwd_f32, relu_bwd_f32, ReLUKernelOp,
         relu_fwd(x),

@@ -92,6 +92,7 @@ extern "C" __global__ void FN( \
 }
 
 RMSPROP(__half, rmsprop_update_f16);
+RMSPROP(__nv_bfloat16, rmsprop_update_bf16);
 RMSPROP(float, rmsprop_update_f32);
 RMSPROP(double, rmsprop_update_f64);
 

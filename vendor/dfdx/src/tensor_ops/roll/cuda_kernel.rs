@@ -14,6 +14,10 @@ impl HasCudaKernel<f16> for Cuda {
     const FNS: &'static [&'static str] = &["roll_fwd_f16", "roll_bwd_f16"];
 }
 #[cfg(feature = "f16")]
+impl HasCudaKernel<bf16> for Cuda {
+    const FNS: &'static [&'static str] = &["roll_fwd_bf16", "roll_bwd_bf16"];
+}
+#[cfg(feature = "f16")]
 impl HasCudaKernel<AMP<f16>> for Cuda {
     const FNS: &'static [&'static str] = &["roll_fwd_f16", "roll_bwd_f16"];
 }

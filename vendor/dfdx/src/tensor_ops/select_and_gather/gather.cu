@@ -119,5 +119,6 @@ extern "C" __global__ void BWD( \
 }
 
 GATHER(__half, gather_fwd_f16, gather_bwd_f16);
+GATHER(__nv_bfloat16, gather_fwd_bf16, gather_bwd_bf16);
 GATHER(float, gather_fwd_f32, gather_bwd_f32);
 GATHER(double, gather_fwd_f64, gather_bwd_f64);

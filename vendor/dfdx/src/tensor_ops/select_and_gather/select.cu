@@ -110,5 +110,6 @@ extern "C" __global__ void BWD( \
 }
 
 SELECT(__half, select_fwd_f16, select_bwd_f16);
+SELECT(__nv_bfloat16, select_fwd_bf16, select_bwd_bf16);
 SELECT(float, select_fwd_f32, select_bwd_f32);
 SELECT(double, select_fwd_f64, select_bwd_f64)

@@ -1,4 +1,5 @@
 #include "cuda_fp16.h"
+#include "cuda_bf16.h"
 
 enum MomentumType {
     None,
@@ -72,6 +73,7 @@ extern "C" __global__ void FN( \
 }
 
 SGD(__half, sgd_update_f16);
+SGD(__nv_bfloat16, sgd_update_bf16);
 SGD(float, sgd_update_f32);
 SGD(double, sgd_update_f64);
 

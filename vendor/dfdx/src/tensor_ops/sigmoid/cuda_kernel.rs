@@ -10,6 +10,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sigmoid.ptx"));
 #[cfg(feature = "f16")]
 cuda_unary!(df(f(x)) Sigmoid, f16, PTX, "sigmoid_fwd_f16", "sigmoid_bwd_f16");
 #[cfg(feature = "f16")]
+cuda_unary!(df(f(x)) Sigmoid, bf16, PTX, "sigmoid_fwd_bf16", "sigmoid_bwd_bf16");
+#[cfg(feature = "f16")]
 cuda_unary!(df(f(x)) Sigmoid, AMP<f16>, PTX, "sigmoid_fwd_f16", "sigmoid_bwd_f16");
 cuda_unary!(df(f(x)) Sigmoid, f32, PTX, "sigmoid_fwd_f32", "sigmoid_bwd_f32");
 cuda_unary!(df(f(x)) Sigmoid, f64, PTX, "sigmoid_fwd_f64", "sigmoid_bwd_f64");

@@ -17,6 +17,9 @@ __device__ __forceinline__ T sigmoid_bwd(T y) {
 UNARY_OP(__half, sigmoid_fwd_f16, sigmoid_bwd_f16, SigmoidKernelOp,
         sigmoid_fwd(x),
         sigmoid_bwd(y))
+UNARY_OP(__nv_bfloat16, sigmoid_fwd_bf16, sigmoid_bwd_bf16, SigmoidKernelOp,
+        sigmoid_fwd(x),
+        sigmoid_bwd(y))
 
 UNARY_OP(float, sigmoid_fwd_f32, sigmoid_bwd_f32, SigmoidKernelOp,
         sigmoid_fwd(x),

@@ -5,6 +5,9 @@ struct SinKernelOp {};
 UNARY_OP(__half, sin_fwd_f16, sin_bwd_f16, SinKernelOp,
         sing(x),
         cosg(x))
+UNARY_OP(__nv_bfloat16, sin_fwd_bf16, sin_bwd_bf16, SinKernelOp,
+        sing(x),
+        cosg(x))
 
 UNARY_OP(float, sin_fwd_f32, sin_bwd_f32, SinKernelOp,
         sing(x),

@@ -63,6 +63,7 @@ extern "C" __global__ void BWD( \
 }
 
 SLICE(__half, slice_fwd_f16, slice_bwd_f16);
+SLICE(__nv_bfloat16, slice_fwd_bf16, slice_bwd_bf16);
 SLICE(float, slice_fwd_f32, slice_bwd_f32);
 SLICE(double, slice_fwd_f64, slice_bwd_f64);
 SLICE_FWD(uint8_t, slice_fwd_u8);

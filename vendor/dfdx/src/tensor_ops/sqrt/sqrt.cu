@@ -5,6 +5,9 @@ struct SqrtKernelOp {};
 UNARY_OP(__half, sqrt_fwd_f16, sqrt_bwd_f16, SqrtKernelOp,
         sqrtg(x),
         recipg(y + y))
+UNARY_OP(__nv_bfloat16, sqrt_fwd_bf16, sqrt_bwd_bf16, SqrtKernelOp,
+        sqrtg(x),
+        recipg(y + y))
 
 UNARY_OP(float, sqrt_fwd_f32, sqrt_bwd_f32, SqrtKernelOp,
         sqrtg(x),

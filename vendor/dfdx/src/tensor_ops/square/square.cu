@@ -5,6 +5,9 @@ struct SquareKernelOp {};
 UNARY_OP(__half, square_fwd_f16, square_bwd_f16, SquareKernelOp,
         x * x,
         x + x)
+UNARY_OP(__nv_bfloat16, square_fwd_bf16, square_bwd_bf16, SquareKernelOp,
+        x * x,
+        x + x)
 
 UNARY_OP(float, square_fwd_f32, square_bwd_f32, SquareKernelOp,
         x * x,

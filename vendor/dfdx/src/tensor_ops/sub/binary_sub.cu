@@ -6,6 +6,10 @@ BINARY_OP(__half, bsub_fwd_f16, bsub_bwd_lhs_f16, bsub_bwd_rhs_f16, BinarySubKer
     x - y,
     1.0,
     -1.0)
+BINARY_OP(__nv_bfloat16, bsub_fwd_bf16, bsub_bwd_lhs_bf16, bsub_bwd_rhs_bf16, BinarySubKernelOp,
+    x - y,
+    1.0,
+    -1.0)
 
 BINARY_OP(float, bsub_fwd_f32, bsub_bwd_lhs_f32, bsub_bwd_rhs_f32, BinarySubKernelOp,
     x - y,

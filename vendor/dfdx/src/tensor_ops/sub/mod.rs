@@ -79,6 +79,17 @@ impl<S: Shape, D: UnaryKernel<ScalarSubKernelOp<half::f16>, half::f16>, T: Tape<
     }
 }
 
+// neural-arch patch: the same for bf16.
+#[cfg(feature = "f16")]
+impl<S: Shape, D: UnaryKernel<ScalarSubKernelOp<half::bf16>, half::bf16>, T: Tape<half::bf16, D>>
+    TrySub<f32> for Tensor<S, half::bf16, D, T>
+{
+    fn try_sub(self, rhs: f32) -> Result<Self, Self::Err> {
+        let scalar = half::bf16::from_f32(rhs);
+        try_unary_op(ScalarSubKernelOp { scalar }, self)
+    }
+}
+
 #[cfg(feature = "f16")]
 impl<
         S: Shape,

@@ -8,6 +8,9 @@ struct ScalarSubKernelOp {
 UNARY_OP(__half, ssub_fwd_f16, ssub_bwd_f16, ScalarSubKernelOp<__half>,
     x - op.scalar,
     1.0);
+UNARY_OP(__nv_bfloat16, ssub_fwd_bf16, ssub_bwd_bf16, ScalarSubKernelOp<__nv_bfloat16>,
+    x - op.scalar,
+    1.0);
 
 UNARY_OP(float, ssub_fwd_f32, ssub_bwd_f32, ScalarSubKernelOp<float>,
         x - op.scalar,

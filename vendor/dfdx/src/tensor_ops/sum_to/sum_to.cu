@@ -78,6 +78,7 @@ extern "C" __global__ void BWD( \
 }
 
 SUM(__half, sum_to_fwd_f16, sum_to_bwd_f16);
+SUM(__nv_bfloat16, sum_to_fwd_bf16, sum_to_bwd_bf16);
 SUM(float, sum_to_fwd_f32, sum_to_bwd_f32);
 SUM(double, sum_to_fwd_f64, sum_to_bwd_f64);
 

@@ -11,6 +11,9 @@ __device__ __forceinline__ T tanh_bwd(T y) {
 UNARY_OP(__half, tanh_fwd_f16, tanh_bwd_f16, TanhKernelOp,
         tanhg(x),
         tanh_bwd(y))
+UNARY_OP(__nv_bfloat16, tanh_fwd_bf16, tanh_bwd_bf16, TanhKernelOp,
+        tanhg(x),
+        tanh_bwd(y))
 
 UNARY_OP(float, tanh_fwd_f32, tanh_bwd_f32, TanhKernelOp,
         tanhg(x),

@@ -15,6 +15,7 @@ typedef long int intptr_t;
 typedef int intptr_t;
 #endif
 #include \"cuda_fp16.h\"
+#include \"cuda_bf16.h\"
 extern \"C\" __global__ void kernel(const size_t n, const $Src *inp, $Dst *out) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
         out[i] = inp[i];

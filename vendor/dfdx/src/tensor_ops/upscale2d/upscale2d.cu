@@ -171,8 +171,18 @@ UPSCALE_OP(
     nearest_upscale2d_fwd, nearest_upscale2d_bwd
 );
 UPSCALE_OP(
+    __nv_bfloat16,
+    nearest_upscale2d_fwd_bf16, nearest_upscale2d_bwd_bf16,
+    nearest_upscale2d_fwd, nearest_upscale2d_bwd
+);
+UPSCALE_OP(
     __half,
     bilinear_upscale2d_fwd_f16, bilinear_upscale2d_bwd_f16,
+    bilinear_upscale2d_fwd, bilinear_upscale2d_bwd
+);
+UPSCALE_OP(
+    __nv_bfloat16,
+    bilinear_upscale2d_fwd_bf16, bilinear_upscale2d_bwd_bf16,
     bilinear_upscale2d_fwd, bilinear_upscale2d_bwd
 );
 

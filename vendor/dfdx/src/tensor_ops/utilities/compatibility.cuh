@@ -1,4 +1,5 @@
 #include "cuda_fp16.h"
+#include "cuda_bf16.h"
 
 // Table showing which features are supported on which compute capability
 // https://docs.nvidia.com/cuda/cuda-c-programming-guide/#features-and-technical-specifications
@@ -168,4 +169,27 @@ __device__ __forceinline__ double atomicMinf(double * addr, double value) {
     } else {
         return __longlong_as_double(atomicMin((long long int *)addr, __double_as_longlong(value)));
     }
+}
+
+// neural-arch patch: bf16 versions of the two 16-bit atomics above, by a 16-bit compare and
+// swap (sm_70 and newer; bf16 arithmetic itself wants sm_80).
+__device__ __forceinline__ __nv_bfloat16 atomicMaxf(__nv_bfloat16* address, __nv_bfloat16 val) {
+    unsigned short int* casted_address = (unsigned short int*)address;
+    unsigned short int old = *casted_address;
+    unsigned short int assumed;
+    do {
+        assumed = old;
+        old = atomicCAS(casted_address, assumed, __bfloat16_as_ushort(__hmax_nan(val, __ushort_as_bfloat16(assumed))));
+    } while (assumed != old);
+    return __ushort_as_bfloat16(old);
+}
+__device__ __forceinline__ __nv_bfloat16 atomicMinf(__nv_bfloat16* address, __nv_bfloat16 val) {
+    unsigned short int* casted_address = (unsigned short int*)address;
+    unsigned short int old = *casted_address;
+    unsigned short int assumed;
+    do {
+        assumed = old;
+        old = atomicCAS(casted_address, assumed, __bfloat16_as_ushort(__hmin_nan(val, __ushort_as_bfloat16(assumed))));
+    } while (assumed != old);
+    return __ushort_as_bfloat16(old);
 }

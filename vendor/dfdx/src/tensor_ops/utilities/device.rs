@@ -115,12 +115,16 @@ pub trait Device<E: Dtype>:
 #[cfg(feature = "f16")]
 impl Device<f16> for crate::tensor::Cpu {}
 #[cfg(feature = "f16")]
+impl Device<bf16> for crate::tensor::Cpu {}
+#[cfg(feature = "f16")]
 impl Device<AMP<f16>> for crate::tensor::Cpu {}
 impl Device<f32> for crate::tensor::Cpu {}
 impl Device<f64> for crate::tensor::Cpu {}
 
 #[cfg(all(feature = "cuda", feature = "f16"))]
 impl Device<f16> for crate::tensor::Cuda {}
+#[cfg(all(feature = "cuda", feature = "f16"))]
+impl Device<bf16> for crate::tensor::Cuda {}
 #[cfg(all(feature = "cuda", feature = "f16"))]
 impl Device<AMP<f16>> for crate::tensor::Cuda {}
 #[cfg(feature = "cuda")]
