@@ -1,9 +1,10 @@
-//! Mixed precision training: `f32` master weights, forward and backward passes in `f16`, and
-//! dynamic loss scaling, as `torch.amp` with `GradScaler` does.
+//! Mixed precision training: `f32` master weights, forward and backward passes in a half
+//! precision type `H` ([`HalfFloat`]: `f16` or `bf16`), and dynamic loss scaling, as
+//! `torch.amp` with `GradScaler` does.
 //!
 //! Each step ([`mixed_step`]):
 //!
-//! 1. the master weights (the model the optimizer updates, in `f32`) are cast to a fresh `f16`
+//! 1. the master weights (the model the optimizer updates, in `f32`) are cast to a fresh `H`
 //!    working copy;
 //! 2. the forward pass runs on the working copy, and the backward pass starts from the loss's
 //!    gradient set to the [`GradScaler`]'s scale `s` instead of 1, so that small gradients stay
@@ -13,8 +14,13 @@
 //! 4. if any gradient was infinite or NaN, the step is skipped (the optimizer does not run) and
 //!    `s` halves; after [`GradScaler::growth_interval`] finite steps in a row, `s` doubles.
 //!
+//! `bf16` has `f32`'s exponent range, so nothing underflows that `f32` would keep: as PyTorch
+//! advises, it trains without scaling (its [`GradScaler`] starts at, and never grows past, 1),
+//! and an overflowing step is still skipped and counted.
+//!
 //! The precision-sensitive parts run in `f32` or `f64` whatever the element type, on the CPU:
-//! the matrix products accumulate in `f32` (gemm converts `f16` panels), the norms'
+//! the matrix products accumulate in `f32` (gemm converts `f16` panels; `bf16` operands are
+//! widened to `f32`), the norms'
 //! statistics and the cross-entropy's softmax and sums are computed in `f64`. Other devices
 //! compose dfdx ops in the element type.
 //!
@@ -25,77 +31,131 @@
 
 use crate::optim::buffers::{axpby, scale as scale_buffer};
 use crate::Error;
-use dfdx::dtypes::f16;
+use dfdx::dtypes::{bf16, f16};
 use dfdx::nn::{
     RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut, ViewTensorRef,
     ZeroGrads,
 };
 use dfdx::shapes::{Dtype, Rank0, Shape};
 use dfdx::tensor::{Cpu, Gradients, HasErr, OwnedTape, PutTape, SplitTape, Storage, Tape, Tensor};
-use dfdx::tensor_ops::{Backward, Device, SumTo};
+use dfdx::tensor_ops::{Backward, Device, SumTo, TryMul};
 use serde::{Deserialize, Serialize};
 use std::any::Any;
+use std::marker::PhantomData;
 
-/// The half-precision element type of the working copy.
+/// The default half-precision element type of the working copy (`--dtype f16`).
 pub type Half = f16;
 
-/// A device that casts between `f32` and `f16`: the CPU, and CUDA in a build with the `cuda`
-/// feature. (dfdx's own cast bound is crate-private, so generic code names this one.)
-pub trait MixedDevice: Device<f32> + Device<f16> {
-    /// `t` in `f16` (rounded to nearest; out of range becomes infinite).
-    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, f16, Self>, Self::Err>;
-    /// `t` in `f32` (exact).
-    fn to_single<S: Shape>(t: Tensor<S, f16, Self>) -> Result<Tensor<S, f32, Self>, Self::Err>;
+/// A half-precision element type that mixed precision runs the forward and backward passes in:
+/// [`f16`] (10 bits of mantissa, largest value 65504: needs loss scaling) or [`bf16`] (7 bits
+/// of mantissa, `f32`'s range: needs none).
+pub trait HalfFloat: crate::Elem {
+    /// Its name, as `--dtype` takes it.
+    const NAME: &'static str;
+    /// The loss scaling a run in this type starts with.
+    fn scaler() -> GradScaler;
+    /// `x` rounded to this type (to nearest; out of range becomes infinite).
+    fn from_single(x: f32) -> Self;
 }
 
-impl MixedDevice for Cpu {
-    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, f16, Self>, Self::Err> {
+impl HalfFloat for f16 {
+    const NAME: &'static str = "f16";
+    fn scaler() -> GradScaler {
+        GradScaler::default()
+    }
+    fn from_single(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl HalfFloat for bf16 {
+    const NAME: &'static str = "bf16";
+    fn scaler() -> GradScaler {
+        GradScaler {
+            scale: 1.0,
+            max_scale: 1.0,
+            ..GradScaler::default()
+        }
+    }
+    fn from_single(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// A device that casts between `f32` and the half type `H`: the CPU, and CUDA in a build with
+/// the `cuda` feature. (dfdx's own cast bound is crate-private, so generic code names this one.)
+pub trait MixedDevice<H: HalfFloat = f16>: Device<f32> + Device<H> {
+    /// `t` in `H` (rounded to nearest; out of range becomes infinite).
+    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, H, Self>, Self::Err>;
+    /// `t` in `f32` (exact).
+    fn to_single<S: Shape>(t: Tensor<S, H, Self>) -> Result<Tensor<S, f32, Self>, Self::Err>;
+}
+
+impl<H: HalfFloat> MixedDevice<H> for Cpu
+where
+    Cpu: Device<H>,
+{
+    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, H, Self>, Self::Err> {
         t.try_to_dtype()
     }
-    fn to_single<S: Shape>(t: Tensor<S, f16, Self>) -> Result<Tensor<S, f32, Self>, Self::Err> {
+    fn to_single<S: Shape>(t: Tensor<S, H, Self>) -> Result<Tensor<S, f32, Self>, Self::Err> {
         t.try_to_dtype()
     }
 }
 
 #[cfg(feature = "cuda")]
-impl MixedDevice for dfdx::tensor::Cuda {
-    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, f16, Self>, Self::Err> {
+impl<H: HalfFloat> MixedDevice<H> for dfdx::tensor::Cuda
+where
+    dfdx::tensor::Cuda: Device<H>,
+{
+    fn to_half<S: Shape>(t: Tensor<S, f32, Self>) -> Result<Tensor<S, H, Self>, Self::Err> {
         t.try_to_dtype()
     }
-    fn to_single<S: Shape>(t: Tensor<S, f16, Self>) -> Result<Tensor<S, f32, Self>, Self::Err> {
+    fn to_single<S: Shape>(t: Tensor<S, H, Self>) -> Result<Tensor<S, f32, Self>, Self::Err> {
         t.try_to_dtype()
     }
 }
 
-/// The `f16` working copy of a model: the same tensors, cast, under new identities.
-pub fn half_copy<M, D>(model: &M) -> Result<M::To<f16, D>, D::Err>
+/// A device that runs mixed precision in either half type (the bound the trainers take, which
+/// choose the type at run time from `--dtype`).
+pub trait HalfDevice: MixedDevice<f16> + MixedDevice<bf16> {}
+
+impl<D: MixedDevice<f16> + MixedDevice<bf16>> HalfDevice for D {}
+
+/// The `H` working copy of a model: the same tensors, cast, under new identities.
+pub fn half_copy<H, M, D>(model: &M) -> Result<M::To<H, D>, D::Err>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     M: TensorCollection<f32, D>,
 {
     let copy = M::iter_tensors(&mut RecursiveWalker {
         m: model,
-        f: &mut ToHalf { kept: None },
+        f: &mut ToHalf::<H> {
+            kept: None,
+            half: PhantomData,
+        },
     })?;
     Ok(copy.expect("a mapping walk returns the copy"))
 }
 
-/// Casts every tensor to `f16`, building the cast model, and keeps each cast tensor in `kept`
+/// Casts every tensor to `H`, building the cast model, and keeps each cast tensor in `kept`
 /// (in the walk's order) when it is `Some`.
-struct ToHalf {
+struct ToHalf<H> {
     kept: Option<Vec<Box<dyn Any>>>,
+    half: PhantomData<H>,
 }
 
-impl<D: MixedDevice> TensorVisitor<f32, D> for ToHalf {
+impl<H: HalfFloat, D: MixedDevice<H>> TensorVisitor<f32, D> for ToHalf<H> {
     type Viewer = ViewTensorRef;
     type Err = <D as HasErr>::Err;
-    type E2 = f16;
+    type E2 = H;
     type D2 = D;
     fn visit<S: Shape>(
         &mut self,
         _: TensorOptions<S, f32, D>,
         t: &Tensor<S, f32, D>,
-    ) -> Result<Option<Tensor<S, f16, D>>, Self::Err> {
+    ) -> Result<Option<Tensor<S, H, D>>, Self::Err> {
         let half = D::to_half(t.clone())?;
         if let Some(kept) = &mut self.kept {
             kept.push(Box::new(half.clone()));
@@ -118,7 +178,7 @@ pub struct GradScaler {
     pub backoff_factor: f64,
     /// Finite steps in a row before `s` grows (PyTorch: 2000).
     pub growth_interval: usize,
-    /// The largest scale: 2¹⁵, the largest power of two that `f16` holds.
+    /// The largest scale: for `f16`, 2¹⁵, the largest power of two it holds; for `bf16`, 1.
     pub max_scale: f64,
     /// Finite steps since the scale last changed.
     pub growth_tracker: usize,
@@ -183,24 +243,25 @@ impl GradScaler {
 
 /// The mixed-precision side of a [`Task`](crate::train::Task), for
 /// [`Trainer::run_mixed`](crate::train::Trainer::run_mixed): the same batch as
-/// `train_step`, on the `f16` working copy `H` of the model, stopping at the loss.
-pub trait MixedTask<H, D: Device<f16>> {
+/// `train_step`, on the working copy `W` of the model in the half type `H`, stopping at the
+/// loss.
+pub trait MixedTask<W, D: Device<H>, H: HalfFloat = f16> {
     /// The mean loss of step `step`'s training batch (the batch `train_step` would take) on
     /// `model` in training mode, on a tape from `grads`, and the items the batch held. The
     /// trainer runs the backward pass, with the loss scale.
     #[allow(clippy::type_complexity)]
     fn half_loss(
         &mut self,
-        model: &mut H,
+        model: &mut W,
         step: usize,
-        grads: Gradients<f16, D>,
-    ) -> Result<(Tensor<Rank0, f16, D, OwnedTape<f16, D>>, usize), Error>;
+        grads: Gradients<H, D>,
+    ) -> Result<(Tensor<Rank0, H, D, OwnedTape<H, D>>, usize), Error>;
 }
 
 /// What [`mixed_step`] computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MixedOutcome {
-    /// The batch's loss (the `f16` value, unscaled).
+    /// The batch's loss (the half-precision value, unscaled).
     pub loss: f64,
     /// Items the batch held.
     pub items: usize,
@@ -228,18 +289,20 @@ pub fn scaled_backward<E: Dtype, D: Device<E>>(
     loss.put_tape(tape).try_backward()
 }
 
-/// Copies the master weights into the working copy `work`, cast to `f16`: every tensor is
+/// Copies the master weights into the working copy `work`, cast to `H`: every tensor is
 /// replaced (under a new identity), and the layers' other settings (an RMSNorm's `eps`, a
 /// BatchNorm's momentum) stay as `work` has them.
-pub fn refresh_half_copy<M, D>(master: &M, work: &mut M::To<f16, D>) -> Result<(), Error>
+pub fn refresh_half_copy<H, M, D>(master: &M, work: &mut M::To<H, D>) -> Result<(), Error>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     M: TensorCollection<f32, D>,
-    M::To<f16, D>: TensorCollection<f16, D>,
+    M::To<H, D>: TensorCollection<H, D>,
     Error: From<<D as HasErr>::Err>,
 {
-    let mut cast = ToHalf {
+    let mut cast = ToHalf::<H> {
         kept: Some(Vec::new()),
+        half: PhantomData,
     };
     M::iter_tensors(&mut RecursiveWalker {
         m: master,
@@ -249,60 +312,63 @@ where
         values: cast.kept.unwrap_or_default().into_iter(),
         mismatch: false,
     };
-    <M::To<f16, D> as TensorCollection<f16, D>>::iter_tensors(&mut RecursiveWalker {
+    <M::To<H, D> as TensorCollection<H, D>>::iter_tensors(&mut RecursiveWalker {
         m: work,
         f: &mut assign,
     })?;
     if assign.mismatch {
-        return Err(mismatch());
+        return Err(mismatch::<H>());
     }
     Ok(())
 }
 
-fn mismatch() -> Error {
-    Error::Shape(
-        "mixed precision: the f16 working copy's tensors do not match the model's; build it \
-         with `model.to_dtype::<f16>()`"
-            .into(),
-    )
+fn mismatch<H: HalfFloat>() -> Error {
+    Error::Shape(format!(
+        "mixed precision: the {0} working copy's tensors do not match the model's; build it \
+         with `model.to_dtype::<{0}>()`",
+        H::NAME
+    ))
 }
 
 /// One mixed-precision forward and backward pass.
 ///
-/// `work` is the `f16` working copy of `master` (from `master.to_dtype::<f16>()`, with the
-/// same layer settings); its weights are refreshed from `master` first. `run` gets it and a
+/// `work` is the working copy of `master` in the half type `H` (from
+/// `master.to_dtype::<H>()`, with the same layer settings); its weights are refreshed from
+/// `master` first. `run` gets it and a
 /// tape, and returns the batch's loss and its number of items. The master gradients `grads`
 /// (zeroed by the caller) receive the unscaled `f32` gradients; when a gradient is not finite,
 /// `found_inf` is set and `grads` must not be applied. The working copy's untrained buffers
 /// (running statistics) are copied into `master`.
-pub fn mixed_step<M, D, F>(
+pub fn mixed_step<H, M, D, F>(
     master: &mut M,
-    work: &mut M::To<f16, D>,
+    work: &mut M::To<H, D>,
     grads: &mut Gradients<f32, D>,
     scaler: &GradScaler,
     run: F,
 ) -> Result<MixedOutcome, Error>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     M: TensorCollection<f32, D>,
-    M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
+    M::To<H, D>: TensorCollection<H, D> + ZeroGrads<H, D>,
     F: FnOnce(
-        &mut M::To<f16, D>,
-        Gradients<f16, D>,
-    ) -> Result<(Tensor<Rank0, f16, D, OwnedTape<f16, D>>, usize), Error>,
+        &mut M::To<H, D>,
+        Gradients<H, D>,
+    ) -> Result<(Tensor<Rank0, H, D, OwnedTape<H, D>>, usize), Error>,
     Error: From<<D as HasErr>::Err>,
 {
     refresh_half_copy(master, work)?;
     let tape_grads = work.try_alloc_grads()?;
     let (loss, items) = run(work, tape_grads)?;
-    let value = loss.as_vec()[0].to_f64();
+    // half's conversions to f64 are exact and never None.
+    let value = loss.as_vec()[0].to_f64().unwrap_or(f64::NAN);
     let mut half_grads = scaled_backward(loss, scaler.scale)?;
 
     let mut collect = Collect {
         grads: &mut half_grads,
         out: Vec::new(),
     };
-    <M::To<f16, D> as TensorCollection<f16, D>>::iter_tensors(&mut RecursiveWalker {
+    <M::To<H, D> as TensorCollection<H, D>>::iter_tensors(&mut RecursiveWalker {
         m: &*work,
         f: &mut collect,
     })?;
@@ -318,7 +384,7 @@ where
         f: &mut write,
     })?;
     if write.mismatch {
-        return Err(mismatch());
+        return Err(mismatch::<H>());
     }
     Ok(MixedOutcome {
         loss: value,
@@ -334,24 +400,25 @@ struct Assign<I> {
     mismatch: bool,
 }
 
-impl<D, I> TensorVisitor<f16, D> for Assign<I>
+impl<H, D, I> TensorVisitor<H, D> for Assign<I>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     I: Iterator<Item = Box<dyn Any>>,
 {
     type Viewer = ViewTensorMut;
     type Err = <D as HasErr>::Err;
-    type E2 = f16;
+    type E2 = H;
     type D2 = D;
     fn visit<S: Shape>(
         &mut self,
-        _: TensorOptions<S, f16, D>,
-        t: &mut Tensor<S, f16, D>,
-    ) -> Result<Option<Tensor<S, f16, D>>, Self::Err> {
+        _: TensorOptions<S, H, D>,
+        t: &mut Tensor<S, H, D>,
+    ) -> Result<Option<Tensor<S, H, D>>, Self::Err> {
         match self
             .values
             .next()
-            .and_then(|v| v.downcast::<Tensor<S, f16, D>>().ok())
+            .and_then(|v| v.downcast::<Tensor<S, H, D>>().ok())
         {
             Some(v) => *t = *v,
             None => self.mismatch = true,
@@ -362,21 +429,21 @@ where
 
 /// Visits the working copy: each trainable tensor's gradient, and each other tensor's value,
 /// cast to `f32`, in the walk's order.
-struct Collect<'a, D: Storage<f16>> {
-    grads: &'a mut Gradients<f16, D>,
+struct Collect<'a, H: HalfFloat, D: Storage<H>> {
+    grads: &'a mut Gradients<H, D>,
     out: Vec<Box<dyn Any>>,
 }
 
-impl<D: MixedDevice> TensorVisitor<f16, D> for Collect<'_, D> {
+impl<H: HalfFloat, D: MixedDevice<H>> TensorVisitor<H, D> for Collect<'_, H, D> {
     type Viewer = ViewTensorRef;
     type Err = <D as HasErr>::Err;
-    type E2 = f16;
+    type E2 = H;
     type D2 = D;
     fn visit<S: Shape>(
         &mut self,
-        opts: TensorOptions<S, f16, D>,
-        t: &Tensor<S, f16, D>,
-    ) -> Result<Option<Tensor<S, f16, D>>, Self::Err> {
+        opts: TensorOptions<S, H, D>,
+        t: &Tensor<S, H, D>,
+    ) -> Result<Option<Tensor<S, H, D>>, Self::Err> {
         let v = if opts.do_gradient_update {
             // Zeros where the loss did not reach the parameter.
             self.grads.try_alloc_for(t)?;
@@ -423,9 +490,10 @@ where
             return Ok(None);
         };
         if opts.do_gradient_update {
-            // A finite f16 value is at most 65504, so an f32 sum of them cannot overflow:
-            // the sum is finite exactly when every element is.
-            let sum = v.clone().try_sum::<Rank0, _>()?.as_vec()[0];
+            // 0·x is 0 for a finite x and NaN for an infinite or NaN one, so this sum is
+            // finite exactly when every element is (a plain sum of finite bf16 values can
+            // overflow f32).
+            let sum = (*v).clone().try_mul(0.0)?.try_sum::<Rank0, _>()?.as_vec()[0];
             self.found_inf |= !sum.is_finite();
             axpby(self.grads.get_or_alloc_mut(t)?, 0.0, *v, self.inv_scale)?;
         } else {

@@ -15,7 +15,7 @@
 use crate::layers::cpu_fast::{cpu_vec, filled, fused_cpu, fused_float, par_rows, sum8, CPU};
 use crate::layers::{cast, LogitScaleModule, Real};
 use crate::{Elem, Error};
-use dfdx::dtypes::f16;
+use dfdx::dtypes::{bf16, f16};
 use dfdx::shapes::{Axes2, Axis, Const, Dim, Dtype, HasShape, Rank0, Shape};
 use dfdx::tensor::{HasErr, Merge, PutTape, SplitTape, Storage, Tape, Tensor, WithEmptyTape};
 use dfdx::tensor_ops::{
@@ -138,8 +138,11 @@ where
         });
     }
     let counted = targets.iter().filter(|&&t| !ignored(t)).count();
-    if fused_float::<E, D>() || (fused_cpu::<E, D>() && TypeId::of::<E>() == TypeId::of::<f16>()) {
-        // f16 logits are computed on in f32: an f16 sum over a vocabulary stalls at 2048.
+    let half =
+        TypeId::of::<E>() == TypeId::of::<f16>() || TypeId::of::<E>() == TypeId::of::<bf16>();
+    if fused_float::<E, D>() || (fused_cpu::<E, D>() && half) {
+        // Half-precision logits are computed on in f32: an f16 sum over a vocabulary stalls
+        // at 2048, a bf16 one at 256.
         return Ok(if TypeId::of::<E>() == TypeId::of::<f64>() {
             cross_entropy_cpu::<f64, C, E, D, T>(x, targets, ignore_index, eps, counted)?
         } else {
@@ -183,7 +186,7 @@ where
 }
 
 /// [`cross_entropy`] on the CPU in one kernel, for `F` = `E` = `f32` or `f64`, or `E` = `f16`
-/// computed in `F` = `f32` (row sums in `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
+/// or `bf16` computed in `F` = `f32` (row sums in `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
 /// gradient `∂ℓ/∂x = p·(a + C·s) − s − a·[c = y]` (`a`, `s` the row's weights of the target
 /// and of the smoothing) written over a copy of the logits. Backward scales that by the loss's
 /// gradient. dfdx's `log_softmax`, `select` and `sum` make about a dozen passes over the

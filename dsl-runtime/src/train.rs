@@ -16,14 +16,13 @@
 //! the step restored its metrics are the same, line for line. Ctrl-C finishes the current step,
 //! writes a checkpoint and stops.
 
-use crate::amp::{mixed_step, GradScaler, MixedDevice, MixedTask};
+use crate::amp::{mixed_step, GradScaler, HalfFloat, MixedDevice, MixedTask};
 use crate::checkpoint::{
     load_safetensors, save_safetensors, write_atomically, CheckpointElem, LoadOptions,
 };
 use crate::dist::{average_gradients, broadcast_model, Collective, Shard};
 use crate::optim::{clip_grad_norm, Optim, OptimizerState, WarmupCosine};
 use crate::Error;
-use dfdx::dtypes::f16;
 use dfdx::nn::{TensorCollection, ZeroGrads};
 use dfdx::shapes::Dtype;
 use dfdx::tensor::safetensors::SafeDtype;
@@ -32,6 +31,7 @@ use dfdx::tensor_ops::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -374,31 +374,43 @@ impl Trainer {
 
     /// [`run`](Self::run) in mixed precision: `model` holds the `f32` master weights that `opt`
     /// updates and checkpoints save; each step's forward and backward passes run on `work`,
-    /// its `f16` working copy (`model.to_dtype::<f16>()`, with the same layer settings, such as
-    /// an RMSNorm's `eps`), refreshed from `model` at every step, through
+    /// its working copy in the half type `H`, `f16` or `bf16` (`model.to_dtype::<H>()`, with
+    /// the same layer settings, such as an RMSNorm's `eps`), refreshed from `model` at every
+    /// step, through
     /// [`MixedTask::half_loss`], with dynamic loss scaling (see [`crate::amp`]).
     /// Steps whose gradients overflow are skipped: the metrics mark them (`"skipped": true`,
     /// with the `loss_scale` of every step) and the summary counts them. Evaluation runs on
-    /// the master weights. `scaler` is the scaling to start from (`GradScaler::default()`
+    /// the master weights. `scaler` is the scaling to start from (`H::scaler()`, which
     /// follows PyTorch); a resumed run continues the checkpoint's instead.
-    pub fn run_mixed<M, D, O, T>(
+    pub fn run_mixed<H, M, D, O, T>(
         &self,
         task: &mut T,
         model: &mut M,
-        work: M::To<f16, D>,
+        work: M::To<H, D>,
         opt: &mut O,
         scaler: GradScaler,
         resume: bool,
     ) -> Result<RunSummary, Error>
     where
-        D: MixedDevice,
+        H: HalfFloat,
+        D: MixedDevice<H>,
         M: TensorCollection<f32, D> + ZeroGrads<f32, D> + dfdx::nn::NumParams<f32, D>,
-        M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
+        M::To<H, D>: TensorCollection<H, D> + ZeroGrads<H, D>,
         O: Optim<M, f32, D>,
-        T: Task<M, f32, D> + MixedTask<M::To<f16, D>, D>,
+        T: Task<M, f32, D> + MixedTask<M::To<H, D>, D, H>,
         Error: From<<D as HasErr>::Err>,
     {
-        self.run_in(task, model, opt, resume, &mut Mixed { scaler, work })
+        self.run_in(
+            task,
+            model,
+            opt,
+            resume,
+            &mut Mixed {
+                scaler,
+                work,
+                half: PhantomData::<H>,
+            },
+        )
     }
 
     fn run_in<M, E, D, O, T, S>(
@@ -817,17 +829,19 @@ impl<M, E: Dtype, D: Device<E>, T: Task<M, E, D>> StepMode<M, E, D, T> for Plain
     }
 }
 
-struct Mixed<H> {
+struct Mixed<W, H> {
     scaler: GradScaler,
-    work: H,
+    work: W,
+    half: PhantomData<H>,
 }
 
-impl<M, D, T> StepMode<M, f32, D, T> for Mixed<M::To<f16, D>>
+impl<H, M, D, T> StepMode<M, f32, D, T> for Mixed<M::To<H, D>, H>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     M: TensorCollection<f32, D>,
-    M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
-    T: MixedTask<M::To<f16, D>, D>,
+    M::To<H, D>: TensorCollection<H, D> + ZeroGrads<H, D>,
+    T: MixedTask<M::To<H, D>, D, H>,
     Error: From<<D as HasErr>::Err>,
 {
     fn step(

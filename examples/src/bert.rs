@@ -41,8 +41,9 @@ use crate::order::{mix, EpochOrder};
 use crate::wordpiece::{WordPiece, CLS, MASK, PAD, SEP};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use neural_arch::amp::{Half, MixedDevice, MixedTask};
+use neural_arch::amp::{HalfDevice, HalfFloat, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
+use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -513,33 +514,46 @@ head_at_labels_in!(
     f32
 );
 head_at_labels_in!(
-    /// [`head_at_labels`] on the mixed-precision working copy.
-    head_at_labels_half,
-    Half
+    /// [`head_at_labels`] on the `f16` working copy.
+    head_at_labels_f16,
+    f16
+);
+head_at_labels_in!(
+    /// [`head_at_labels`] on the `bf16` working copy.
+    head_at_labels_bf16,
+    bf16
 );
 
-impl<D> MixedTask<Built<BertTiny, Half, D>, D> for MlmTask<D>
-where
-    D: Device<f32> + Device<Half> + TensorFromVec<bool>,
-    ModelError: From<<D as HasErr>::Err>,
-{
-    fn half_loss(
-        &mut self,
-        model: &mut Built<BertTiny, Half, D>,
-        step: usize,
-        grads: Gradients<Half, D>,
-    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
-        let p = pad(&self.batch_at(step)?);
-        let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
-        let types = types.put_tape(OwnedTape::default());
-        let hidden = model
-            .bert
-            .try_forward_mut((ids.traced(grads), mask, types))?;
-        let (logits, targets) = head_at_labels_half(model, hidden, &p.labels)?;
-        let loss = cross_entropy(logits, &targets, Default::default())?;
-        Ok((loss, p.mask.iter().filter(|&&m| m).count()))
-    }
+/// The masked-language-model loss on the working copy in one half type.
+macro_rules! mlm_mixed_task {
+    ($e:ty, $head:ident) => {
+        impl<D> MixedTask<Built<BertTiny, $e, D>, D, $e> for MlmTask<D>
+        where
+            D: Device<f32> + Device<$e> + TensorFromVec<bool>,
+            ModelError: From<<D as HasErr>::Err>,
+        {
+            fn half_loss(
+                &mut self,
+                model: &mut Built<BertTiny, $e, D>,
+                step: usize,
+                grads: Gradients<$e, D>,
+            ) -> Result<(Tensor<Rank0, $e, D, OwnedTape<$e, D>>, usize), ModelError> {
+                let p = pad(&self.batch_at(step)?);
+                let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
+                let types = types.put_tape(OwnedTape::default());
+                let hidden = model
+                    .bert
+                    .try_forward_mut((ids.traced(grads), mask, types))?;
+                let (logits, targets) = $head(model, hidden, &p.labels)?;
+                let loss = cross_entropy(logits, &targets, Default::default())?;
+                Ok((loss, p.mask.iter().filter(|&&m| m).count()))
+            }
+        }
+    };
 }
+
+mlm_mixed_task!(f16, head_at_labels_f16);
+mlm_mixed_task!(bf16, head_at_labels_bf16);
 
 impl<D> Task<Built<BertTiny, f32, D>, f32, D> for MlmTask<D>
 where
@@ -762,22 +776,23 @@ where
     Ok((correct as f64 / n, loss_sum / n))
 }
 
-impl<D, H> MixedTask<H, D> for SentimentTask<D>
+impl<D, W, H> MixedTask<W, D, H> for SentimentTask<D>
 where
-    D: Device<f32> + Device<Half> + TensorFromVec<bool>,
-    H: ModuleMut<
-        Input<D, OwnedTape<Half, D>>,
-        Output = Tensor<(usize, Const<2>), Half, D, OwnedTape<Half, D>>,
+    H: HalfFloat,
+    D: Device<f32> + Device<H> + TensorFromVec<bool>,
+    W: ModuleMut<
+        Input<D, OwnedTape<H, D>>,
+        Output = Tensor<(usize, Const<2>), H, D, OwnedTape<H, D>>,
         Error = ModelError,
     >,
     ModelError: From<<D as HasErr>::Err>,
 {
     fn half_loss(
         &mut self,
-        model: &mut H,
+        model: &mut W,
         step: usize,
-        grads: Gradients<Half, D>,
-    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        grads: Gradients<H, D>,
+    ) -> Result<(Tensor<Rank0, H, D, OwnedTape<H, D>>, usize), ModelError> {
         let batch = self.batch_at(step)?;
         let (p, y) = as_padded(&batch);
         let (ids, mask, types) = tensors(&self.dev, &p, batch.len())?;
@@ -897,9 +912,31 @@ pub fn run(args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunS
     }
 }
 
+/// Trains in the run's element type (a resumed run keeps the one it started with).
+fn train_in_dtype<M, T, D>(
+    c: &CommonArgs,
+    config: neural_arch::train::TrainConfig,
+    task: &mut T,
+    model: &mut M,
+) -> Result<RunSummary>
+where
+    D: HalfDevice,
+    M: TensorCollection<f32, D> + ZeroGrads<f32, D> + NumParams<f32, D>,
+    M::To<f16, D>: TensorCollection<f16, D> + ZeroGrads<f16, D>,
+    M::To<bf16, D>: TensorCollection<bf16, D> + ZeroGrads<bf16, D>,
+    T: Task<M, f32, D> + MixedTask<M::To<f16, D>, D, f16> + MixedTask<M::To<bf16, D>, D, bf16>,
+    ModelError: From<<D as HasErr>::Err>,
+{
+    match config.dtype.as_str() {
+        "f16" => train_or_evaluate_mixed::<f16, _, _, _>(c, config, task, model, 0.01),
+        "bf16" => train_or_evaluate_mixed::<bf16, _, _, _>(c, config, task, model, 0.01),
+        _ => train_or_evaluate(c, config, task, model, 0.01),
+    }
+}
+
 fn run_on<D>(dev: D, args: &BertArgs, mlm: &Defaults, sentiment: &Defaults) -> Result<RunSummary>
 where
-    D: MixedDevice + DeviceBuildExt + TensorFromVec<bool>,
+    D: HalfDevice + DeviceBuildExt + TensorFromVec<bool>,
     ModelError: From<<D as HasErr>::Err>,
 {
     let c = &args.common;
@@ -956,11 +993,7 @@ where
                     settings.context
                 );
             }
-            // A resumed run keeps the element type it started with.
-            if config.dtype == "f16" {
-                return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
-            }
-            train_or_evaluate(c, config, &mut task, &mut model, 0.01)
+            train_in_dtype(c, config, &mut task, &mut model)
         }
         BertTask::Sentiment => {
             type Clf = BertTinyClassifier<2>;
@@ -1026,11 +1059,7 @@ where
                     }
                 );
             }
-            // A resumed run keeps the element type it started with.
-            if config.dtype == "f16" {
-                return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.01);
-            }
-            train_or_evaluate(c, config, &mut task, &mut model, 0.01)
+            train_in_dtype(c, config, &mut task, &mut model)
         }
     }
 }

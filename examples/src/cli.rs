@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use neural_arch::amp::{half_copy, GradScaler, Half, MixedDevice, MixedTask};
+use neural_arch::amp::{half_copy, HalfFloat, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::dist::{Collective, Shard};
 use neural_arch::prelude::*;
@@ -32,8 +32,8 @@ pub struct CommonArgs {
     /// --distributed, `cuda` is the GPU of the process's local rank: one GPU per process).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Element type of the forward and backward passes: `f32`, or `f16` for mixed precision
-    /// (f32 master weights, dynamic loss scaling).
+    /// Element type of the forward and backward passes: `f32`, or `f16` / `bf16` for mixed
+    /// precision (f32 master weights; dynamic loss scaling for f16, none needed for bf16).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Seed of the initialisation and the data order.
@@ -270,12 +270,8 @@ impl CommonArgs {
 
     fn check_dtype(&self) -> Result<()> {
         match self.dtype.as_str() {
-            "f32" | "f16" => Ok(()),
-            "bf16" => bail!(
-                "--dtype bf16: dfdx 0.13, which runs the layers, has no bf16 element type; use \
-                 --dtype f16 (mixed precision with loss scaling) or f32"
-            ),
-            d => bail!("--dtype {d}: unknown element type; use f32 or f16"),
+            "f32" | "f16" | "bf16" => Ok(()),
+            d => bail!("--dtype {d}: unknown element type; use f32, f16 or bf16"),
         }
     }
 
@@ -456,10 +452,10 @@ where
     Ok(trainer.run(task, model, &mut opt, c.resume.is_some())?)
 }
 
-/// [`train_or_evaluate`] in mixed precision (`--dtype f16`): `model` keeps the `f32` master
-/// weights, and the forward and backward passes run on `f16` copies (see
+/// [`train_or_evaluate`] in mixed precision (`--dtype f16` or `bf16`, the type `H`): `model`
+/// keeps the `f32` master weights, and the forward and backward passes run on `H` copies (see
 /// `neural_arch::amp`). `--eval-only` evaluates the master weights, as the plain path does.
-pub fn train_or_evaluate_mixed<M, T, D>(
+pub fn train_or_evaluate_mixed<H, M, T, D>(
     c: &CommonArgs,
     config: TrainConfig,
     task: &mut T,
@@ -467,27 +463,21 @@ pub fn train_or_evaluate_mixed<M, T, D>(
     weight_decay: f64,
 ) -> Result<RunSummary>
 where
-    D: MixedDevice,
+    H: HalfFloat,
+    D: MixedDevice<H>,
     M: TensorCollection<f32, D> + ZeroGrads<f32, D> + NumParams<f32, D>,
-    M::To<Half, D>: TensorCollection<Half, D> + ZeroGrads<Half, D>,
-    T: Task<M, f32, D> + MixedTask<M::To<Half, D>, D>,
+    M::To<H, D>: TensorCollection<H, D> + ZeroGrads<H, D>,
+    T: Task<M, f32, D> + MixedTask<M::To<H, D>, D, H>,
     ModelError: From<<D as HasErr>::Err>,
 {
     if c.eval_only {
         return train_or_evaluate(c, config, task, model, weight_decay);
     }
-    let work = half_copy(model).map_err(ModelError::from)?;
+    let work = half_copy::<H, _, _>(model).map_err(ModelError::from)?;
     let mut opt: Adam<M, f32, D> = Adam::new(model, adamw(config.lr, weight_decay));
     let trainer = c.trainer(config)?;
     trainer.stop_on_ctrl_c();
-    Ok(trainer.run_mixed(
-        task,
-        model,
-        work,
-        &mut opt,
-        GradScaler::default(),
-        c.resume.is_some(),
-    )?)
+    Ok(trainer.run_mixed(task, model, work, &mut opt, H::scaler(), c.resume.is_some())?)
 }
 
 /// Ends a trainer binary: one line with the run's result and where its files are, or the error

@@ -31,8 +31,9 @@ use crate::lm::fetched;
 use crate::order::{mix, EpochOrder};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use neural_arch::amp::{Half, MixedDevice, MixedTask};
+use neural_arch::amp::{HalfDevice, HalfFloat, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -393,24 +394,21 @@ where
     }
 }
 
-impl<D, H> MixedTask<H, D> for ImageTask<D>
+impl<D, W, H> MixedTask<W, D, H> for ImageTask<D>
 where
-    D: Device<f32> + Device<Half>,
-    H: ModuleMut<
-        Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, D, OwnedTape<Half, D>>,
-        Output = Tensor<(usize, Const<CLASSES>), Half, D, OwnedTape<Half, D>>,
-        Error = ModelError,
-    >,
+    H: HalfFloat,
+    D: Device<f32> + Device<H>,
+    W: ModuleMut<HalfBatch<D, H>, Output = HalfLogits<D, H>, Error = ModelError>,
     ModelError: From<<D as HasErr>::Err>,
 {
     fn half_loss(
         &mut self,
-        model: &mut H,
+        model: &mut W,
         step: usize,
-        grads: Gradients<Half, D>,
-    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        grads: Gradients<H, D>,
+    ) -> Result<(Tensor<Rank0, H, D, OwnedTape<H, D>>, usize), ModelError> {
         let (x, y) = self.batch_at(step)?;
-        let x = x.into_iter().map(Half::from_f32).collect();
+        let x = x.into_iter().map(H::from_single).collect();
         let x = self
             .dev
             .try_tensor_from_vec(x, (y.len(), Const, Const, Const))?;
@@ -422,11 +420,32 @@ where
 /// A picture drawn from the trained model and the test images into the run's directory.
 pub type Picture<M> = dyn Fn(&M, &Images, &Path) -> Result<()>;
 
+/// An image classifier's working copy in the half type `H`, for mixed precision.
+pub trait ImageWork<D: MixedDevice<H>, H: HalfFloat>:
+    TensorCollection<f32, D, To<H, D> = Self::Work>
+{
+    /// The working copy's type.
+    type Work: TensorCollection<H, D>
+        + ZeroGrads<H, D>
+        + ModuleMut<HalfBatch<D, H>, Output = HalfLogits<D, H>, Error = ModelError>;
+}
+
+impl<D: MixedDevice<H>, H: HalfFloat, M, W> ImageWork<D, H> for M
+where
+    M: TensorCollection<f32, D, To<H, D> = W>,
+    W: TensorCollection<H, D>
+        + ZeroGrads<H, D>
+        + ModuleMut<HalfBatch<D, H>, Output = HalfLogits<D, H>, Error = ModelError>,
+{
+    type Work = W;
+}
+
 /// The bounds an image classifier `Built<B, f32, D>` meets for [`run`] on device `D`:
-/// training and evaluation in `f32`, training in mixed precision on its `f16` copy, and a copy
-/// on the CPU for the pictures.
-pub trait ImageModel<D: MixedDevice>:
-    TensorCollection<f32, D, To<Half, D> = Self::Half>
+/// training and evaluation in `f32`, training in mixed precision on its `f16` or `bf16` copy,
+/// and a copy on the CPU for the pictures.
+pub trait ImageModel<D: HalfDevice>:
+    ImageWork<D, f16>
+    + ImageWork<D, bf16>
     + ZeroGrads<f32, D>
     + NumParams<f32, D>
     + ModuleMut<
@@ -435,32 +454,23 @@ pub trait ImageModel<D: MixedDevice>:
         Error = ModelError,
     > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>
 {
-    /// The `f16` working copy's type.
-    type Half: TensorCollection<Half, D>
-        + ZeroGrads<Half, D>
-        + ModuleMut<HalfBatch<D>, Output = HalfLogits<D>, Error = ModelError>;
 }
 
-impl<D: MixedDevice, M, H> ImageModel<D> for M
-where
-    M: TensorCollection<f32, D, To<Half, D> = H>
+impl<D: HalfDevice, M> ImageModel<D> for M where
+    M: ImageWork<D, f16>
+        + ImageWork<D, bf16>
         + ZeroGrads<f32, D>
         + NumParams<f32, D>
         + ModuleMut<
             Batch<D, OwnedTape<f32, D>>,
             Output = Logits<D, OwnedTape<f32, D>>,
             Error = ModelError,
-        > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>,
-    H: TensorCollection<Half, D>
-        + ZeroGrads<Half, D>
-        + ModuleMut<HalfBatch<D>, Output = HalfLogits<D>, Error = ModelError>,
+        > + Module<Batch<D, NoneTape>, Output = Logits<D, NoneTape>, Error = ModelError>
 {
-    type Half = H;
 }
 
-type HalfBatch<D> =
-    Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), Half, D, OwnedTape<Half, D>>;
-type HalfLogits<D> = Tensor<(usize, Const<CLASSES>), Half, D, OwnedTape<Half, D>>;
+type HalfBatch<D, H> = Tensor<(usize, Const<3>, Const<INPUT>, Const<INPUT>), H, D, OwnedTape<H, D>>;
+type HalfLogits<D, H> = Tensor<(usize, Const<CLASSES>), H, D, OwnedTape<H, D>>;
 
 /// Trains (or, with `--eval-only`, evaluates) the image classifier `B`, on the CPU or, with
 /// `--device cuda` in a build with the `cuda` feature, on a GPU. `init` sets the fresh weights
@@ -536,7 +546,7 @@ where
 
 fn run_on<B, D>(dev: D, run: Run<'_, Built<B, f32, Cpu>>) -> Result<RunSummary>
 where
-    D: MixedDevice + DeviceBuildExt,
+    D: HalfDevice + DeviceBuildExt,
     B: BuildOnDevice<D, f32> + BuildOnDevice<Cpu, f32>,
     Built<B, f32, D>: ImageModel<D> + TensorCollection<f32, D, To<f32, Cpu> = Built<B, f32, Cpu>>,
     ModelError: From<<D as HasErr>::Err>,
@@ -595,10 +605,10 @@ where
     task.shard = shard;
     let out = config.out.clone();
     // A resumed run keeps the element type it started with.
-    let summary = if config.dtype == "f16" {
-        train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.05)?
-    } else {
-        train_or_evaluate(c, config, &mut task, &mut model, 0.05)?
+    let summary = match config.dtype.as_str() {
+        "f16" => train_or_evaluate_mixed::<f16, _, _, _>(c, config, &mut task, &mut model, 0.05)?,
+        "bf16" => train_or_evaluate_mixed::<bf16, _, _, _>(c, config, &mut task, &mut model, 0.05)?,
+        _ => train_or_evaluate(c, config, &mut task, &mut model, 0.05)?,
     };
     if let (Some(draw), true) = (picture, task.shard.is_root()) {
         let on_cpu = model

@@ -14,8 +14,9 @@ use crate::cli::{
 };
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use neural_arch::amp::{Half, MixedDevice, MixedTask};
+use neural_arch::amp::{HalfDevice, HalfFloat, MixedDevice, MixedTask};
 use neural_arch::checkpoint::{load_safetensors, LoadOptions};
+use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
@@ -403,22 +404,23 @@ where
     }
 }
 
-impl<const V: usize, D, H> MixedTask<H, D> for LmTask<V, D>
+impl<const V: usize, D, W, H> MixedTask<W, D, H> for LmTask<V, D>
 where
-    D: Device<f32> + Device<Half>,
-    H: ModuleMut<
-        Ids<D, OwnedTape<Half, D>>,
-        Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
+    H: HalfFloat,
+    D: Device<f32> + Device<H>,
+    W: ModuleMut<
+        Ids<D, OwnedTape<H, D>>,
+        Output = Tensor<(usize, usize, Const<V>), H, D, OwnedTape<H, D>>,
         Error = ModelError,
     >,
     ModelError: From<<D as HasErr>::Err>,
 {
     fn half_loss(
         &mut self,
-        model: &mut H,
+        model: &mut W,
         step: usize,
-        grads: Gradients<Half, D>,
-    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
+        grads: Gradients<H, D>,
+    ) -> Result<(Tensor<Rank0, H, D, OwnedTape<H, D>>, usize), ModelError> {
         let t = &*self;
         let (x, y, rows) = t.batch_at(step)?;
         let ids = t.dev.try_tensor_from_vec(x, (rows, t.context))?;
@@ -474,10 +476,40 @@ pub fn read_tokens(path: &Path) -> Result<Vec<usize>> {
     Ok(v)
 }
 
+/// A language model's working copy in the half type `H`, for mixed precision.
+pub trait LmWork<const V: usize, D: MixedDevice<H>, H: HalfFloat>:
+    TensorCollection<f32, D, To<H, D> = Self::Work>
+{
+    /// The working copy's type.
+    type Work: TensorCollection<H, D>
+        + ZeroGrads<H, D>
+        + ModuleMut<
+            Ids<D, OwnedTape<H, D>>,
+            Output = Tensor<(usize, usize, Const<V>), H, D, OwnedTape<H, D>>,
+            Error = ModelError,
+        >;
+}
+
+impl<const V: usize, D: MixedDevice<H>, H: HalfFloat, M, W> LmWork<V, D, H> for M
+where
+    M: TensorCollection<f32, D, To<H, D> = W>,
+    W: TensorCollection<H, D>
+        + ZeroGrads<H, D>
+        + ModuleMut<
+            Ids<D, OwnedTape<H, D>>,
+            Output = Tensor<(usize, usize, Const<V>), H, D, OwnedTape<H, D>>,
+            Error = ModelError,
+        >,
+{
+    type Work = W;
+}
+
 /// The bounds a language model `Built<B, f32, D>` meets for [`run`] on device `D`: training,
-/// evaluation and generation in `f32`, and training in mixed precision on its `f16` copy.
-pub trait LmModel<const V: usize, D: MixedDevice>:
-    TensorCollection<f32, D, To<Half, D> = Self::Half>
+/// evaluation and generation in `f32`, and training in mixed precision on its `f16` or `bf16`
+/// copy.
+pub trait LmModel<const V: usize, D: HalfDevice>:
+    LmWork<V, D, f16>
+    + LmWork<V, D, bf16>
     + ZeroGrads<f32, D>
     + NumParams<f32, D>
     + ModuleMut<
@@ -487,19 +519,11 @@ pub trait LmModel<const V: usize, D: MixedDevice>:
     > + Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>
     + CausalLm<V, f32, D>
 {
-    /// The `f16` working copy's type.
-    type Half: TensorCollection<Half, D>
-        + ZeroGrads<Half, D>
-        + ModuleMut<
-            Ids<D, OwnedTape<Half, D>>,
-            Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
-            Error = ModelError,
-        >;
 }
 
-impl<const V: usize, D: MixedDevice, M, H> LmModel<V, D> for M
-where
-    M: TensorCollection<f32, D, To<Half, D> = H>
+impl<const V: usize, D: HalfDevice, M> LmModel<V, D> for M where
+    M: LmWork<V, D, f16>
+        + LmWork<V, D, bf16>
         + ZeroGrads<f32, D>
         + NumParams<f32, D>
         + ModuleMut<
@@ -507,16 +531,8 @@ where
             Output = Logits<V, D, OwnedTape<f32, D>>,
             Error = ModelError,
         > + Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>
-        + CausalLm<V, f32, D>,
-    H: TensorCollection<Half, D>
-        + ZeroGrads<Half, D>
-        + ModuleMut<
-            Ids<D, OwnedTape<Half, D>>,
-            Output = Tensor<(usize, usize, Const<V>), Half, D, OwnedTape<Half, D>>,
-            Error = ModelError,
-        >,
+        + CausalLm<V, f32, D>
 {
-    type Half = H;
 }
 
 /// Trains (or, with `--eval-only`, evaluates) the language model `B`, on the CPU or, with
@@ -615,7 +631,7 @@ fn run_on<const V: usize, B, D>(
     init: &InitRule,
 ) -> Result<RunSummary>
 where
-    D: MixedDevice + DeviceBuildExt,
+    D: HalfDevice + DeviceBuildExt,
     B: BuildOnDevice<D, f32>,
     Built<B, f32, D>: LmModel<V, D>,
     ModelError: From<<D as HasErr>::Err>,
@@ -698,10 +714,11 @@ where
         shard,
     };
     // A resumed run keeps the element type it started with.
-    if config.dtype == "f16" {
-        return train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.1);
+    match config.dtype.as_str() {
+        "f16" => train_or_evaluate_mixed::<f16, _, _, _>(c, config, &mut task, &mut model, 0.1),
+        "bf16" => train_or_evaluate_mixed::<bf16, _, _, _>(c, config, &mut task, &mut model, 0.1),
+        _ => train_or_evaluate(c, config, &mut task, &mut model, 0.1),
     }
-    train_or_evaluate(c, config, &mut task, &mut model, 0.1)
 }
 
 #[cfg(test)]

@@ -27,8 +27,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use neural_arch::amp::{Half, MixedDevice, MixedTask};
+use neural_arch::amp::{HalfDevice, MixedDevice, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
+use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_examples::argmax;
@@ -129,7 +130,7 @@ fn scene_pair(s: &Scene) -> Pair {
     (s.caption(), s.render())
 }
 
-impl<D: MixedDevice> ClipTask<D>
+impl<D: HalfDevice> ClipTask<D>
 where
     ModelError: From<<D as HasErr>::Err>,
 {
@@ -308,31 +309,39 @@ fn chance_at(captions: &[String], k: usize) -> f64 {
     total / n as f64
 }
 
-impl<D: MixedDevice> MixedTask<Built<ClipTiny, Half, D>, D> for ClipTask<D>
-where
-    ModelError: From<<D as HasErr>::Err>,
-{
-    fn half_loss(
-        &mut self,
-        model: &mut Built<ClipTiny, Half, D>,
-        step: usize,
-        grads: Gradients<Half, D>,
-    ) -> Result<(Tensor<Rank0, Half, D, OwnedTape<Half, D>>, usize), ModelError> {
-        let pairs: Vec<Pair> = (0..self.batch)
-            .map(|i| self.pair_at((step * self.batch + i) as u64))
-            .collect();
-        let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-        let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
-        let (ids, px) = self
-            .tensors(&captions, &images)
-            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
-        let px = D::to_half(px)?;
-        let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
-        Ok((clip_loss(image, text, &model.logit_scale)?, pairs.len()))
-    }
+/// The contrastive loss on the working copy in one half type.
+macro_rules! clip_mixed_task {
+    ($e:ty) => {
+        impl<D: HalfDevice> MixedTask<Built<ClipTiny, $e, D>, D, $e> for ClipTask<D>
+        where
+            ModelError: From<<D as HasErr>::Err>,
+        {
+            fn half_loss(
+                &mut self,
+                model: &mut Built<ClipTiny, $e, D>,
+                step: usize,
+                grads: Gradients<$e, D>,
+            ) -> Result<(Tensor<Rank0, $e, D, OwnedTape<$e, D>>, usize), ModelError> {
+                let pairs: Vec<Pair> = (0..self.batch)
+                    .map(|i| self.pair_at((step * self.batch + i) as u64))
+                    .collect();
+                let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+                let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
+                let (ids, px) = self
+                    .tensors(&captions, &images)
+                    .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+                let px = <D as MixedDevice<$e>>::to_half(px)?;
+                let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
+                Ok((clip_loss(image, text, &model.logit_scale)?, pairs.len()))
+            }
+        }
+    };
 }
 
-impl<D: MixedDevice> Task<Clip<D>, f32, D> for ClipTask<D>
+clip_mixed_task!(f16);
+clip_mixed_task!(bf16);
+
+impl<D: HalfDevice> Task<Clip<D>, f32, D> for ClipTask<D>
 where
     ModelError: From<<D as HasErr>::Err>,
 {
@@ -396,7 +405,7 @@ where
     }
 }
 
-impl<D: MixedDevice> ClipTask<D>
+impl<D: HalfDevice> ClipTask<D>
 where
     ModelError: From<<D as HasErr>::Err>,
 {
@@ -481,7 +490,7 @@ fn run(cli: &Cli) -> Result<RunSummary> {
 
 fn run_on<D>(dev: D, cli: &Cli) -> Result<RunSummary>
 where
-    D: MixedDevice + DeviceBuildExt,
+    D: HalfDevice + DeviceBuildExt,
     ModelError: From<<D as HasErr>::Err>,
 {
     let c = &cli.common;
@@ -649,10 +658,10 @@ where
     let out = config.out.clone();
     let title = format!("clip {}: caption x image cosine similarity", c.preset);
     // A resumed run keeps the element type it started with.
-    let summary = if config.dtype == "f16" {
-        train_or_evaluate_mixed(c, config, &mut task, &mut model, 0.1)?
-    } else {
-        train_or_evaluate(c, config, &mut task, &mut model, 0.1)?
+    let summary = match config.dtype.as_str() {
+        "f16" => train_or_evaluate_mixed::<f16, _, _, _>(c, config, &mut task, &mut model, 0.1)?,
+        "bf16" => train_or_evaluate_mixed::<bf16, _, _, _>(c, config, &mut task, &mut model, 0.1)?,
+        _ => train_or_evaluate(c, config, &mut task, &mut model, 0.1)?,
     };
     task.write_similarity(&out.join("similarity.png"), &title)?;
     Ok(summary)

@@ -79,9 +79,10 @@ pub fn assert_clear_error(outcome: (bool, String, String), expected: &[&str]) {
     }
 }
 
-/// Runs `bin` twice for a few steps, in `f32` and with `--dtype f16`, and checks that mixed
-/// precision trains the same model: per-step losses within f16's rounding of each other, and a
-/// summary that records the element type and the loss scale.
+/// Runs `bin` three times for a few steps, in `f32`, with `--dtype f16` and with `--dtype bf16`,
+/// and checks that mixed precision trains the same model: per-step losses within the half
+/// type's rounding of the `f32` ones, and a summary that records the element type and the loss
+/// scale.
 #[allow(dead_code)]
 pub fn assert_mixed_precision_matches(bin: &str, data: Option<&Path>, args: &[&str], name: &str) {
     let run_with = |dtype: &str| {
@@ -95,15 +96,32 @@ pub fn assert_mixed_precision_matches(bin: &str, data: Option<&Path>, args: &[&s
     };
     let (single, a) = run_with("f32");
     let (half, b) = run_with("f16");
+    let (brain, c) = run_with("bf16");
     assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    assert_eq!(a.len(), c.len(), "{a:?} vs {c:?}");
     for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 2e-2 * x.abs(), "{name}: {a:?} vs {b:?}");
+        assert!(
+            (x - y).abs() <= 2e-2 * x.abs(),
+            "{name}: {a:?} vs f16 {b:?}"
+        );
+    }
+    // bf16 keeps 8 significant bits to f16's 11.
+    for (x, y) in a.iter().zip(&c) {
+        assert!(
+            (x - y).abs() <= 4e-2 * x.abs(),
+            "{name}: {a:?} vs bf16 {c:?}"
+        );
     }
     let s = summary(&half);
     assert_eq!(s["dtype"], "f16", "{s}");
     assert!(s["loss_scale"].as_f64().unwrap() > 1.0, "{s}");
     assert!(s["peak_device_memory_bytes"].as_u64().unwrap() > 0, "{s}");
-    for d in [single, half] {
+    // bf16 has f32's range: no scaling, as PyTorch advises.
+    let s = summary(&brain);
+    assert_eq!(s["dtype"], "bf16", "{s}");
+    assert_eq!(s["loss_scale"], 1.0, "{s}");
+    assert_eq!(s["skipped_steps"], 0, "{s}");
+    for d in [single, half, brain] {
         std::fs::remove_dir_all(d).ok();
     }
 }
