@@ -1,12 +1,13 @@
 //! The numerical accuracy report: how close the layers' outputs are to an `f64` reference, in
-//! `f32` and `f16`, and how close the gradients of every layer and loss are to central
+//! `f32`, `f16` and `bf16`, and how close the gradients of every layer and loss are to central
 //! differences.
 //!
 //! The original framework published an exact-GELU max error of 1.7e-6 and gradient errors
 //! below 3e-3; [`report`] measures ours on the same terms and [`AccuracyReport::comparison`]
 //! prints them side by side.
 
-use neural_arch::dfdx::dtypes::f16;
+use neural_arch::amp::HalfFloat;
+use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::gradcheck::{check_input_grads, check_param_grads, GradReport};
 use neural_arch::prelude::*;
 use serde::Serialize;
@@ -39,15 +40,17 @@ impl ErrorStats {
     }
 }
 
-/// One function in `f32` and `f16`.
+/// One function in `f32`, `f16` and `bf16`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrecisionRow {
     /// What was measured.
     pub name: String,
     /// Computed in `f32`.
     pub f32: ErrorStats,
-    /// Computed in `f16` (inputs rounded to `f16` first, so the error includes that rounding).
+    /// Computed in `f16` (the reference is taken at the inputs rounded to `f16`).
     pub f16: ErrorStats,
+    /// Computed in `bf16` (the reference is taken at the inputs rounded to `bf16`).
+    pub bf16: ErrorStats,
 }
 
 /// A gradient check of one layer, in `f64`.
@@ -111,11 +114,39 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Runs `layer` on `xs` in f32 and f16 and compares with `reference`.
+/// `layer` on `xs` rounded to the half type `H`, against `reference` at the rounded inputs (so
+/// that what is measured is the computation, not the rounding of the grid).
+fn half_elementwise<H: HalfFloat, L>(
+    layer: &L,
+    xs: &[f64],
+    reference: &impl Fn(f64) -> f64,
+) -> ErrorStats
+where
+    L: Module<Tensor<(usize,), H, Cpu>, Output = Tensor<(usize,), H, Cpu>>,
+{
+    let dev = Cpu::default();
+    let xh: Vec<H> = xs.iter().map(|&x| H::from_single(x as f32)).collect();
+    let want: Vec<f64> = xh.iter().map(|x| reference(wide(*x))).collect();
+    let y = Module::<Tensor<(usize,), H, Cpu>>::try_forward(
+        layer,
+        dev.tensor_from_vec(xh, (xs.len(),)),
+    )
+    .map(|y| y.as_vec())
+    .unwrap_or_default();
+    ErrorStats::of(&y.into_iter().map(wide).collect::<Vec<_>>(), &want)
+}
+
+/// `x` in `f64` (exact for every float type here).
+fn wide<E: num_traits::ToPrimitive>(x: E) -> f64 {
+    x.to_f64().unwrap_or(f64::NAN)
+}
+
+/// Runs `layer` on `xs` in f32, f16 and bf16 and compares with `reference`.
 fn elementwise<L>(name: &str, layer: L, xs: &[f64], reference: impl Fn(f64) -> f64) -> PrecisionRow
 where
     L: Module<Tensor<(usize,), f32, Cpu>, Output = Tensor<(usize,), f32, Cpu>>
-        + Module<Tensor<(usize,), f16, Cpu>, Output = Tensor<(usize,), f16, Cpu>>,
+        + Module<Tensor<(usize,), f16, Cpu>, Output = Tensor<(usize,), f16, Cpu>>
+        + Module<Tensor<(usize,), bf16, Cpu>, Output = Tensor<(usize,), bf16, Cpu>>,
 {
     let dev = Cpu::default();
     let x32: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
@@ -128,25 +159,44 @@ where
     )
     .map(|y| y.as_vec())
     .unwrap_or_default();
-    let x16: Vec<f16> = xs.iter().map(|&x| f16::from_f64(x)).collect();
-    let want16: Vec<f64> = x16.iter().map(|x| reference(x.to_f64())).collect();
-    let y16 = Module::<Tensor<(usize,), f16, Cpu>>::try_forward(
-        &layer,
-        dev.tensor_from_vec(x16, (xs.len(),)),
-    )
-    .map(|y| y.as_vec())
-    .unwrap_or_default();
     PrecisionRow {
         name: name.to_string(),
         f32: ErrorStats::of(
             &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
             &want,
         ),
-        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
+        f16: half_elementwise::<f16, _>(&layer, xs, &reference),
+        bf16: half_elementwise::<bf16, _>(&layer, xs, &reference),
     }
 }
 
-/// Rows of `n` values, normalised by `layer` in f32 and f16, against `reference` on each row.
+/// Rows of 64 values in the type `E`, normalised by `layer`, against `reference` on each row
+/// as `E` holds it.
+fn rows_in<E: Dtype + num_traits::ToPrimitive, L>(
+    layer: &L,
+    rows: &[Vec<f64>],
+    reference: &impl Fn(&[f64]) -> Vec<f64>,
+    cast: impl Fn(f64) -> E,
+) -> ErrorStats
+where
+    L: Module<Tensor<(usize, Const<64>), E, Cpu>, Output = Tensor<(usize, Const<64>), E, Cpu>>,
+{
+    let dev = Cpu::default();
+    let held: Vec<Vec<E>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&v| cast(v)).collect())
+        .collect();
+    let want: Vec<f64> = held
+        .iter()
+        .flat_map(|r| reference(&r.iter().map(|&v| wide(v)).collect::<Vec<_>>()))
+        .collect();
+    let x = dev.tensor_from_vec(held.concat(), (rows.len(), Const));
+    let y = layer.try_forward(x).map(|y| y.as_vec()).unwrap_or_default();
+    ErrorStats::of(&y.into_iter().map(wide).collect::<Vec<_>>(), &want)
+}
+
+/// Rows of 64 values, normalised by `layer` in f32, f16 and bf16, against `reference` on each
+/// row.
 fn rowwise<L>(
     name: &str,
     layer: L,
@@ -155,42 +205,13 @@ fn rowwise<L>(
 ) -> PrecisionRow
 where
     L: Module<Tensor<(usize, Const<64>), f32, Cpu>, Output = Tensor<(usize, Const<64>), f32, Cpu>>
-        + Module<Tensor<(usize, Const<64>), f16, Cpu>, Output = Tensor<(usize, Const<64>), f16, Cpu>>,
+        + Module<Tensor<(usize, Const<64>), f16, Cpu>, Output = Tensor<(usize, Const<64>), f16, Cpu>>
+        + Module<
+            Tensor<(usize, Const<64>), bf16, Cpu>,
+            Output = Tensor<(usize, Const<64>), bf16, Cpu>,
+        >,
 {
-    let dev = Cpu::default();
-    let r32: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&v| f64::from(v as f32)).collect())
-        .collect();
-    let want: Vec<f64> = r32.iter().flat_map(|r| reference(r)).collect();
-    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    let x32 = dev.tensor_from_vec(
-        flat.iter().map(|&v| v as f32).collect(),
-        (rows.len(), Const),
-    );
-    let y32 = Module::try_forward(&layer, x32)
-        .map(|y: Tensor<(usize, Const<64>), f32, Cpu>| y.as_vec())
-        .unwrap_or_default();
-    let r16: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&v| f16::from_f64(v).to_f64()).collect())
-        .collect();
-    let want16: Vec<f64> = r16.iter().flat_map(|r| reference(r)).collect();
-    let x16 = dev.tensor_from_vec(
-        flat.iter().map(|&v| f16::from_f64(v)).collect(),
-        (rows.len(), Const),
-    );
-    let y16 = Module::try_forward(&layer, x16)
-        .map(|y: Tensor<(usize, Const<64>), f16, Cpu>| y.as_vec())
-        .unwrap_or_default();
-    PrecisionRow {
-        name: name.to_string(),
-        f32: ErrorStats::of(
-            &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
-            &want,
-        ),
-        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
-    }
+    rowwise_in_each(name, &layer, &layer, &layer, rows, reference)
 }
 
 /// A traced `f64` tensor on the CPU, and the scalar every check differentiates.
@@ -517,10 +538,12 @@ pub fn report() -> AccuracyReport {
     ));
     let ln = dev.build_module::<LayerNorm<64>, f32>();
     let ln16 = ln.clone().to_dtype::<f16>();
-    precision.push(rowwise_pair(
+    let lnb16 = ln.clone().to_dtype::<bf16>();
+    precision.push(rowwise_in_each(
         "LayerNorm (64 features)",
         &ln,
         &ln16,
+        &lnb16,
         &rows,
         layer_norm_ref,
     ));
@@ -536,10 +559,11 @@ pub fn report() -> AccuracyReport {
 }
 
 /// Like [`rowwise`] for modules with parameters, built once per dtype.
-fn rowwise_pair<L32, L16>(
+fn rowwise_in_each<L32, L16, Lb16>(
     name: &str,
     l32: &L32,
     l16: &L16,
+    lb16: &Lb16,
     rows: &[Vec<f64>],
     reference: impl Fn(&[f64]) -> Vec<f64>,
 ) -> PrecisionRow
@@ -548,36 +572,16 @@ where
         Module<Tensor<(usize, Const<64>), f32, Cpu>, Output = Tensor<(usize, Const<64>), f32, Cpu>>,
     L16:
         Module<Tensor<(usize, Const<64>), f16, Cpu>, Output = Tensor<(usize, Const<64>), f16, Cpu>>,
+    Lb16: Module<
+        Tensor<(usize, Const<64>), bf16, Cpu>,
+        Output = Tensor<(usize, Const<64>), bf16, Cpu>,
+    >,
 {
-    let dev = Cpu::default();
-    let r32: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&v| f64::from(v as f32)).collect())
-        .collect();
-    let want: Vec<f64> = r32.iter().flat_map(|r| reference(r)).collect();
-    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    let x32 = dev.tensor_from_vec(
-        flat.iter().map(|&v| v as f32).collect(),
-        (rows.len(), Const),
-    );
-    let y32 = l32.try_forward(x32).map(|y| y.as_vec()).unwrap_or_default();
-    let r16: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&v| f16::from_f64(v).to_f64()).collect())
-        .collect();
-    let want16: Vec<f64> = r16.iter().flat_map(|r| reference(r)).collect();
-    let x16 = dev.tensor_from_vec(
-        flat.iter().map(|&v| f16::from_f64(v)).collect(),
-        (rows.len(), Const),
-    );
-    let y16 = l16.try_forward(x16).map(|y| y.as_vec()).unwrap_or_default();
     PrecisionRow {
         name: name.to_string(),
-        f32: ErrorStats::of(
-            &y32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
-            &want,
-        ),
-        f16: ErrorStats::of(&y16.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), &want16),
+        f32: rows_in(l32, rows, &reference, |v| v as f32),
+        f16: rows_in(l16, rows, &reference, f16::from_f64),
+        bf16: rows_in(lb16, rows, &reference, bf16::from_f64),
     }
 }
 
@@ -587,13 +591,19 @@ impl AccuracyReport {
         let mut out = String::new();
         out.push_str(&format!("element-wise functions on {}\n", self.grid));
         out.push_str(&format!(
-            "{:<32} {:>12} {:>12} {:>12} {:>12}\n",
-            "function", "f32 max", "f32 RMSE", "f16 max", "f16 RMSE"
+            "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "function", "f32 max", "f32 RMSE", "f16 max", "f16 RMSE", "bf16 max", "bf16 RMSE"
         ));
         for r in &self.precision {
             out.push_str(&format!(
-                "{:<32} {:>12.2e} {:>12.2e} {:>12.2e} {:>12.2e}\n",
-                r.name, r.f32.max_abs_err, r.f32.rmse, r.f16.max_abs_err, r.f16.rmse
+                "{:<32} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e}\n",
+                r.name,
+                r.f32.max_abs_err,
+                r.f32.rmse,
+                r.f16.max_abs_err,
+                r.f16.rmse,
+                r.bf16.max_abs_err,
+                r.bf16.rmse
             ));
         }
         out.push_str(&format!(

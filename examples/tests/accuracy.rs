@@ -16,6 +16,14 @@ fn layers_are_accurate_and_gradients_exact() {
             row.name,
             row.f16.max_abs_err
         );
+        // bf16's spacing is 2⁻⁴ at 8, the grid's largest output.
+        assert!(
+            row.bf16.max_abs_err < 6.25e-2,
+            "{}: bf16 max error {:e} (f16 {:e})",
+            row.name,
+            row.bf16.max_abs_err,
+            row.f16.max_abs_err
+        );
     }
     for g in &r.gradients {
         let worst = g
