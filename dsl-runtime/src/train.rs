@@ -333,12 +333,22 @@ impl Trainer {
         self.group.as_ref().map_or(Shard::SINGLE, |g| g.shard())
     }
 
-    /// Installs a Ctrl-C handler that makes the run stop after the current step, with a
-    /// checkpoint. Only the first call in a process installs one.
+    /// Makes Ctrl-C, and on Unix SIGUSR1, stop the run after the current step, with a
+    /// checkpoint. Only the first call in a process installs the Ctrl-C handler; every call
+    /// registers its trainer's flag for SIGUSR1.
+    ///
+    /// SIGUSR1 is the graceful stop of a `--distributed` group: `mpirun` answers Ctrl-C by
+    /// killing the ranks, but forwards SIGUSR1 to all of them (`kill -USR1 <mpirun's pid>`),
+    /// and the ranks agree on stopping at the same step.
     pub fn stop_on_ctrl_c(&self) {
         let flag = self.stop.clone();
         // A second handler cannot be installed; the first one keeps working for its trainer.
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+        #[cfg(unix)]
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, self.stop.clone())
+        {
+            eprintln!("warning: SIGUSR1 will not stop the run: {e}");
+        }
     }
 
     /// A flag that, once set, stops the run after the current step with a checkpoint (what

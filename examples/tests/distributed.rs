@@ -1,7 +1,7 @@
 //! Data-parallel training across processes (`--distributed`, the `mpi` feature), launched by
 //! Open MPI's `mpirun` as a user would: two processes compute what one does on the same global
-//! batch, a stopped group resumes exactly, and a rank that dies or hangs ends the job with an
-//! error instead of leaving the others waiting.
+//! batch, a stopped group resumes exactly, SIGUSR1 stops a group with a checkpoint, and a rank
+//! that dies or hangs ends the job with an error instead of leaving the others waiting.
 //!
 //! Needs `mpirun` on the PATH (`bash tools/install-openmpi.sh`).
 #![cfg(feature = "mpi")]
@@ -224,6 +224,54 @@ fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
         "{}",
         o.stderr
     );
+}
+
+#[test]
+fn sigusr1_to_mpirun_stops_the_group_with_a_checkpoint_that_resumes() {
+    let dir = temp("usr1");
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "100000", "--out", o]);
+    let started = Instant::now();
+    let child = launch(2, GPT2, &args, &dir, None);
+    let metrics_file = out.join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics_file).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no steps");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What a user does to stop a group: Ctrl-C would make mpirun kill the ranks.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stop = finish(child, &dir, started, Duration::from_secs(600));
+    assert!(succeeded(&stop), "{}\n{}", stop.stdout, stop.stderr);
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["interrupted"], true, "{s}");
+    let stopped = s["steps"].as_u64().unwrap();
+    let state = json(&out.join("checkpoint").join("state.json"));
+    assert_eq!(state["step"].as_u64(), Some(stopped), "{state}");
+    let last = metrics(&out)
+        .iter()
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap();
+    assert_eq!(last, stopped);
+
+    // The group resumes from that checkpoint.
+    let target = (stopped + 2).to_string();
+    let r = mpirun(2, GPT2, &["--resume", o, "--steps", &target], &dir, None);
+    assert!(succeeded(&r), "{}\n{}", r.stdout, r.stderr);
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=stopped + 2).collect::<Vec<_>>());
+    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
