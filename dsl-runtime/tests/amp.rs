@@ -1,10 +1,12 @@
-//! Mixed precision (`neural_arch::amp`): the gradients of an `f16` pass with loss scaling equal
-//! the `f32` gradients to `f16`'s precision; overflow is found and the step skipped; untrained
-//! buffers come back to the master; the trainer trains, skips, counts, and resumes exactly.
+//! Mixed precision (`neural_arch::amp`): the gradients of an `f16` pass with loss scaling, and
+//! of a `bf16` pass without, equal the `f32` gradients to the half type's precision; overflow
+//! is found and the step skipped; untrained buffers come back to the master; the trainer
+//! trains, skips, counts, and resumes exactly.
 
 use neural_arch::amp::{
-    half_copy, mixed_step, scaled_backward, GradScaler, Half, MixedOutcome, MixedTask,
+    half_copy, mixed_step, scaled_backward, GradScaler, Half, HalfFloat, MixedOutcome, MixedTask,
 };
+use neural_arch::dfdx::dtypes::bf16;
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ model! {
 
 type Master = Built<Mlp, f32, Cpu>;
 type Work = Built<Mlp, Half, Cpu>;
+type WorkBf16 = Built<Mlp, bf16, Cpu>;
 
 /// Step `step`'s batch: 64 random inputs and their classes.
 fn batch(dev: &Cpu, step: usize) -> (Tensor<(usize, Const<16>), f32, Cpu>, Vec<usize>) {
@@ -434,4 +437,92 @@ fn a_run_whose_every_step_overflows_stops_with_advice() {
         .filter(|l| l.get("skipped").is_some())
         .count();
     assert_eq!(skipped, GradScaler::MAX_SKIPPED_IN_A_ROW);
+}
+
+#[test]
+fn bf16_gradients_equal_f32_gradients_to_bf16_precision_without_scaling() {
+    let dev = Cpu::seed_from_u64(0);
+    let mut master: Master = dev.build_module::<Mlp, f32>();
+    let mut work: WorkBf16 = master.to_dtype::<bf16>();
+    let (x, y) = batch(&dev, 3);
+    let (want_loss, want) = {
+        let loss = cross_entropy(
+            master.forward(x.clone().leaky_trace()),
+            &y,
+            Default::default(),
+        )
+        .unwrap();
+        (loss.array() as f64, loss.backward())
+    };
+    let scaler = bf16::scaler();
+    assert_eq!((scaler.scale, scaler.max_scale), (1.0, 1.0));
+    let mut grads = master.alloc_grads();
+    let out = mixed_step(&mut master, &mut work, &mut grads, &scaler, |h, g| {
+        let xh = x.clone().to_dtype::<bf16>();
+        let loss = cross_entropy(h.forward_mut(xh.traced(g)), &y, Default::default())?;
+        Ok((loss, 64))
+    })
+    .unwrap();
+    assert!(!out.found_inf);
+    assert!(
+        (out.loss - want_loss).abs() < 3e-2 * want_loss,
+        "{} vs {want_loss}",
+        out.loss
+    );
+    for (name, a, b) in [
+        (
+            "up.weight",
+            grads.get(&master.up.weight).as_vec(),
+            want.get(&master.up.weight).as_vec(),
+        ),
+        (
+            "ln.weight",
+            grads.get(&master.ln.weight).as_vec(),
+            want.get(&master.ln.weight).as_vec(),
+        ),
+        (
+            "down.bias",
+            grads.get(&master.down.bias).as_vec(),
+            want.get(&master.down.bias).as_vec(),
+        ),
+    ] {
+        let e = rel(&a, &b);
+        // bf16 has an 8-bit significand: 2⁻⁸ ≈ 4e-3 per rounding.
+        assert!(e < 5e-2, "{name}: relative error {e}");
+        assert!(e > 0.0, "{name}: bf16 cannot be exact");
+    }
+}
+
+#[test]
+fn a_bf16_step_that_overflows_is_found_and_the_scale_stays_at_most_1() {
+    let dev = Cpu::seed_from_u64(0);
+    let mut master: Master = dev.build_module::<Mlp, f32>();
+    let mut work: WorkBf16 = master.to_dtype::<bf16>();
+    let (x, y) = batch(&dev, 0);
+    let mut grads = master.alloc_grads();
+    let out = mixed_step(
+        &mut master,
+        &mut work,
+        &mut grads,
+        &bf16::scaler(),
+        |h, g| {
+            // Logits past bf16's largest value (3.4e38): the loss and its gradients overflow.
+            let logits = h.forward_mut(x.clone().to_dtype::<bf16>().traced(g)) * bf16::MAX;
+            Ok((
+                cross_entropy(logits * bf16::MAX, &y, Default::default())?,
+                64,
+            ))
+        },
+    )
+    .unwrap();
+    assert!(out.found_inf);
+    let mut scaler = bf16::scaler();
+    scaler.update(true);
+    assert_eq!((scaler.scale, scaler.skipped_steps), (0.5, 1));
+    let mut scaler = GradScaler {
+        growth_interval: 1,
+        ..bf16::scaler()
+    };
+    scaler.update(false);
+    assert_eq!(scaler.scale, 1.0, "growth never passes the ceiling of 1");
 }
