@@ -4,7 +4,8 @@
 //! trains, skips, counts, and resumes exactly.
 
 use neural_arch::amp::{
-    half_copy, mixed_step, scaled_backward, GradScaler, Half, HalfFloat, MixedOutcome, MixedTask,
+    half_copy, mixed_step, scaled_backward, GradScaler, Half, HalfFloat, MixedDevice, MixedOutcome,
+    MixedTask,
 };
 use neural_arch::dfdx::dtypes::bf16;
 use neural_arch::prelude::*;
@@ -74,13 +75,17 @@ fn scaled_backward_multiplies_every_gradient_by_the_scale() {
     }
 }
 
-#[test]
-fn mixed_gradients_equal_f32_gradients_to_half_precision() {
+/// One mixed step in the half type `H` with `scaler` against the `f32` pass: the loss within
+/// `loss_tol` (relative), every parameter's gradient within `grad_tol` (relative), not exact.
+fn mixed_gradients_match<H: HalfFloat>(scaler: GradScaler, loss_tol: f64, grad_tol: f64)
+where
+    Cpu: MixedDevice<H>,
+{
     let dev = Cpu::seed_from_u64(0);
     let mut master: Master = dev.build_module::<Mlp, f32>();
-    let mut work: Work = master.to_dtype::<Half>();
+    let mut work: Built<Mlp, H, Cpu> = master.to_dtype::<H>();
     let (x, y) = batch(&dev, 3);
-    let reference = {
+    let (want_loss, want) = {
         let loss = cross_entropy(
             master.forward(x.clone().leaky_trace()),
             &y,
@@ -90,9 +95,8 @@ fn mixed_gradients_equal_f32_gradients_to_half_precision() {
         (loss.array() as f64, loss.backward())
     };
     let mut grads = master.alloc_grads();
-    let scaler = GradScaler::default();
     let out: MixedOutcome = mixed_step(&mut master, &mut work, &mut grads, &scaler, |h, g| {
-        let xh = x.clone().to_dtype::<Half>();
+        let xh = x.clone().to_dtype::<H>();
         let loss = cross_entropy(h.forward_mut(xh.traced(g)), &y, Default::default())?;
         Ok((loss, 64))
     })
@@ -100,43 +104,64 @@ fn mixed_gradients_equal_f32_gradients_to_half_precision() {
     assert!(!out.found_inf);
     assert_eq!(out.items, 64);
     assert!(
-        (out.loss - reference.0).abs() < 1e-2,
-        "{} vs {}",
-        out.loss,
-        reference.0
+        (out.loss - want_loss).abs() < loss_tol * want_loss,
+        "{}: {} vs {want_loss}",
+        H::NAME,
+        out.loss
     );
-    let (r, g) = (&reference.1, &grads);
-    for (name, a, b) in [
+    let (m, g) = (&master, &grads);
+    for (name, (a, b)) in [
         (
             "up.weight",
-            g.get(&master.up.weight).as_vec(),
-            r.get(&master.up.weight).as_vec(),
+            (
+                g.get(&m.up.weight).as_vec(),
+                want.get(&m.up.weight).as_vec(),
+            ),
         ),
         (
             "up.bias",
-            g.get(&master.up.bias).as_vec(),
-            r.get(&master.up.bias).as_vec(),
+            (g.get(&m.up.bias).as_vec(), want.get(&m.up.bias).as_vec()),
         ),
         (
             "ln.weight",
-            g.get(&master.ln.weight).as_vec(),
-            r.get(&master.ln.weight).as_vec(),
+            (
+                g.get(&m.ln.weight).as_vec(),
+                want.get(&m.ln.weight).as_vec(),
+            ),
         ),
         (
             "down.weight",
-            g.get(&master.down.weight).as_vec(),
-            r.get(&master.down.weight).as_vec(),
+            (
+                g.get(&m.down.weight).as_vec(),
+                want.get(&m.down.weight).as_vec(),
+            ),
         ),
         (
             "down.bias",
-            g.get(&master.down.bias).as_vec(),
-            r.get(&master.down.bias).as_vec(),
+            (
+                g.get(&m.down.bias).as_vec(),
+                want.get(&m.down.bias).as_vec(),
+            ),
         ),
     ] {
         let e = rel(&a, &b);
-        // f16 has an 11-bit significand: 2⁻¹¹ ≈ 5e-4 per rounding.
-        assert!(e < 1e-2, "{name}: relative error {e}");
+        assert!(e < grad_tol, "{} {name}: relative error {e}", H::NAME);
+        assert!(e > 0.0, "{} {name}: a half type cannot be exact", H::NAME);
     }
+}
+
+#[test]
+fn mixed_gradients_equal_f32_gradients_to_half_precision() {
+    // f16 has an 11-bit significand: 2⁻¹¹ ≈ 5e-4 per rounding.
+    mixed_gradients_match::<Half>(GradScaler::default(), 2e-3, 1e-2);
+}
+
+#[test]
+fn bf16_gradients_equal_f32_gradients_to_bf16_precision_without_scaling() {
+    let scaler = bf16::scaler();
+    assert_eq!((scaler.scale, scaler.max_scale), (1.0, 1.0));
+    // bf16 has an 8-bit significand: 2⁻⁸ ≈ 4e-3 per rounding.
+    mixed_gradients_match::<bf16>(scaler, 3e-2, 5e-2);
 }
 
 #[test]
@@ -437,60 +462,6 @@ fn a_run_whose_every_step_overflows_stops_with_advice() {
         .filter(|l| l.get("skipped").is_some())
         .count();
     assert_eq!(skipped, GradScaler::MAX_SKIPPED_IN_A_ROW);
-}
-
-#[test]
-fn bf16_gradients_equal_f32_gradients_to_bf16_precision_without_scaling() {
-    let dev = Cpu::seed_from_u64(0);
-    let mut master: Master = dev.build_module::<Mlp, f32>();
-    let mut work: WorkBf16 = master.to_dtype::<bf16>();
-    let (x, y) = batch(&dev, 3);
-    let (want_loss, want) = {
-        let loss = cross_entropy(
-            master.forward(x.clone().leaky_trace()),
-            &y,
-            Default::default(),
-        )
-        .unwrap();
-        (loss.array() as f64, loss.backward())
-    };
-    let scaler = bf16::scaler();
-    assert_eq!((scaler.scale, scaler.max_scale), (1.0, 1.0));
-    let mut grads = master.alloc_grads();
-    let out = mixed_step(&mut master, &mut work, &mut grads, &scaler, |h, g| {
-        let xh = x.clone().to_dtype::<bf16>();
-        let loss = cross_entropy(h.forward_mut(xh.traced(g)), &y, Default::default())?;
-        Ok((loss, 64))
-    })
-    .unwrap();
-    assert!(!out.found_inf);
-    assert!(
-        (out.loss - want_loss).abs() < 3e-2 * want_loss,
-        "{} vs {want_loss}",
-        out.loss
-    );
-    for (name, a, b) in [
-        (
-            "up.weight",
-            grads.get(&master.up.weight).as_vec(),
-            want.get(&master.up.weight).as_vec(),
-        ),
-        (
-            "ln.weight",
-            grads.get(&master.ln.weight).as_vec(),
-            want.get(&master.ln.weight).as_vec(),
-        ),
-        (
-            "down.bias",
-            grads.get(&master.down.bias).as_vec(),
-            want.get(&master.down.bias).as_vec(),
-        ),
-    ] {
-        let e = rel(&a, &b);
-        // bf16 has an 8-bit significand: 2⁻⁸ ≈ 4e-3 per rounding.
-        assert!(e < 5e-2, "{name}: relative error {e}");
-        assert!(e > 0.0, "{name}: bf16 cannot be exact");
-    }
 }
 
 #[test]
