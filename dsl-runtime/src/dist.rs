@@ -19,16 +19,21 @@
 //! each rank's own, and rank 0's are evaluated and saved, as PyTorch's default of broadcasting
 //! rank 0's buffers gives.
 //!
+//! A loss that compares every example of the batch with every other, as CLIP's contrastive
+//! loss does, is not a mean over shards. Such a loss is computed on every rank from the whole
+//! batch's embeddings, gathered by [`all_gather_rows`], whose backward pass sends each rank's
+//! share of the gradient to its own rows.
+//!
 //! A rank that stops must not leave the others waiting forever. A rank that exits or crashes is
 //! noticed by `mpirun`, which ends the job. A rank that is alive but stuck is caught by the
 //! others' watchdog: a collective that waits longer than the timeout ends its process with an
 //! error naming the operation and the step, and `mpirun` then ends the rest.
 
-use crate::optim::buffers::{cpu_slice, overwrite};
+use crate::optim::buffers::{axpby, cpu_slice, overwrite};
 use crate::Error;
 use dfdx::nn::{RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut};
-use dfdx::shapes::{Dtype, HasShape, Shape};
-use dfdx::tensor::{Gradients, Tensor};
+use dfdx::shapes::{Const, Dtype, HasShape, Shape};
+use dfdx::tensor::{Gradients, PutTape, SplitTape, Tape, Tensor};
 use dfdx::tensor_ops::Device;
 use std::any::Any;
 use std::ops::Range;
@@ -94,6 +99,14 @@ pub trait Collective {
     /// `sum ← Σ over ranks of send`, element by element (`sum` holds as many as `send`).
     fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], what: &str) -> Result<(), Error>;
 
+    /// `all ← the ranks' send, one after another in rank order` (`all` holds `world` times
+    /// as many as `send`; every rank sends as many).
+    fn all_gather_f32(&self, send: &[f32], all: &mut [f32], what: &str) -> Result<(), Error>;
+
+    /// `all ← the ranks' send, one after another in rank order` (`all` holds `world` times
+    /// as many as `send`; every rank sends as many).
+    fn all_gather_f64(&self, send: &[f64], all: &mut [f64], what: &str) -> Result<(), Error>;
+
     /// `buf ← rank 0's buf`.
     fn broadcast_f32(&self, buf: &mut [f32], what: &str) -> Result<(), Error>;
 
@@ -147,11 +160,15 @@ where
 /// A number type MPI sums: what the gradients travel as (`f32`, or `f64` for an `f64` model).
 trait Wire: Copy + Default + num_traits::NumCast + std::ops::MulAssign + 'static {
     fn all_reduce(g: &dyn Collective, send: &[Self], sum: &mut [Self]) -> Result<(), Error>;
+    fn all_gather(g: &dyn Collective, send: &[Self], all: &mut [Self]) -> Result<(), Error>;
 }
 
 impl Wire for f32 {
     fn all_reduce(g: &dyn Collective, send: &[f32], sum: &mut [f32]) -> Result<(), Error> {
         g.all_reduce_sum_f32(send, sum, "the gradient all-reduce")
+    }
+    fn all_gather(g: &dyn Collective, send: &[f32], all: &mut [f32]) -> Result<(), Error> {
+        g.all_gather_f32(send, all, "the embedding all-gather")
     }
 }
 
@@ -159,6 +176,84 @@ impl Wire for f64 {
     fn all_reduce(g: &dyn Collective, send: &[f64], sum: &mut [f64]) -> Result<(), Error> {
         g.all_reduce_sum_f64(send, sum, "the gradient all-reduce")
     }
+    fn all_gather(g: &dyn Collective, send: &[f64], all: &mut [f64]) -> Result<(), Error> {
+        g.all_gather_f64(send, all, "the embedding all-gather")
+    }
+}
+
+/// The rows of every rank's `local`, stacked in rank order: what a loss that compares every
+/// example of the global batch with every other (CLIP's contrastive loss) is computed on, as
+/// `torch.distributed.nn.functional.all_gather` gives it in open_clip.
+///
+/// `local` is this rank's `[b, K]` (every rank has the same `b`); the result is `[world·b, K]`,
+/// this rank's rows at `rank·b..(rank+1)·b`. The gradient flows back to `local` only; the other
+/// ranks' rows are constants here, as they are computed, and differentiated, on their own rank.
+///
+/// **The backward pass** gives `local` `world` times the gradient of its own rows. PyTorch's
+/// gather-with-gradient sums, over the ranks, each rank's gradient with respect to this rank's
+/// rows (a reduce-scatter). When every rank computes the same loss from the same gathered rows,
+/// as a data-parallel step does, those gradients are equal, and their sum is `world` times this
+/// rank's own: the same result, without a collective in the backward pass. After
+/// [`average_gradients`] divides by `world`, each encoder parameter holds the gradient of the
+/// global loss through every example, and a parameter used by the loss itself on every rank
+/// (CLIP's temperature) holds that loss's gradient once, as one process on the whole batch
+/// computes. Pass the same global loss to the trainer on every rank: it reports the mean over
+/// ranks, which is that loss.
+///
+/// With one process it returns `local` unchanged.
+pub fn all_gather_rows<const K: usize, E, D, T>(
+    group: &dyn Collective,
+    local: Tensor<(usize, Const<K>), E, D, T>,
+) -> Result<Tensor<(usize, Const<K>), E, D, T>, Error>
+where
+    E: Dtype,
+    D: Device<E>,
+    T: Tape<E, D>,
+    Error: From<D::Err>,
+{
+    let Shard { rank, world } = group.shard();
+    if world == 1 {
+        return Ok(local);
+    }
+    let b = local.shape().0;
+    let (x, mut tape) = local.split_tape();
+    let values = x.as_vec();
+    let gathered: Vec<E> = if std::mem::size_of::<E>() > 4 {
+        gather_through::<f64, E>(group, &values)?
+    } else {
+        gather_through::<f32, E>(group, &values)?
+    };
+    let out = x
+        .device()
+        .try_tensor_from_vec(gathered, (world * b, Const::<K>))?;
+    if T::OWNS_TAPE {
+        let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&out_ghost)?;
+            let mine = grads
+                .get(&out_ghost)
+                .try_slice((rank * b..(rank + 1) * b, ..))?;
+            axpby(grads.get_or_alloc_mut(&x_ghost)?, 1.0, mine, world as f64)
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+fn gather_through<W: Wire, E: Dtype>(
+    group: &dyn Collective,
+    values: &[E],
+) -> Result<Vec<E>, Error> {
+    let nan: W = num_traits::cast(f64::NAN).unwrap_or_default();
+    let send: Vec<W> = values
+        .iter()
+        .map(|v| <W as num_traits::NumCast>::from(*v).unwrap_or(nan))
+        .collect();
+    let mut all = vec![W::default(); send.len() * group.shard().world];
+    W::all_gather(group, &send, &mut all)?;
+    Ok(all
+        .iter()
+        .map(|v| v.to_f64().and_then(E::from_f64).unwrap_or_default())
+        .collect())
 }
 
 fn average_through<W, E, D, M>(
@@ -391,6 +486,14 @@ impl Collective for SingleProcess {
     }
     fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], _: &str) -> Result<(), Error> {
         sum.copy_from_slice(send);
+        Ok(())
+    }
+    fn all_gather_f32(&self, send: &[f32], all: &mut [f32], _: &str) -> Result<(), Error> {
+        all.copy_from_slice(send);
+        Ok(())
+    }
+    fn all_gather_f64(&self, send: &[f64], all: &mut [f64], _: &str) -> Result<(), Error> {
+        all.copy_from_slice(send);
         Ok(())
     }
     fn broadcast_f32(&self, _: &mut [f32], _: &str) -> Result<(), Error> {

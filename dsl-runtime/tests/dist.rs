@@ -3,7 +3,7 @@
 //! averaging and weight broadcasting is checked in every build (the `mpirun` tests of the
 //! trainers need the `mpi` feature).
 
-use neural_arch::dist::{average_gradients, broadcast_model, Collective, Shard};
+use neural_arch::dist::{all_gather_rows, average_gradients, broadcast_model, Collective, Shard};
 use neural_arch::prelude::*;
 use neural_arch::Error;
 use std::sync::{Arc, Barrier, Mutex};
@@ -50,6 +50,16 @@ impl ThreadGroup {
     }
 }
 
+impl ThreadGroup {
+    fn gather(&self, send: Vec<f64>) -> Vec<f64> {
+        self.shared.slots.lock().unwrap()[self.shard.rank] = send;
+        self.shared.barrier.wait();
+        let all = self.shared.slots.lock().unwrap().concat();
+        self.shared.barrier.wait();
+        all
+    }
+}
+
 impl Collective for ThreadGroup {
     fn shard(&self) -> Shard {
         self.shard
@@ -66,6 +76,17 @@ impl Collective for ThreadGroup {
     }
     fn all_reduce_sum_f64(&self, send: &[f64], sum: &mut [f64], _: &str) -> Result<(), Error> {
         sum.copy_from_slice(&self.sum(send.to_vec()));
+        Ok(())
+    }
+    fn all_gather_f32(&self, send: &[f32], all: &mut [f32], _: &str) -> Result<(), Error> {
+        let a = self.gather(send.iter().map(|&v| v as f64).collect());
+        for (d, v) in all.iter_mut().zip(a) {
+            *d = v as f32;
+        }
+        Ok(())
+    }
+    fn all_gather_f64(&self, send: &[f64], all: &mut [f64], _: &str) -> Result<(), Error> {
+        all.copy_from_slice(&self.gather(send.to_vec()));
         Ok(())
     }
     fn broadcast_f32(&self, buf: &mut [f32], _: &str) -> Result<(), Error> {
@@ -199,6 +220,109 @@ fn averaged_shard_gradients_are_the_whole_batch_gradient() {
     });
     for (a, b) in per_rank[1].iter().zip(&reference) {
         assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+/// Two encoders and a temperature: CLIP in miniature.
+type Dual = (Linear<5, 4>, Linear<3, 4>, LogitScale);
+
+/// `fn $name(seed, rows, group) -> (loss, gradients)`: the contrastive loss of the whole batch
+/// of 8 pairs and its gradients (both encoders' weights and biases and the temperature), for a
+/// model built with `seed` in `$e`. With `group`, this rank encodes only `rows`, the embeddings
+/// are all-gathered, and the gradients averaged.
+macro_rules! contrastive_fn {
+    ($name:ident, $e:ty) => {
+        fn $name(
+            seed: u64,
+            rows: std::ops::Range<usize>,
+            group: Option<&ThreadGroup>,
+        ) -> (f64, Vec<f64>) {
+            let dev = Cpu::seed_from_u64(seed);
+            let mut model = dev.build_module::<Dual, $e>();
+            if let Some(g) = group {
+                broadcast_model(g, &mut model).unwrap();
+            }
+            let value = |i: usize, m: usize| ((i * m % 23) as f64 - 11.0) / 6.0;
+            let n = rows.len();
+            let images: Vec<$e> = (rows.start * 5..rows.end * 5)
+                .map(|i| value(i, 7) as $e)
+                .collect();
+            let texts: Vec<$e> = (rows.start * 3..rows.end * 3)
+                .map(|i| value(i, 13) as $e)
+                .collect();
+            let images = dev.tensor_from_vec(images, (n, Const::<5>));
+            let texts = dev.tensor_from_vec(texts, (n, Const::<3>));
+            let image = model.0.forward(images.traced(model.alloc_grads()));
+            let text = model.1.forward(texts.leaky_traced());
+            let (image, text) = match group {
+                Some(g) => (
+                    all_gather_rows(g, image).unwrap(),
+                    all_gather_rows(g, text).unwrap(),
+                ),
+                None => (image, text),
+            };
+            assert_eq!(image.shape().0, 8);
+            let loss = clip_loss(image, text, &model.2).unwrap();
+            let value = loss.array() as f64;
+            let mut grads = loss.backward();
+            if let Some(g) = group {
+                average_gradients(g, &model, &mut grads).unwrap();
+            }
+            let grads = [
+                grads.get(&model.0.weight).as_vec(),
+                grads.get(&model.0.bias).as_vec(),
+                grads.get(&model.1.weight).as_vec(),
+                grads.get(&model.1.bias).as_vec(),
+                grads.get(&model.2.logit_scale).as_vec(),
+            ]
+            .concat()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+            (value, grads)
+        }
+    };
+}
+
+contrastive_fn!(contrastive_f64, f64);
+contrastive_fn!(contrastive_f32, f32);
+
+#[test]
+fn gathered_contrastive_loss_has_the_whole_batch_gradient() {
+    // Every image is compared with every caption of the batch, including the other ranks':
+    // the loss is not a mean over shards, and sharding it without the gather would change it.
+    let (loss, reference) = contrastive_f64(5, 0..8, None);
+    assert!(reference.iter().all(|g| g.is_finite()));
+    assert!(reference.iter().filter(|g| g.abs() > 1e-6).count() > reference.len() / 2);
+    for world in [2, 4] {
+        let per_rank = on_threads(world, move |g| {
+            let rows = g.shard().rows(8).unwrap();
+            contrastive_f64(5 + g.shard().rank as u64, rows, Some(&g))
+        });
+        for (l, got) in &per_rank {
+            assert!(
+                (l - loss).abs() <= 1e-12,
+                "world {world}: loss {l} vs {loss}"
+            );
+            for (k, (a, b)) in got.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "world {world}, gradient {k}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(per_rank.iter().all(|r| r == &per_rank[0]));
+    }
+    let (loss, reference) = contrastive_f32(9, 0..8, None);
+    let per_rank = on_threads(2, |g| {
+        let rows = g.shard().rows(8).unwrap();
+        contrastive_f32(9, rows, Some(&g))
+    });
+    for (l, got) in &per_rank {
+        assert!((l - loss).abs() <= 1e-6 * loss.abs(), "{l} vs {loss}");
+        for (a, b) in got.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }
 

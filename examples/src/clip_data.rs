@@ -453,20 +453,30 @@ impl Vocab {
             .join(" ")
     }
 
-    /// Writes `{"pad", "unk", "eos", "data", "words"}` to `path`; `data` records the source.
+    /// Writes [`to_json`](Self::to_json) to `path`.
     pub fn save(&self, path: &Path, data: &str) -> Result<()> {
+        std::fs::write(path, self.to_json(data))
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// `{"pad", "unk", "eos", "data", "words"}`; `data` records the source.
+    pub fn to_json(&self, data: &str) -> String {
         let json = serde_json::json!({
             "pad": PAD, "unk": UNK, "eos": EOS, "data": data, "words": self.words,
         });
-        std::fs::write(path, format!("{json:#}\n"))
-            .with_context(|| format!("cannot write {}", path.display()))
+        format!("{json:#}\n")
     }
 
     /// Reads what [`save`](Self::save) wrote: the vocabulary and the data source.
     pub fn load(path: &Path) -> Result<(Vocab, String)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the vocabulary {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        Self::from_json(&text, path)
+    }
+
+    /// Parses what [`to_json`](Self::to_json) wrote; errors name `path`, where it came from.
+    pub fn from_json(text: &str, path: &Path) -> Result<(Vocab, String)> {
+        let v: serde_json::Value = serde_json::from_str(text).with_context(|| {
             format!(
                 "{} is not valid JSON; the run directory is damaged",
                 path.display()

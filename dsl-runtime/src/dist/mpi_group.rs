@@ -200,6 +200,18 @@ impl Collective for MpiGroup {
         Ok(())
     }
 
+    fn all_gather_f32(&self, send: &[f32], all: &mut [f32], what: &str) -> Result<(), Error> {
+        let _w = self.watch.enter(what);
+        self.world.all_gather_into(send, all);
+        Ok(())
+    }
+
+    fn all_gather_f64(&self, send: &[f64], all: &mut [f64], what: &str) -> Result<(), Error> {
+        let _w = self.watch.enter(what);
+        self.world.all_gather_into(send, all);
+        Ok(())
+    }
+
     fn broadcast_f32(&self, buf: &mut [f32], what: &str) -> Result<(), Error> {
         let _w = self.watch.enter(what);
         self.world.process_at_rank(0).broadcast_into(buf);

@@ -15,6 +15,10 @@
 //! `emoji_r_at_1` / `emoji_r_at_10` on held-out emoji. At the end (and with `--eval-only`),
 //! `DIR/similarity.png` shows the caption–image cosine similarities of 16 evaluation pairs.
 //!
+//! With `--distributed` (under `mpirun`), each rank encodes its shard of every batch and the
+//! embeddings are all-gathered, so the loss still compares each image with every caption of the
+//! whole batch, as one process does.
+//!
 //! `DIR/vocab.json` holds the word vocabulary, and the checkpoint the data source and the
 //! evaluation size; `--resume` reads them, so a resumed run sees the same batches and
 //! evaluates on the same pairs.
@@ -30,6 +34,7 @@ use clap::{Parser, ValueEnum};
 use neural_arch::amp::{HalfDevice, MixedDevice, MixedTask};
 use neural_arch::checkpoint::load_safetensors;
 use neural_arch::dfdx::dtypes::{bf16, f16};
+use neural_arch::dist::{all_gather_rows, Collective, Shard};
 use neural_arch::prelude::*;
 use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
 use neural_arch_examples::argmax;
@@ -47,6 +52,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 type Clip<D> = Built<ClipTiny, f32, D>;
 /// ClipTiny's projection width.
@@ -122,9 +128,19 @@ struct ClipTask<D> {
     /// Single-object scenes of training combinations, likewise.
     singles_seen: Vec<Scene>,
     dev: D,
+    /// The `--distributed` group: each rank encodes its shard of every batch, and the loss is
+    /// computed on the embeddings of the whole batch, all-gathered.
+    group: Option<Rc<dyn Collective>>,
     /// Image×caption cosine similarities of `eval` at the last evaluation.
     last_sim: Option<Vec<f32>>,
 }
+
+/// Token ids `[n, T]` of captions.
+type Ids<D> = Tensor<(usize, usize), usize, D>;
+/// Images `[n, 3, 32, 32]`.
+type Images<D> = Tensor<(usize, Const<3>, Const<SIDE>, Const<SIDE>), f32, D>;
+/// Embeddings `[n, PR]` in element type `E` on tape `T`.
+type Embeddings<E, D, T> = Tensor<(usize, Const<PR>), E, D, T>;
 
 fn scene_pair(s: &Scene) -> Pair {
     (s.caption(), s.render())
@@ -155,15 +171,7 @@ where
     /// Token ids `[n, T]` (T: the longest caption with its end-of-text token; right padding
     /// cannot change the text embedding, read causally at the end-of-text token) and
     /// normalised images `[n, 3, 32, 32]`.
-    #[allow(clippy::type_complexity)]
-    fn tensors(
-        &self,
-        captions: &[&str],
-        images: &[&[f32]],
-    ) -> Result<(
-        Tensor<(usize, usize), usize, D>,
-        Tensor<(usize, Const<3>, Const<SIDE>, Const<SIDE>), f32, D>,
-    )> {
+    fn tensors(&self, captions: &[&str], images: &[&[f32]]) -> Result<(Ids<D>, Images<D>)> {
         let t = captions
             .iter()
             .map(|c| Vocab::token_count(c))
@@ -187,6 +195,48 @@ where
             .try_tensor_from_vec(px, (images.len(), Const, Const, Const))
             .map_err(ModelError::from)?;
         Ok((ids, px))
+    }
+
+    /// This process's share of step `step`'s batch (the whole batch in one process, the
+    /// rank's shard with `--distributed`): token ids, images, and how many pairs.
+    fn train_batch(&self, step: usize) -> Result<(Ids<D>, Images<D>, usize), ModelError> {
+        let shard = self.group.as_ref().map_or(Shard::SINGLE, |g| g.shard());
+        let pairs: Vec<Pair> = shard
+            .rows(self.batch)?
+            .map(|i| self.pair_at((step * self.batch + i) as u64))
+            .collect();
+        let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
+        let (ids, px) = self
+            .tensors(&captions, &images)
+            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        Ok((ids, px, pairs.len()))
+    }
+
+    /// CLIP's loss on the image and text embeddings of this process's share of a batch. The
+    /// loss compares every image with every caption of the batch, so a `--distributed` rank
+    /// first all-gathers the other ranks' embeddings (with the gradient to its own; see
+    /// `neural_arch::dist::all_gather_rows`): every rank computes the loss of the whole batch,
+    /// as one process would.
+    fn batch_loss<E, T>(
+        &self,
+        image: Embeddings<E, D, T>,
+        text: Embeddings<E, D, T>,
+        logit_scale: &LogitScaleModule<E, D>,
+    ) -> Result<Tensor<Rank0, E, D, T>, ModelError>
+    where
+        E: Elem,
+        D: Device<E>,
+        T: Tape<E, D> + Merge<T>,
+    {
+        let (image, text) = match &self.group {
+            Some(g) => (
+                all_gather_rows(g.as_ref(), image)?,
+                all_gather_rows(g.as_ref(), text)?,
+            ),
+            None => (image, text),
+        };
+        clip_loss(image, text, logit_scale)
     }
 
     /// L2-normalised text and image features (`n × PR` each) of `captions` and `images`.
@@ -322,17 +372,10 @@ macro_rules! clip_mixed_task {
                 step: usize,
                 grads: Gradients<$e, D>,
             ) -> Result<(Tensor<Rank0, $e, D, OwnedTape<$e, D>>, usize), ModelError> {
-                let pairs: Vec<Pair> = (0..self.batch)
-                    .map(|i| self.pair_at((step * self.batch + i) as u64))
-                    .collect();
-                let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-                let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
-                let (ids, px) = self
-                    .tensors(&captions, &images)
-                    .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+                let (ids, px, n) = self.train_batch(step)?;
                 let px = <D as MixedDevice<$e>>::to_half(px)?;
                 let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
-                Ok((clip_loss(image, text, &model.logit_scale)?, pairs.len()))
+                Ok((self.batch_loss(image, text, &model.logit_scale)?, n))
             }
         }
     };
@@ -351,21 +394,16 @@ where
         step: usize,
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
-        let pairs: Vec<Pair> = (0..self.batch)
-            .map(|i| self.pair_at((step * self.batch + i) as u64))
-            .collect();
-        let captions: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-        let images: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
-        let (ids, px) = self
-            .tensors(&captions, &images)
-            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        let (ids, px, n) = self.train_batch(step)?;
         let (text, image) = model.try_forward((ids.traced(grads), px.leaky_traced()))?;
-        let loss = clip_loss(image, text, &model.logit_scale)?;
+        let loss = self.batch_loss(image, text, &model.logit_scale)?;
+        // With --distributed every rank holds the whole batch's loss; the trainer reports the
+        // mean over the ranks, which is that loss.
         let value = loss.as_vec()[0] as f64;
         Ok(StepOutput {
             loss: value,
-            grads: loss.backward(),
-            items: pairs.len(),
+            grads: loss.try_backward()?,
+            items: n,
         })
     }
 
@@ -495,15 +533,8 @@ where
 {
     let c = &cli.common;
     c.apply_recompute("clip", false)?;
-    if c.distributed {
-        // Sharding alone would change the loss: each rank would contrast its captions with
-        // its own shard's images only, not the whole batch's.
-        bail!(
-            "--distributed: CLIP's contrastive loss compares every image with every caption of \
-             the global batch, which needs the embeddings all-gathered across ranks; that is \
-             not implemented yet. Train CLIP in one process"
-        );
-    }
+    let group = c.group()?;
+    let root = c.shard()?.is_root();
     match c.preset.as_str() {
         "tiny" => {}
         "vit-b-32" => bail!(
@@ -570,17 +601,19 @@ where
     apply_epochs(c, &mut config, per_epoch)?;
     // The vocabulary of a resumed run is its own (vocab.json).
     let vocab_path = config.out.join("vocab.json");
-    let vocab = if c.resume.is_some() && vocab_path.exists() {
-        let (vocab, name) = Vocab::load(&vocab_path)?;
-        anyhow::ensure!(
-            name == kind.name(),
-            "{} is a vocabulary of --data {name}, but the checkpoint says --data {}; the run \
-             directory is damaged",
-            vocab_path.display(),
-            kind.name()
-        );
-        vocab
-    } else {
+    // Rank 0 builds (or reloads) and saves it; every rank uses its copy.
+    let json = c.made_by_root(|| {
+        if c.resume.is_some() && vocab_path.exists() {
+            let (vocab, name) = Vocab::load(&vocab_path)?;
+            anyhow::ensure!(
+                name == kind.name(),
+                "{} is a vocabulary of --data {name}, but the checkpoint says --data {}; the \
+                 run directory is damaged",
+                vocab_path.display(),
+                kind.name()
+            );
+            return Ok(vocab.to_json(&name));
+        }
         let scene_words = data::scene_words();
         let mut captions: Vec<&str> = Vec::new();
         if kind != DataKind::Emoji {
@@ -591,8 +624,9 @@ where
         std::fs::create_dir_all(&config.out)
             .with_context(|| format!("cannot create {}", config.out.display()))?;
         v.save(&vocab_path, kind.name())?;
-        v
-    };
+        Ok(v.to_json(kind.name()))
+    })?;
+    let (vocab, _) = Vocab::from_json(&json, &vocab_path)?;
     let to_pairs = |v: &[Emoji]| -> Vec<Pair> {
         v.iter()
             .take(eval_size)
@@ -639,22 +673,25 @@ where
         emoji_train,
         eval,
         dev: dev.clone(),
+        group,
         last_sim: None,
     };
-    println!(
-        "clip {}: {} parameters; data {}: vocabulary of {} words{}; evaluating on {} held-out \
+    if root {
+        println!(
+            "clip {}: {} parameters; data {}: vocabulary of {} words{}; evaluating on {} held-out \
          pairs",
-        c.preset,
-        model.num_trainable_params(),
-        kind.name(),
-        task.vocab.len(),
-        if kind == DataKind::Scenes {
-            String::new()
-        } else {
-            format!(", {} training emoji", task.emoji_train.len())
-        },
-        task.eval.len()
-    );
+            c.preset,
+            model.num_trainable_params(),
+            kind.name(),
+            task.vocab.len(),
+            if kind == DataKind::Scenes {
+                String::new()
+            } else {
+                format!(", {} training emoji", task.emoji_train.len())
+            },
+            task.eval.len()
+        );
+    }
     let out = config.out.clone();
     let title = format!("clip {}: caption x image cosine similarity", c.preset);
     // A resumed run keeps the element type it started with.
@@ -663,7 +700,9 @@ where
         "bf16" => train_or_evaluate_mixed::<bf16, _, _, _>(c, config, &mut task, &mut model, 0.1)?,
         _ => train_or_evaluate(c, config, &mut task, &mut model, 0.1)?,
     };
-    task.write_similarity(&out.join("similarity.png"), &title)?;
+    if root {
+        task.write_similarity(&out.join("similarity.png"), &title)?;
+    }
     Ok(summary)
 }
 
