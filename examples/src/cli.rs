@@ -101,7 +101,7 @@ fn local_rank() -> usize {
 
 /// The number of processes the MPI launcher started, from its environment (Open MPI's or
 /// MPICH's / PMI's variables); 1 when not launched by one.
-fn launched_world_size() -> usize {
+pub fn launched_world_size() -> usize {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())

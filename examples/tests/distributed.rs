@@ -368,4 +368,17 @@ fn a_launch_without_the_flag_is_refused_with_the_reason() {
         err.contains("one of 2 that mpirun started") && err.contains("add --distributed"),
         "{err}"
     );
+    // train-digits has no data-parallel mode: it says so instead of training twice.
+    let out = Command::new(env!("CARGO_BIN_EXE_train-digits"))
+        .args(["--epochs", "1", "--out", dir.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("one of 2 that mpirun started") && err.contains("without mpirun"),
+        "{err}"
+    );
+    assert!(!dir.join("summary.json").exists());
 }

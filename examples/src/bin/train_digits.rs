@@ -58,6 +58,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    let launched = neural_arch_examples::cli::launched_world_size();
+    anyhow::ensure!(
+        launched == 1,
+        "this process is one of {launched} that mpirun started, but train-digits trains in one \
+         process (its 1,797 digits take seconds) and the copies would overwrite each other's \
+         summary.json; run it without mpirun"
+    );
     let cfg = DigitsConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
