@@ -41,6 +41,21 @@ use std::time::Instant;
 /// Metrics by name (`eval_loss`, `accuracy`, ...).
 pub type Metrics = BTreeMap<String, f64>;
 
+/// Metrics as the ranks of a group add them up: by name, a weighted sum over this rank's
+/// held-out examples and the sum of the weights (`eval_loss`: the summed loss of the tokens
+/// and their number). The metric is the ratio of the sums over all ranks ([`ratios`]).
+pub type MetricSums = BTreeMap<String, (f64, f64)>;
+
+/// Each metric of `sums` as its sum over its weight (NaN for no weight).
+pub fn ratios(sums: &MetricSums) -> Metrics {
+    sums.iter()
+        .map(|(k, &(sum, weight))| {
+            let v = if weight > 0.0 { sum / weight } else { f64::NAN };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
 /// What one training step computed.
 #[derive(Debug)]
 pub struct StepOutput<E: Dtype, D: Device<E>> {
@@ -65,6 +80,17 @@ pub trait Task<M, E: Dtype, D: Device<E>> {
 
     /// Evaluates on held-out data; the keys become the metrics' names (`eval_loss`, ...).
     fn evaluate(&mut self, model: &mut M) -> Result<Metrics, Error>;
+
+    /// This rank's share of [`evaluate`](Self::evaluate) in a data-parallel group, for a task
+    /// whose metrics are means over held-out examples: the sums and weights of `shard`'s part
+    /// of them. Every rank of the group evaluates its part, the trainer adds the parts up, and
+    /// the metrics are the ratios: the held-out set is evaluated once, `world` times faster.
+    /// `None` (the default, for metrics that need every example at once, such as retrieval
+    /// among all captions): rank 0 evaluates alone with `evaluate`.
+    fn evaluate_shard(&mut self, model: &mut M, shard: Shard) -> Result<Option<MetricSums>, Error> {
+        let _ = (model, shard);
+        Ok(None)
+    }
 
     /// Runs after each optimizer step, before anything reads the weights (evaluation, a
     /// checkpoint, the next step): where a task keeps a parameter inside its bounds, as CLIP
@@ -319,8 +345,10 @@ impl Trainer {
     /// group's ranks. The task must draw this rank's shard of each global batch
     /// (`config.batch_size` examples in all); the trainer broadcasts rank 0's weights before
     /// the first step, averages the gradients before each optimizer step, and sums the items
-    /// and averages the losses it reports. Only rank 0 evaluates and writes files (metrics,
-    /// checkpoints, summary); the others wait for it in the next step's all-reduce. A resumed
+    /// and averages the losses it reports. A task that evaluates in shards
+    /// ([`Task::evaluate_shard`]) is evaluated by every rank, each on its part; otherwise rank 0
+    /// evaluates alone and the others wait for it in the next step's all-reduce. Only rank 0
+    /// writes files (metrics, checkpoints, summary). A resumed
     /// run reads the checkpoint on every rank, so the output directory must be one they all
     /// see (shared storage across machines).
     pub fn with_group(mut self, group: Rc<dyn Collective>) -> Self {
@@ -606,8 +634,10 @@ impl Trainer {
             }
             let last = step == cfg.steps;
             interrupted = (stop_now || cfg.stop_after == Some(step)) && !last;
+            if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+                eval = self.evaluate_in_group(task, model)?;
+            }
             if root && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
-                eval = task.evaluate(model)?;
                 let mut line = serde_json::json!({ "step": step });
                 for (k, v) in &eval {
                     line[k] = serde_json::json!(v);
@@ -690,6 +720,55 @@ impl Trainer {
         )
     }
 
+    /// Evaluates `model`: alone, or in a group, each rank its shard when the task can
+    /// ([`Task::evaluate_shard`]), else rank 0 alone, both with rank 0's model. Every
+    /// rank must call it; the metrics are rank 0's to report (empty on the other ranks when
+    /// rank 0 evaluates alone).
+    fn evaluate_in_group<M, E, D, T>(&self, task: &mut T, model: &mut M) -> Result<Metrics, Error>
+    where
+        E: Dtype,
+        D: Device<E>,
+        M: TensorCollection<E, D>,
+        T: Task<M, E, D>,
+        Error: From<D::Err>,
+    {
+        let Some(g) = &self.group else {
+            return task.evaluate(model);
+        };
+        // The trained weights are equal on every rank, but the running statistics (BatchNorm)
+        // are each rank's own: every rank evaluates rank 0's, the model rank 0 saves. PyTorch's
+        // DistributedDataParallel broadcasts rank 0's buffers the same way.
+        broadcast_model(g.as_ref(), model)?;
+        let Some(mine) = task.evaluate_shard(model, g.shard())? else {
+            return if g.shard().is_root() {
+                task.evaluate(model)
+            } else {
+                Ok(Metrics::new())
+            };
+        };
+        // The ranks must add up the same metrics in the same order: rank 0's names decide.
+        let names: Vec<&String> = mine.keys().collect();
+        let mut theirs = serde_json::to_vec(&names).map_err(|e| Error::Config(e.to_string()))?;
+        g.broadcast_bytes(&mut theirs, "the evaluation's metric names")?;
+        if theirs != serde_json::to_vec(&names).map_err(|e| Error::Config(e.to_string()))? {
+            return Err(Error::Distributed(format!(
+                "rank {} evaluated the metrics {names:?}, rank 0 {}: the ranks run different \
+                 tasks",
+                g.shard().rank,
+                String::from_utf8_lossy(&theirs)
+            )));
+        }
+        let send: Vec<f64> = mine.values().flat_map(|&(s, w)| [s, w]).collect();
+        let mut sum = vec![0.0; send.len()];
+        g.all_reduce_sum_f64(&send, &mut sum, "the evaluation's all-reduce")?;
+        let total: MetricSums = mine
+            .keys()
+            .zip(sum.chunks_exact(2))
+            .map(|(k, sw)| (k.clone(), (sw[0], sw[1])))
+            .collect();
+        Ok(ratios(&total))
+    }
+
     /// Evaluates `model` once, without training, and writes `summary.json` (`--eval-only`).
     pub fn evaluate_only<M, E, D, T>(
         &self,
@@ -701,15 +780,11 @@ impl Trainer {
         D: Device<E>,
         M: dfdx::nn::NumParams<E, D>,
         T: Task<M, E, D>,
+        Error: From<D::Err>,
     {
         let started = Instant::now();
-        // In a group the ranks hold the same weights: rank 0 alone evaluates.
         let root = self.shard().is_root();
-        let eval = if root {
-            task.evaluate(model)?
-        } else {
-            Metrics::new()
-        };
+        let eval = self.evaluate_in_group(task, model)?;
         let cfg = &self.config;
         if root {
             let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

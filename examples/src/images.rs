@@ -36,7 +36,7 @@ use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
+use neural_arch::train::{ratios, MetricSums, Metrics, RunSummary, StepOutput, Task};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::Read;
@@ -359,12 +359,26 @@ where
     }
 
     fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
+        let sums = self.evaluate_shard(model, Shard::SINGLE)?;
+        Ok(ratios(&sums.unwrap_or_default()))
+    }
+
+    /// The test images split into `world` contiguous parts as equal as they come.
+    fn evaluate_shard(
+        &mut self,
+        model: &mut M,
+        shard: Shard,
+    ) -> Result<Option<MetricSums>, ModelError> {
         let n = self.eval_limit.min(self.test.len());
+        let (first, last) = (
+            n * shard.rank / shard.world,
+            n * (shard.rank + 1) / shard.world,
+        );
         let chunk = self.batch.clamp(1, 256);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let centre = (INPUT - SIDE) / 2;
-        for start in (0..n).step_by(chunk) {
-            let end = (start + chunk).min(n);
+        for start in (first..last).step_by(chunk) {
+            let end = (start + chunk).min(last);
             let mut x = Vec::with_capacity((end - start) * 3 * INPUT * INPUT);
             for i in start..end {
                 preprocess_into(self.test.image(i), centre, centre, false, &mut x);
@@ -386,11 +400,11 @@ where
             let loss = cross_entropy(logits, &y, Default::default())?;
             loss_sum += loss.as_vec()[0] as f64 * y.len() as f64;
         }
-        let n = n.max(1) as f64;
-        Ok(Metrics::from([
-            ("eval_loss".to_string(), loss_sum / n),
-            ("accuracy".to_string(), correct as f64 / n),
-        ]))
+        let mine = (last - first) as f64;
+        Ok(Some(MetricSums::from([
+            ("eval_loss".to_string(), (loss_sum, mine)),
+            ("accuracy".to_string(), (correct as f64, mine)),
+        ])))
     }
 }
 

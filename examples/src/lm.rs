@@ -19,7 +19,7 @@ use neural_arch::checkpoint::{load_safetensors, LoadOptions};
 use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
+use neural_arch::train::{ratios, MetricSums, Metrics, RunSummary, StepOutput, Task};
 use neural_arch_models::generate::{generate, CausalLm, GenerateConfig, Sampling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -301,6 +301,27 @@ where
     M: Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>,
     ModelError: From<D::Err>,
 {
+    let (total, count) =
+        sequence_loss_sum::<V, D, M>(model, dev, tokens, context, batch, Shard::SINGLE)?;
+    Ok(total / count)
+}
+
+/// The summed next-token loss of `shard`'s part of [`sequence_loss`]'s windows (window `i`
+/// goes to rank `i mod world`) and how many tokens it predicted: added over the ranks, the
+/// sums give the loss of all of `tokens`.
+pub fn sequence_loss_sum<const V: usize, D, M>(
+    model: &M,
+    dev: &D,
+    tokens: &[usize],
+    context: usize,
+    batch: usize,
+    shard: Shard,
+) -> Result<(f64, f64)>
+where
+    D: Device<f32>,
+    M: Module<Ids<D, NoneTape>, Output = Logits<V, D, NoneTape>, Error = ModelError>,
+    ModelError: From<D::Err>,
+{
     ensure!(
         tokens.len() >= 2,
         "need at least 2 tokens to compute a next-token loss, got {}",
@@ -320,8 +341,11 @@ where
     }
     let (mut total, mut count) = (0.0f64, 0usize);
     // Windows of equal length go together; the last one may be shorter.
-    let (full, rest): (Vec<&[usize]>, Vec<&[usize]>) =
-        windows.iter().partition(|w| w.len() == context + 1);
+    let (full, rest): (Vec<&[usize]>, Vec<&[usize]>) = windows
+        .iter()
+        .skip(shard.rank)
+        .step_by(shard.world)
+        .partition(|w| w.len() == context + 1);
     for group in full.chunks(batch).chain(rest.chunks(1)) {
         let n = group[0].len() - 1;
         let x: Vec<usize> = group.iter().flat_map(|w| w[..n].iter().copied()).collect();
@@ -334,7 +358,7 @@ where
         total += loss.as_vec()[0] as f64 * y.len() as f64;
         count += y.len();
     }
-    Ok(total / count as f64)
+    Ok((total, count as f64))
 }
 
 impl<const V: usize, D, M> Task<M, f32, D> for LmTask<V, D>
@@ -368,14 +392,25 @@ where
     }
 
     fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
+        let sums = self.evaluate_shard(model, Shard::SINGLE)?;
+        Ok(ratios(&sums.unwrap_or_default()))
+    }
+
+    fn evaluate_shard(
+        &mut self,
+        model: &mut M,
+        shard: Shard,
+    ) -> Result<Option<MetricSums>, ModelError> {
         let t = &*self;
         let n = t.eval_tokens.min(t.valid.len());
-        let loss = sequence_loss::<V, D, M>(model, &t.dev, &t.valid[..n], t.context, t.batch)
-            .map_err(|e| ModelError::Config(format!("{e:#}")))?;
-        Ok(Metrics::from([
-            ("eval_loss".to_string(), loss),
-            ("unigram_loss".to_string(), t.unigram),
-        ]))
+        let (loss, tokens) =
+            sequence_loss_sum::<V, D, M>(model, &t.dev, &t.valid[..n], t.context, t.batch, shard)
+                .map_err(|e| ModelError::Config(format!("{e:#}")))?;
+        // The unigram baseline is the same number on every rank: each weighs it once.
+        Ok(Some(MetricSums::from([
+            ("eval_loss".to_string(), (loss, tokens)),
+            ("unigram_loss".to_string(), (t.unigram, 1.0)),
+        ])))
     }
 
     fn samples(&mut self, model: &mut M) -> Result<Vec<String>, ModelError> {
@@ -751,6 +786,54 @@ mod tests {
         assert_eq!([x0, x1].concat(), x);
         assert_eq!([y0, y1].concat(), y);
         assert!(task(Shard { rank: 0, world: 3 })?.batch_at(5).is_err());
+        Ok(())
+    }
+
+    neural_arch::model! {
+        pub struct TinyLm {
+            wte: Embedding<300, 8>,
+            head: Linear<8, 300>,
+        }
+        forward(ids: usize[B, T]) -> [B, T, 300] {
+            head(wte(ids))
+        }
+    }
+
+    #[test]
+    fn ranks_evaluate_disjoint_windows_that_add_up_to_the_whole() -> Result<()> {
+        let dev = Cpu::seed_from_u64(4);
+        let model = dev.try_build_module::<TinyLm, f32>()?;
+        // 10 full windows of 8 predictions and a short last one.
+        let tokens: Vec<usize> = (0..86).map(|i| (i * 37 + 5) % 300).collect();
+        let (whole, n) =
+            sequence_loss_sum::<300, _, _>(&model, &dev, &tokens, 8, 3, Shard::SINGLE)?;
+        assert_eq!(n, 85.0);
+        for world in [2, 3, 4] {
+            let parts: Vec<(f64, f64)> = (0..world)
+                .map(|rank| {
+                    sequence_loss_sum::<300, _, _>(
+                        &model,
+                        &dev,
+                        &tokens,
+                        8,
+                        3,
+                        Shard { rank, world },
+                    )
+                })
+                .collect::<Result<_>>()?;
+            assert!(parts.iter().all(|&(_, count)| count > 0.0), "{parts:?}");
+            let (sum, count) = parts
+                .iter()
+                .fold((0.0, 0.0), |(s, c), &(ps, pc)| (s + ps, c + pc));
+            assert_eq!(count, n, "world {world}: every token predicted once");
+            // f32 batch means over other windows: equal to float rounding.
+            assert!(
+                (sum - whole).abs() <= 1e-6 * whole,
+                "world {world}: {sum} vs {whole}"
+            );
+        }
+        let mean = sequence_loss::<300, _, _>(&model, &dev, &tokens, 8, 3)?;
+        assert!((mean - whole / n).abs() < 1e-12);
         Ok(())
     }
 }

@@ -199,6 +199,28 @@ fn image_models_train_in_a_group_of_two() {
             out.join("attention.png").exists()
         );
         assert_eq!(o.stdout.matches("done:").count(), 1, "{}", o.stdout);
+
+        // Each rank evaluated half of the test images, with rank 0's model (ResNet's running
+        // statistics included): together, what one process scores on rank 0's checkpoint.
+        let summary = |dir: &Path| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                .unwrap()
+        };
+        let group = summary(&out);
+        let (ok, stdout, stderr) = run(
+            bin,
+            &data,
+            &["--resume", out.to_str().unwrap(), "--eval-only"],
+        );
+        assert!(ok, "{name} --eval-only failed:\n{stdout}\n{stderr}");
+        let alone = summary(&out);
+        for key in ["eval_loss", "accuracy"] {
+            let (a, b) = (group[key].as_f64().unwrap(), alone[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{name} {key}: two ranks' shards {a}, rank 0's checkpoint alone {b}"
+            );
+        }
     }
 }
 
