@@ -4,6 +4,7 @@ optimizer: the operation table (`benches/ops.rs`), one training step of each tin
 
     python bench.py micro --threads 1 --out torch-1.json   # ops and training steps
     python bench.py run gpt2 --threads 2 --steps 20        # a whole run; prints one JSON line
+    python bench.py run gpt2 --threads 2 --dtype bf16      # the same under torch.autocast
     python bench.py ddp gpt2 --world 2 --steps 20          # DistributedDataParallel (gloo)
 
 Each row is timed as criterion times ours: warm up, then many runs; we keep the median. The
@@ -279,21 +280,29 @@ def build(name, attn="sdpa", wrap=None):
     raise SystemExit(f"unknown preset {name!r}; choose one of {', '.join(PARAMS)}")
 
 
-def trainer(name, attn="sdpa"):
-    """A step closure as the trainers run it: zero, forward, loss, backward, clip 1, AdamW."""
+def trainer(name, attn="sdpa", dtype="f32"):
+    """A step closure as the trainers run it: zero, forward, loss, backward, clip 1, AdamW.
+    With `dtype` f16 or bf16, mixed precision as PyTorch documents it: the forward pass and
+    the loss under `torch.autocast`, f32 weights, and for f16 a `GradScaler` (unscaled before
+    the clip)."""
     model, lr, wd, loss_fn, items, unit = build(name, attn)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n != PARAMS[name]:
         sys.exit(f"{name}: {n} parameters here, {PARAMS[name]} in our preset; fix the config")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=1e-8)
+    half = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == "f16")
 
     def step():
         opt.zero_grad(set_to_none=False)
-        loss = loss_fn()
-        loss.backward()
+        with torch.autocast("cpu", dtype=half or torch.float32, enabled=half is not None):
+            loss = loss_fn()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         return loss.item()
 
     return model, step, items, unit, n
@@ -343,14 +352,14 @@ def run(args):
     torch.set_num_threads(args.threads)
     base = rss_bytes()
     torch.manual_seed(0)
-    model, step, items, unit, n = trainer(args.preset)
+    model, step, items, unit, n = trainer(args.preset, dtype=args.dtype)
     start_rss = rss_bytes()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     dt = time.perf_counter() - t0
     print(json.dumps({
-        "preset": args.preset, "threads": args.threads, "steps": args.steps,
+        "preset": args.preset, "threads": args.threads, "steps": args.steps, "dtype": args.dtype,
         "items_per_sec": items * args.steps / dt, "unit": unit, "params": n,
         "runtime_rss_bytes": base, "rss_at_start_bytes": start_rss,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -425,6 +434,8 @@ def main():
     r.add_argument("preset", choices=list(PARAMS))
     r.add_argument("--threads", type=int, required=True)
     r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
+                   help="f16 or bf16: mixed precision under torch.autocast")
     d = sub.add_parser("ddp", help="data-parallel training across processes, one thread each")
     d.add_argument("preset", choices=list(PARAMS))
     d.add_argument("--world", type=int, required=True)
