@@ -296,7 +296,15 @@ def trainer(name, attn="sdpa", dtype="f32"):
 
     def step():
         opt.zero_grad(set_to_none=False)
-        with torch.autocast("cpu", dtype=half or torch.float32, enabled=half is not None):
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    def mixed_step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cpu", dtype=half):
             loss = loss_fn()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -304,6 +312,9 @@ def trainer(name, attn="sdpa", dtype="f32"):
         scaler.step(opt)
         scaler.update()
         return loss.item()
+
+    if half is not None:
+        return model, mixed_step, items, unit, n
 
     return model, step, items, unit, n
 
