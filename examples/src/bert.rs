@@ -524,9 +524,41 @@ head_at_labels_in!(
     bf16
 );
 
+/// `fn $name(task, model, step, grads)`: the masked-language-model loss of step `step`'s
+/// batch on a model in element type `$e` (through `$head`), and how many tokens it predicts.
+macro_rules! mlm_loss_in {
+    ($name:ident, $e:ty, $head:ident) => {
+        #[allow(clippy::type_complexity)]
+        fn $name<D>(
+            task: &mut MlmTask<D>,
+            model: &mut Built<BertTiny, $e, D>,
+            step: usize,
+            grads: Gradients<$e, D>,
+        ) -> Result<(Tensor<Rank0, $e, D, OwnedTape<$e, D>>, usize), ModelError>
+        where
+            D: Device<f32> + Device<$e> + TensorFromVec<bool>,
+            ModelError: From<<D as HasErr>::Err>,
+        {
+            let p = pad(&task.batch_at(step)?);
+            let (ids, mask, types) = tensors(&task.dev, &p, task.batch)?;
+            let types = types.put_tape(OwnedTape::default());
+            let hidden = model
+                .bert
+                .try_forward_mut((ids.traced(grads), mask, types))?;
+            let (logits, targets) = $head(model, hidden, &p.labels)?;
+            let loss = cross_entropy(logits, &targets, Default::default())?;
+            Ok((loss, p.mask.iter().filter(|&&m| m).count()))
+        }
+    };
+}
+
+mlm_loss_in!(mlm_loss, f32, head_at_labels);
+mlm_loss_in!(mlm_loss_f16, f16, head_at_labels_f16);
+mlm_loss_in!(mlm_loss_bf16, bf16, head_at_labels_bf16);
+
 /// The masked-language-model loss on the working copy in one half type.
 macro_rules! mlm_mixed_task {
-    ($e:ty, $head:ident) => {
+    ($e:ty, $loss:ident) => {
         impl<D> MixedTask<Built<BertTiny, $e, D>, D, $e> for MlmTask<D>
         where
             D: Device<f32> + Device<$e> + TensorFromVec<bool>,
@@ -538,22 +570,14 @@ macro_rules! mlm_mixed_task {
                 step: usize,
                 grads: Gradients<$e, D>,
             ) -> Result<(Tensor<Rank0, $e, D, OwnedTape<$e, D>>, usize), ModelError> {
-                let p = pad(&self.batch_at(step)?);
-                let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
-                let types = types.put_tape(OwnedTape::default());
-                let hidden = model
-                    .bert
-                    .try_forward_mut((ids.traced(grads), mask, types))?;
-                let (logits, targets) = $head(model, hidden, &p.labels)?;
-                let loss = cross_entropy(logits, &targets, Default::default())?;
-                Ok((loss, p.mask.iter().filter(|&&m| m).count()))
+                $loss(self, model, step, grads)
             }
         }
     };
 }
 
-mlm_mixed_task!(f16, head_at_labels_f16);
-mlm_mixed_task!(bf16, head_at_labels_bf16);
+mlm_mixed_task!(f16, mlm_loss_f16);
+mlm_mixed_task!(bf16, mlm_loss_bf16);
 
 impl<D> Task<Built<BertTiny, f32, D>, f32, D> for MlmTask<D>
 where
@@ -566,18 +590,11 @@ where
         step: usize,
         grads: Gradients<f32, D>,
     ) -> Result<StepOutput<f32, D>, ModelError> {
-        let p = pad(&self.batch_at(step)?);
-        let (ids, mask, types) = tensors(&self.dev, &p, self.batch)?;
-        let types = types.put_tape(OwnedTape::default());
-        let hidden = model
-            .bert
-            .try_forward_mut((ids.traced(grads), mask, types))?;
-        let (logits, targets) = head_at_labels(model, hidden, &p.labels)?;
-        let loss = cross_entropy(logits, &targets, Default::default())?;
+        let (loss, items) = mlm_loss(self, model, step, grads)?;
         Ok(StepOutput {
             loss: loss.as_vec()[0] as f64,
-            grads: loss.backward(),
-            items: p.mask.iter().filter(|&&m| m).count(),
+            grads: loss.try_backward()?,
+            items,
         })
     }
 
