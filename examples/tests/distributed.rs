@@ -356,26 +356,25 @@ fn a_batch_that_does_not_split_is_refused_on_every_rank() {
 fn a_launch_without_the_flag_is_refused_with_the_reason() {
     // What mpirun tells its processes, without mpirun: each would train alone.
     let dir = temp("no-flag");
-    let out = Command::new(GPT2)
-        .args(SMALL)
-        .args(["--steps", "1", "--out", dir.to_str().unwrap()])
-        .env("OMPI_COMM_WORLD_SIZE", "2")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let refused = |bin: &str, args: &[&str]| -> String {
+        let out = Command::new(bin)
+            .args(args)
+            .args(["--out", dir.to_str().unwrap()])
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "1"]);
+    let err = refused(GPT2, &args);
     assert!(
         err.contains("one of 2 that mpirun started") && err.contains("add --distributed"),
         "{err}"
     );
     // train-digits has no data-parallel mode: it says so instead of training twice.
-    let out = Command::new(env!("CARGO_BIN_EXE_train-digits"))
-        .args(["--epochs", "1", "--out", dir.to_str().unwrap()])
-        .env("OMPI_COMM_WORLD_SIZE", "2")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused(env!("CARGO_BIN_EXE_train-digits"), &["--epochs", "1"]);
     assert!(
         err.contains("one of 2 that mpirun started") && err.contains("without mpirun"),
         "{err}"
