@@ -634,10 +634,11 @@ impl Trainer {
             }
             let last = step == cfg.steps;
             interrupted = (stop_now || cfg.stop_after == Some(step)) && !last;
-            if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+            let eval_now = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
+            if eval_now {
                 eval = self.evaluate_in_group(task, model)?;
             }
-            if root && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+            if root && eval_now {
                 let mut line = serde_json::json!({ "step": step });
                 for (k, v) in &eval {
                     line[k] = serde_json::json!(v);
