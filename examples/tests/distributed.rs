@@ -53,6 +53,22 @@ fn numbers(dir: &Path) -> Vec<(u64, String, f64)> {
         .collect()
 }
 
+/// The losses, gradient norms and evaluations of the runs in `one` and `two` are the same
+/// events, equal to float rounding (the order of the sums differs: two half-batch means
+/// averaged, against one mean over the batch), with at least one evaluation.
+fn assert_same_numbers(one: &Path, two: &Path) {
+    let (a, b) = (numbers(one), numbers(two));
+    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+    assert!(a.iter().any(|(_, k, _)| k == "eval_loss"));
+    for ((sa, ka, xa), (sb, kb, xb)) in a.iter().zip(&b) {
+        assert_eq!((sa, ka), (sb, kb));
+        assert!(
+            (xa - xb).abs() <= 1e-4 * xa.abs().max(1.0),
+            "step {sa} {ka}: one process {xa}, two {xb}"
+        );
+    }
+}
+
 #[test]
 fn two_processes_compute_what_one_does_and_resume_exactly() {
     let one = temp("one");
@@ -73,18 +89,7 @@ fn two_processes_compute_what_one_does_and_resume_exactly() {
         "{}",
         o.stderr
     );
-    let (a, b) = (numbers(&one), numbers(&two));
-    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
-    assert!(a.iter().any(|(_, k, _)| k == "eval_loss"));
-    for ((sa, ka, xa), (sb, kb, xb)) in a.iter().zip(&b) {
-        assert_eq!((sa, ka), (sb, kb));
-        // Only the order of the float sums differs (two half-batch means averaged, against one
-        // mean over the batch).
-        assert!(
-            (xa - xb).abs() <= 1e-4 * xa.abs().max(1.0),
-            "step {sa} {ka}: one process {xa}, two {xb}"
-        );
-    }
+    assert_same_numbers(&one, &two);
     let s = json(&two.join("summary.json"));
     assert_eq!(s["steps"], 8);
     assert!(s["items_per_sec"].as_f64().unwrap() > 0.0);
@@ -129,16 +134,7 @@ fn clip_groups_contrast_the_whole_batch_and_resume_exactly() {
     let two = temp("clip-two");
     let o = mpirun(2, CLIP, &clip_args(&two), &two, None);
     assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
-    let (a, b) = (numbers(&one), numbers(&two));
-    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
-    assert!(a.iter().any(|(_, k, _)| k == "eval_loss"));
-    for ((sa, ka, xa), (sb, kb, xb)) in a.iter().zip(&b) {
-        assert_eq!((sa, ka), (sb, kb));
-        assert!(
-            (xa - xb).abs() <= 1e-4 * xa.abs().max(1.0),
-            "step {sa} {ka}: one process {xa}, two {xb}"
-        );
-    }
+    assert_same_numbers(&one, &two);
     assert_eq!(json(&two.join("summary.json"))["steps"], 4);
     assert!(two.join("vocab.json").exists() && two.join("similarity.png").exists());
 
