@@ -46,7 +46,7 @@ use neural_arch::checkpoint::load_safetensors;
 use neural_arch::dfdx::dtypes::{bf16, f16};
 use neural_arch::dist::Shard;
 use neural_arch::prelude::*;
-use neural_arch::train::{Metrics, RunSummary, StepOutput, Task};
+use neural_arch::train::{ratios, MetricSums, Metrics, RunSummary, StepOutput, Task};
 use neural_arch_models::bert::{BertTiny, BertTinyClassifier, IGNORE_INDEX};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -539,8 +539,10 @@ macro_rules! mlm_loss_in {
             D: Device<f32> + Device<$e> + TensorFromVec<bool>,
             ModelError: From<<D as HasErr>::Err>,
         {
-            let p = pad(&task.batch_at(step)?);
-            let (ids, mask, types) = tensors(&task.dev, &p, task.batch)?;
+            // This rank's sequences: the whole batch in one process, a shard in a group.
+            let batch = task.batch_at(step)?;
+            let p = pad(&batch);
+            let (ids, mask, types) = tensors(&task.dev, &p, batch.len())?;
             let types = types.put_tape(OwnedTape::default());
             let hidden = model
                 .bert
@@ -599,9 +601,22 @@ where
     }
 
     fn evaluate(&mut self, model: &mut Built<BertTiny, f32, D>) -> Result<Metrics, ModelError> {
+        let sums = self.evaluate_shard(model, Shard::SINGLE)?;
+        Ok(ratios(&sums.unwrap_or_default()))
+    }
+
+    /// The validation sequences split into `world` contiguous parts as equal as they come;
+    /// every metric is a mean over their masked tokens.
+    fn evaluate_shard(
+        &mut self,
+        model: &mut Built<BertTiny, f32, D>,
+        shard: Shard,
+    ) -> Result<Option<MetricSums>, ModelError> {
         let masked = self.valid_masked();
+        let n = masked.len();
+        let part = &masked[n * shard.rank / shard.world..n * (shard.rank + 1) / shard.world];
         let (mut loss_sum, mut correct, mut total) = (0.0f64, 0usize, 0usize);
-        for chunk in masked.chunks(self.batch.clamp(1, 64)) {
+        for chunk in part.chunks(self.batch.clamp(1, 64)) {
             let p = pad(chunk);
             let (ids, mask, types) = tensors(&self.dev, &p, chunk.len())?;
             let hidden = model.bert.try_forward((ids, mask, types))?;
@@ -616,11 +631,11 @@ where
             loss_sum += loss.as_vec()[0] as f64 * targets.len() as f64;
             total += targets.len();
         }
-        let total = total.max(1) as f64;
-        Ok(Metrics::from([
-            ("eval_loss".to_string(), loss_sum / total),
-            ("masked_accuracy".to_string(), correct as f64 / total),
-        ]))
+        let total = total as f64;
+        Ok(Some(MetricSums::from([
+            ("eval_loss".to_string(), (loss_sum, total)),
+            ("masked_accuracy".to_string(), (correct as f64, total)),
+        ])))
     }
 
     fn samples(&mut self, model: &mut Built<BertTiny, f32, D>) -> Result<Vec<String>, ModelError> {

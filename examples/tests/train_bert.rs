@@ -261,3 +261,32 @@ fn mixed_precision_trains_like_f32() {
     args[1] = "3";
     common::assert_mixed_precision_matches(BIN, Some(&data), &args, "bert-mixed");
 }
+
+/// A group of two trains the masked LM (each rank pads and encodes its own shard of the batch),
+/// and its two ranks each evaluate half of the validation sequences with rank 0's model:
+/// together, what one process scores on rank 0's checkpoint.
+#[cfg(feature = "mpi")]
+#[test]
+fn masked_lm_trains_in_a_group_of_two_and_evaluates_in_shards() {
+    let data = synthetic_data("bert-group-data", None);
+    let dir = tmp("bert-group");
+    let out = dir.join("run");
+    let mut args = MLM.to_vec();
+    args[1] = "4";
+    args.extend(["--out", out.to_str().unwrap()]);
+    let o = common::mpirun(2, BIN, &args, &dir, Some(&data));
+    assert!(common::succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    let group = summary(&out);
+    assert_eq!(group["steps"], 4);
+    assert_eq!(losses(&out).len(), 4);
+    let (ok, stdout, stderr) = run(&data, &["--resume", out.to_str().unwrap(), "--eval-only"]);
+    assert!(ok, "--eval-only failed:\n{stdout}\n{stderr}");
+    let alone = summary(&out);
+    for key in ["eval_loss", "masked_accuracy"] {
+        let (a, b) = (group[key].as_f64().unwrap(), alone[key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{key}: two ranks' shards {a}, rank 0's checkpoint alone {b}"
+        );
+    }
+}
