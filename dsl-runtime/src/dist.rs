@@ -77,6 +77,12 @@ impl Shard {
         Ok(self.rank * per..(self.rank + 1) * per)
     }
 
+    /// This rank's part of `n` items that need not split evenly (held-out examples): the
+    /// `rank`-th of `world` contiguous parts whose sizes differ by at most one.
+    pub fn part(&self, n: usize) -> Range<usize> {
+        n * self.rank / self.world..n * (self.rank + 1) / self.world
+    }
+
     /// Whether this process writes the run's files (rank 0).
     pub fn is_root(&self) -> bool {
         self.rank == 0
@@ -523,5 +529,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("multiple of 4"), "{e}");
+        let parts: Vec<Range<usize>> = (0..4)
+            .map(|rank| Shard { rank, world: 4 }.part(10))
+            .collect();
+        assert_eq!(parts, vec![0..2, 2..5, 5..7, 7..10]);
+        assert_eq!(Shard { rank: 2, world: 3 }.part(1), 0..1);
+        assert_eq!(Shard::SINGLE.part(7), 0..7);
     }
 }

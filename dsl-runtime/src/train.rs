@@ -749,9 +749,10 @@ impl Trainer {
         };
         // The ranks must add up the same metrics in the same order: rank 0's names decide.
         let names: Vec<&String> = mine.keys().collect();
-        let mut theirs = serde_json::to_vec(&names).map_err(|e| Error::Config(e.to_string()))?;
+        let ours = serde_json::to_vec(&names).map_err(|e| Error::Config(e.to_string()))?;
+        let mut theirs = ours.clone();
         g.broadcast_bytes(&mut theirs, "the evaluation's metric names")?;
-        if theirs != serde_json::to_vec(&names).map_err(|e| Error::Config(e.to_string()))? {
+        if theirs != ours {
             return Err(Error::Distributed(format!(
                 "rank {} evaluated the metrics {names:?}, rank 0 {}: the ranks run different \
                  tasks",

@@ -613,8 +613,7 @@ where
         shard: Shard,
     ) -> Result<Option<MetricSums>, ModelError> {
         let masked = self.valid_masked();
-        let n = masked.len();
-        let part = &masked[n * shard.rank / shard.world..n * (shard.rank + 1) / shard.world];
+        let part = &masked[shard.part(masked.len())];
         let (mut loss_sum, mut correct, mut total) = (0.0f64, 0usize, 0usize);
         for chunk in part.chunks(self.batch.clamp(1, 64)) {
             let p = pad(chunk);

@@ -370,10 +370,10 @@ where
         shard: Shard,
     ) -> Result<Option<MetricSums>, ModelError> {
         let n = self.eval_limit.min(self.test.len());
-        let (first, last) = (
-            n * shard.rank / shard.world,
-            n * (shard.rank + 1) / shard.world,
-        );
+        let std::ops::Range {
+            start: first,
+            end: last,
+        } = shard.part(n);
         let chunk = self.batch.clamp(1, 256);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let centre = (INPUT - SIDE) / 2;
