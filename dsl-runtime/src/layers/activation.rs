@@ -10,15 +10,14 @@
 //! 3.1 ms instead of 6.6 ms.
 
 use super::cpu_fast::{
-    cpu_vec, filled, for_chunks, for_chunks2, fused_cpu, fused_float, par_rows, sum8, CPU,
-    TASK_ELEMS,
+    cpu_vec, filled, for_chunks, for_chunks2, fused_cpu, fused_float, par_rows, sum8, HalfSlice,
+    CPU, TASK_ELEMS,
 };
 use super::LayerInfo;
 use dfdx::nn::{Module, NonMutableModule, ZeroSizedModule};
 use dfdx::shapes::{Dtype, HasShape, Shape};
 use dfdx::tensor::{PutTape, SplitTape, Tape, Tensor, WithEmptyTape};
 use dfdx::tensor_ops::{Device, ReshapeTo, TryAdd, TryMul, TrySub};
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use num_traits::{Float, FloatConst};
 use std::any::{Any, TypeId};
@@ -321,29 +320,6 @@ fn unary_cpu<K: Unary, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
         unary_real::<K, f64, S, E, D, T>(x)
     }
 }
-
-/// A 16-bit float that slices convert to and from `f32` (`half`'s vectorised conversions).
-pub(crate) trait HalfSlice: Copy + Default + Send + Sync + 'static {
-    /// `dst[i] = src[i]` widened.
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// `dst[i] = src[i]` rounded to nearest.
-    fn narrow(src: &[f32], dst: &mut [Self]);
-}
-
-macro_rules! half_slice {
-    ($h:ty) => {
-        impl HalfSlice for $h {
-            fn widen(src: &[Self], dst: &mut [f32]) {
-                src.convert_to_f32_slice(dst);
-            }
-            fn narrow(src: &[f32], dst: &mut [Self]) {
-                dst.convert_from_f32_slice(src);
-            }
-        }
-    };
-}
-half_slice!(f16);
-half_slice!(bf16);
 
 /// [`unary_real`] for a half type `H` (= `E`): each block of the input is widened to `f32`,
 /// `K::f` and `K::df` run in `f32`, and the results are rounded once. Training keeps the

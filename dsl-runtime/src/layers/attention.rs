@@ -11,7 +11,7 @@
     reason = "dfdx tensor types spell their shapes out; aliases would hide the shapes the docs name"
 )]
 
-use super::cpu_fast::fused_float;
+use super::cpu_fast::fused_stored;
 use super::fused_attention::{attend_cpu, attend_merged_cpu};
 use super::linear::uniform_init;
 use super::LinearModule;
@@ -79,7 +79,7 @@ where
 {
     let (b, g, n, hd) = *q.shape();
     let sizes = [b.size(), g.size(), n.size(), k.shape().2.size(), hd.size()];
-    if fused_float::<E, D>() && !sizes.contains(&0) {
+    if fused_stored::<E, D>() && !sizes.contains(&0) {
         // One CPU kernel: products, masked softmax and weighted sum per (batch, group) block,
         // the blocks in parallel. dfdx makes about ten passes over the scores, each into a new
         // buffer, and its batched products run one block at a time.
@@ -182,7 +182,7 @@ where
     let (b, s, wq) = *q.shape();
     let wv = v.shape().2;
     let sizes = [b.size(), s.size(), k.shape().1.size(), wq.size(), wv.size()];
-    if fused_float::<E, D>() && !sizes.contains(&0) {
+    if fused_stored::<E, D>() && !sizes.contains(&0) {
         let mask = keep.map(|keep| Mask::Flags {
             keep: keep.as_vec(),
             empty_rows_zero: empty_rows,

@@ -5,7 +5,7 @@
 )]
 
 use super::attention::{causal_attend, split_heads, InProj, KvCache};
-use super::cpu_fast::fused_float;
+use super::cpu_fast::fused_stored;
 use super::fused_attention::attend_packed_causal_cpu;
 use super::LayerInfo;
 use super::LinearModule;
@@ -169,7 +169,7 @@ impl<const M: usize, const H: usize, B: Dim, S: Dim, E: Elem, D: Device<E>, T: T
     type Error = D::Err;
     fn try_forward(&self, x: Tensor<(B, S, Const<M>), E, D, T>) -> Result<Self::Output, D::Err> {
         let (b, s, _) = *x.shape();
-        if fused_float::<E, D>() && b.size() > 0 && s.size() > 0 && M > 0 {
+        if fused_stored::<E, D>() && b.size() > 0 && s.size() > 0 && M > 0 {
             let () = CausalSelfAttention::<M, H>::TYPE_CHECK;
             let qkv = self.c_attn.try_forward(x)?;
             return self

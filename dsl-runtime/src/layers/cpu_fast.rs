@@ -35,6 +35,34 @@ pub(crate) fn fused_cpu<E: Dtype, D: Storage<E>>() -> bool {
     std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
 }
 
+/// Whether the fused CPU kernels that store half types as they are ([`Stored`]) take `E` on
+/// `D`: `f32`, `f64`, `f16` and `bf16` on the CPU.
+pub(crate) fn fused_stored<E: Dtype, D: Storage<E>>() -> bool {
+    use std::any::TypeId;
+    let e = TypeId::of::<E>();
+    let half = e == TypeId::of::<half::f16>() || e == TypeId::of::<half::bf16>();
+    (half && fused_cpu::<E, D>()) || fused_float::<E, D>()
+}
+
+/// `$f::<S, $t...>($a...)` with `S` the [`Stored`] type that the element type `$e` is; the
+/// caller checked [`fused_stored`], so what is not `f32`, `f64` or `f16` is `bf16`.
+macro_rules! stored_call {
+    ($e:ty, $f:ident::<_ $(, $t:ty)*>($($a:expr),* $(,)?)) => {{
+        use std::any::TypeId;
+        let e = TypeId::of::<$e>();
+        if e == TypeId::of::<f32>() {
+            $f::<f32 $(, $t)*>($($a),*)
+        } else if e == TypeId::of::<f64>() {
+            $f::<f64 $(, $t)*>($($a),*)
+        } else if e == TypeId::of::<half::f16>() {
+            $f::<half::f16 $(, $t)*>($($a),*)
+        } else {
+            $f::<half::bf16 $(, $t)*>($($a),*)
+        }
+    }};
+}
+pub(crate) use stored_call;
+
 /// Whether the fused CPU kernels take `E` on `D`: `f32` and `f64` on the CPU.
 pub(crate) fn fused_float<E: Dtype, D: Storage<E>>() -> bool {
     use std::any::TypeId;
@@ -191,3 +219,102 @@ where
     let values = read(&p);
     (p, values)
 }
+
+/// A 16-bit float that slices convert to and from `f32` (`half`'s vectorised conversions).
+pub(crate) trait HalfSlice: Copy + Default + Send + Sync + 'static {
+    /// `dst[i] = src[i]` widened.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = src[i]` rounded to nearest.
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+macro_rules! half_slice {
+    ($h:ty) => {
+        impl HalfSlice for $h {
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                use half::slice::HalfFloatSliceExt;
+                src.convert_to_f32_slice(dst);
+            }
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                use half::slice::HalfFloatSliceExt;
+                dst.convert_from_f32_slice(src);
+            }
+        }
+    };
+}
+half_slice!(half::f16);
+half_slice!(half::bf16);
+
+/// `src` widened to `f32`, a block per task of rayon's pool.
+pub(crate) fn widened<H: HalfSlice>(src: &[H]) -> Vec<f32> {
+    let mut out = vec![0.0f32; src.len()];
+    for_chunks(&mut out, TASK_ELEMS, |i, o| {
+        H::widen(&src[i * TASK_ELEMS..][..o.len()], o)
+    });
+    out
+}
+
+/// `dst[i] = src[i]` rounded to nearest, a block per task of rayon's pool.
+pub(crate) fn narrow_into<H: HalfSlice>(src: &[f32], dst: &mut [H]) {
+    for_chunks(dst, TASK_ELEMS, |i, d| {
+        H::narrow(&src[i * TASK_ELEMS..][..d.len()], d)
+    });
+}
+
+/// How a fused kernel stores an element type and what it computes in: `f32` and `f64` are
+/// computed as they are; `f16` and `bf16` are kept as they are (half the memory of `f32` on the
+/// tape) and widened to `f32` for each product, whose result is rounded once, as PyTorch's
+/// CPU autocast computes them.
+pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
+    /// The type the arithmetic runs in.
+    type F: super::linear::Gemm + super::Real;
+    /// `v` in the arithmetic's type: borrowed when it already is.
+    fn compute(v: &[Self]) -> std::borrow::Cow<'_, [Self::F]>;
+    /// A result, stored: moved when it already is, rounded once otherwise.
+    fn stored(v: Vec<Self::F>) -> Vec<Self>;
+    /// Runs `f` on `dst` in the arithmetic's type: `dst` itself, or a widened copy that is
+    /// rounded back once, so that what `f` adds is accumulated in `f32`.
+    fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [Self::F]));
+}
+
+macro_rules! stored_as_is {
+    ($f:ty) => {
+        impl Stored for $f {
+            type F = $f;
+            fn compute(v: &[Self]) -> std::borrow::Cow<'_, [Self]> {
+                std::borrow::Cow::Borrowed(v)
+            }
+            fn stored(v: Vec<Self>) -> Vec<Self> {
+                v
+            }
+            fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [Self])) {
+                f(dst)
+            }
+        }
+    };
+}
+stored_as_is!(f32);
+stored_as_is!(f64);
+
+macro_rules! stored_widened {
+    ($h:ty) => {
+        impl Stored for $h {
+            type F = f32;
+            fn compute(v: &[Self]) -> std::borrow::Cow<'_, [f32]> {
+                std::borrow::Cow::Owned(widened(v))
+            }
+            fn stored(v: Vec<f32>) -> Vec<Self> {
+                let mut out = vec![<$h>::default(); v.len()];
+                narrow_into(&v, &mut out);
+                out
+            }
+            fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [f32])) {
+                let mut acc = widened(dst);
+                f(&mut acc);
+                narrow_into(&acc, dst);
+            }
+        }
+    };
+}
+stored_widened!(half::f16);
+stored_widened!(half::bf16);

@@ -12,7 +12,9 @@
 )]
 
 use super::activation::softmax_row;
-use super::cpu_fast::{block, cpu_vec, filled, for_chunks, for_chunks2, read, sum8, CPU};
+use super::cpu_fast::{
+    block, cpu_vec, filled, for_chunks, for_chunks2, read, stored_call, sum8, Stored, CPU,
+};
 use super::linear::{as_f, Gemm};
 use super::{cast, Mask, Real};
 use dfdx::shapes::{Dim, Dtype, HasShape};
@@ -20,7 +22,7 @@ use dfdx::tensor::{PutTape, SplitTape, Tape, Tensor};
 use dfdx::tensor_ops::{Device, ReshapeTo};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use std::any::{Any, TypeId};
+use std::any::Any;
 
 /// `softmax(q kᵀ / √hd, mask) v` for `q` `(B, G, N, hd)`, `k` `(B, G, T, hd)` and `v`
 /// `(B, G, T, hv)`: `(B, G, N, hv)`, every size non-zero, on the CPU in `f32` or `f64` (the
@@ -47,11 +49,10 @@ where
     D: Device<E>,
     Tp: Tape<E, D>,
 {
-    if TypeId::of::<E>() == TypeId::of::<f32>() {
-        attend_stacked::<f32, B, G, N, T, Hd, E, D, Tp>(q, k, v, mask)
-    } else {
-        attend_stacked::<f64, B, G, N, T, Hd, E, D, Tp>(q, k, v, mask)
-    }
+    stored_call!(
+        E,
+        attend_stacked::<_, B, G, N, T, Hd, E, D, Tp>(q, k, v, mask)
+    )
 }
 
 /// [`attend_cpu`] for the heads side by side: `q` `(B, S, H·hd)`, `k` `(B, T, H·hd)` and `v`
@@ -76,11 +77,10 @@ where
     D: Device<E>,
     Tp: Tape<E, D>,
 {
-    if TypeId::of::<E>() == TypeId::of::<f32>() {
-        attend_merged::<f32, B, S, T, Wq, Wv, E, D, Tp>(q, k, v, heads, mask)
-    } else {
-        attend_merged::<f64, B, S, T, Wq, Wv, E, D, Tp>(q, k, v, heads, mask)
-    }
+    stored_call!(
+        E,
+        attend_merged::<_, B, S, T, Wq, Wv, E, D, Tp>(q, k, v, heads, mask)
+    )
 }
 
 /// Causal [`attend_merged_cpu`] from one fused projection `qkv` `(B, S, 3·H·hd)` (queries,
@@ -105,11 +105,10 @@ where
         queries: qkv.shape().1.size(),
         past: 0,
     });
-    if TypeId::of::<E>() == TypeId::of::<f32>() {
-        attend_packed::<f32, B, S, W3, Wo, E, D, Tp>(qkv, heads, mask, out_w)
-    } else {
-        attend_packed::<f64, B, S, W3, Wo, E, D, Tp>(qkv, heads, mask, out_w)
-    }
+    stored_call!(
+        E,
+        attend_packed::<_, B, S, W3, Wo, E, D, Tp>(qkv, heads, mask, out_w)
+    )
 }
 
 /// Sizes of the blocks: `n` queries, `t` keys, `hd` features of queries and keys, `hv` of
@@ -235,14 +234,14 @@ impl<F: Real + Gemm> Core<F> {
     }
 }
 
-fn attend_stacked<F, B, G, N, T, Hd, E, D, Tp>(
+fn attend_stacked<S0, B, G, N, T, Hd, E, D, Tp>(
     q: Tensor<(B, G, N, Hd), E, D, Tp>,
     k: Tensor<(B, G, T, Hd), E, D, Tp>,
     v: Tensor<(B, G, T, Hd), E, D, Tp>,
     mask: Option<Mask>,
 ) -> Result<Tensor<(B, G, N, Hd), E, D, Tp>, D::Err>
 where
-    F: Real + Gemm,
+    S0: Stored,
     B: Dim,
     G: Dim,
     N: Dim,
@@ -256,7 +255,7 @@ where
     let k_shape = *k.shape();
     let v_shape = *v.shape();
     let (b, g, n, hd) = q_shape;
-    let core = Core::<F>::new(
+    let core = Core::<S0::F>::new(
         Block {
             n: n.size(),
             t: k_shape.2.size(),
@@ -270,24 +269,28 @@ where
     let (k, k_tape) = k.try_reshape_like(&k_shape)?.split_tape();
     let (v, v_tape) = v.try_reshape_like(&v_shape)?.split_tape();
     let mut tape = tape.merge(k_tape).merge(v_tape);
-    let (qs, ks, vs): (Vec<F>, Vec<F>, Vec<F>) = (read(&q), read(&k), read(&v));
-    let (p, out) = core.forward(&qs, &ks, &vs);
+    let (qs, ks, vs): (Vec<S0>, Vec<S0>, Vec<S0>) = (read(&q), read(&k), read(&v));
+    let (p, out) = core.forward(&S0::compute(&qs), &S0::compute(&ks), &S0::compute(&vs));
     let out = q
         .device()
-        .try_tensor_from_vec(cast::<F, E>(out), (b, g, n, v_shape.3))?;
+        .try_tensor_from_vec(cast::<S0, E>(S0::stored(out)), (b, g, n, v_shape.3))?;
     if Tp::OWNS_TAPE {
         let (q, k, v, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let mut p = p;
+            let (qs, ks, vs) = (S0::compute(&qs), S0::compute(&ks), S0::compute(&vs));
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
-            let go: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
-            let g_v = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&v)?).expect(CPU));
-            core.backward_v(&mut p, go, &vs, g_v, Accum::Add);
-            let g_q = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&q)?).expect(CPU));
-            core.backward_q(&p, &ks, g_q, Accum::Add);
-            let g_k = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&k)?).expect(CPU));
-            core.backward_k(&p, &qs, g_k, Accum::Add);
+            let go: &Vec<S0> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            let go = S0::compute(go);
+            let g_v = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&v)?).expect(CPU));
+            S0::accumulate(g_v, |g_v| {
+                core.backward_v(&mut p, &go, &vs, g_v, Accum::Add)
+            });
+            let g_q = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&q)?).expect(CPU));
+            S0::accumulate(g_q, |g_q| core.backward_q(&p, &ks, g_q, Accum::Add));
+            let g_k = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&k)?).expect(CPU));
+            S0::accumulate(g_k, |g_k| core.backward_k(&p, &qs, g_k, Accum::Add));
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
         });
@@ -295,7 +298,7 @@ where
     Ok(out.put_tape(tape))
 }
 
-fn attend_merged<F, B, S, T, Wq, Wv, E, D, Tp>(
+fn attend_merged<S0, B, S, T, Wq, Wv, E, D, Tp>(
     q: Tensor<(B, S, Wq), E, D, Tp>,
     k: Tensor<(B, T, Wq), E, D, Tp>,
     v: Tensor<(B, T, Wv), E, D, Tp>,
@@ -303,7 +306,7 @@ fn attend_merged<F, B, S, T, Wq, Wv, E, D, Tp>(
     mask: Option<Mask>,
 ) -> Result<Tensor<(B, S, Wv), E, D, Tp>, D::Err>
 where
-    F: Real + Gemm,
+    S0: Stored,
     B: Dim,
     S: Dim,
     T: Dim,
@@ -323,59 +326,64 @@ where
         hd: wq.size() / heads,
         hv: v_shape.2.size() / heads,
     };
-    let core = Core::<F>::new(blk, mask);
+    let core = Core::<S0::F>::new(blk, mask);
     let (q, tape) = q.try_reshape_like(&q_shape)?.split_tape();
     let (k, k_tape) = k.try_reshape_like(&k_shape)?.split_tape();
     let (v, v_tape) = v.try_reshape_like(&v_shape)?.split_tape();
     let mut tape = tape.merge(k_tape).merge(v_tape);
     let whole = |width: usize| Cols { width, offset: 0 };
     let (cq, ck, cv) = (whole(wq.size()), whole(wq.size()), whole(v_shape.2.size()));
-    let qs = stack(&read::<_, E, D, F>(&q), cq, heads, blk.n, blk.hd);
-    let ks = stack(&read::<_, E, D, F>(&k), ck, heads, blk.t, blk.hd);
-    let vs = stack(&read::<_, E, D, F>(&v), cv, heads, blk.t, blk.hv);
-    let (p, out) = core.forward(&qs, &ks, &vs);
-    let mut merged = filled(out.len(), F::zero());
+    let qs = stack(&read::<_, E, D, S0>(&q), cq, heads, blk.n, blk.hd);
+    let ks = stack(&read::<_, E, D, S0>(&k), ck, heads, blk.t, blk.hd);
+    let vs = stack(&read::<_, E, D, S0>(&v), cv, heads, blk.t, blk.hv);
+    let (p, out) = core.forward(&S0::compute(&qs), &S0::compute(&ks), &S0::compute(&vs));
+    let mut merged = filled(out.len(), <S0::F as num_traits::Zero>::zero());
     unstack_add(&mut merged, cv, &out, heads, blk.n, blk.hv);
     let out = q
         .device()
-        .try_tensor_from_vec(cast::<F, E>(merged), (b, s, v_shape.2))?;
+        .try_tensor_from_vec(cast::<S0, E>(S0::stored(merged)), (b, s, v_shape.2))?;
     if Tp::OWNS_TAPE {
         let (q, k, v, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let mut p = p;
+            let (qs, ks, vs) = (S0::compute(&qs), S0::compute(&ks), S0::compute(&vs));
             let go = {
                 let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU);
-                stack(as_f::<E, F>(g), cv, heads, blk.n, blk.hv)
+                stack(as_f::<E, S0>(g), cv, heads, blk.n, blk.hv)
             };
+            let go = S0::compute(&go);
             // One buffer for the three stacked gradients, each overwritten before it is added
             // into its merged tensor's.
-            let mut scratch = filled(vs.len().max(qs.len()).max(ks.len()), F::zero());
+            let mut scratch = filled(
+                vs.len().max(qs.len()).max(ks.len()),
+                <S0::F as num_traits::Zero>::zero(),
+            );
             let sv = &mut scratch[..vs.len()];
             core.backward_v(&mut p, &go, &vs, sv, Accum::Replace);
-            let g_v = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&v)?).expect(CPU));
-            unstack_add(g_v, cv, sv, heads, blk.t, blk.hv);
+            let g_v = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&v)?).expect(CPU));
+            S0::accumulate(g_v, |g_v| unstack_add(g_v, cv, sv, heads, blk.t, blk.hv));
             let sq = &mut scratch[..qs.len()];
             core.backward_q(&p, &ks, sq, Accum::Replace);
-            let g_q = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&q)?).expect(CPU));
-            unstack_add(g_q, cq, sq, heads, blk.n, blk.hd);
+            let g_q = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&q)?).expect(CPU));
+            S0::accumulate(g_q, |g_q| unstack_add(g_q, cq, sq, heads, blk.n, blk.hd));
             let sk = &mut scratch[..ks.len()];
             core.backward_k(&p, &qs, sk, Accum::Replace);
-            let g_k = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&k)?).expect(CPU));
-            unstack_add(g_k, ck, sk, heads, blk.t, blk.hd);
+            let g_k = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&k)?).expect(CPU));
+            S0::accumulate(g_k, |g_k| unstack_add(g_k, ck, sk, heads, blk.t, blk.hd));
             Ok(())
         });
     }
     Ok(out.put_tape(tape))
 }
 
-fn attend_packed<F, B, S, W3, Wo, E, D, Tp>(
+fn attend_packed<S0, B, S, W3, Wo, E, D, Tp>(
     qkv: Tensor<(B, S, W3), E, D, Tp>,
     heads: usize,
     mask: Option<Mask>,
     out_w: Wo,
 ) -> Result<Tensor<(B, S, Wo), E, D, Tp>, D::Err>
 where
-    F: Real + Gemm,
+    S0: Stored,
     B: Dim,
     S: Dim,
     W3: Dim,
@@ -393,7 +401,7 @@ where
         hd: m / heads,
         hv: m / heads,
     };
-    let core = Core::<F>::new(blk, mask);
+    let core = Core::<S0::F>::new(blk, mask);
     let (x, mut tape) = qkv.try_reshape_like(&shape)?.split_tape();
     let third = |i: usize| Cols {
         width: 3 * m,
@@ -401,37 +409,42 @@ where
     };
     let (cq, ck, cv) = (third(0), third(1), third(2));
     let (qs, ks, vs) = {
-        let all = read::<_, E, D, F>(&x);
+        let all = read::<_, E, D, S0>(&x);
         let qs = stack(&all, cq, heads, blk.n, blk.hd);
         let ks = stack(&all, ck, heads, blk.t, blk.hd);
         (qs, ks, stack(&all, cv, heads, blk.t, blk.hv))
     };
-    let (p, out) = core.forward(&qs, &ks, &vs);
+    let (p, out) = core.forward(&S0::compute(&qs), &S0::compute(&ks), &S0::compute(&vs));
     let co = Cols {
         width: m,
         offset: 0,
     };
-    let mut merged = filled(out.len(), F::zero());
+    let mut merged = filled(out.len(), <S0::F as num_traits::Zero>::zero());
     unstack_add(&mut merged, co, &out, heads, blk.n, blk.hv);
     let out = x
         .device()
-        .try_tensor_from_vec(cast::<F, E>(merged), (b, s, out_w))?;
+        .try_tensor_from_vec(cast::<S0, E>(S0::stored(merged)), (b, s, out_w))?;
     if Tp::OWNS_TAPE {
         let (x, out_ghost) = (x.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
             let mut p = p;
+            let (qs, ks, vs) = (S0::compute(&qs), S0::compute(&ks), S0::compute(&vs));
             let go = {
                 let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU);
-                stack(as_f::<E, F>(g), co, heads, blk.n, blk.hv)
+                stack(as_f::<E, S0>(g), co, heads, blk.n, blk.hv)
             };
-            let mut scratch = filled(qs.len(), F::zero());
-            core.backward_v(&mut p, &go, &vs, &mut scratch, Accum::Replace);
-            let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
-            unstack_add(g_x, cv, &scratch, heads, blk.t, blk.hv);
-            core.backward_q(&p, &ks, &mut scratch, Accum::Replace);
-            unstack_add(g_x, cq, &scratch, heads, blk.n, blk.hd);
-            core.backward_k(&p, &qs, &mut scratch, Accum::Replace);
-            unstack_add(g_x, ck, &scratch, heads, blk.t, blk.hd);
+            let go = S0::compute(&go);
+            let mut scratch = filled(qs.len(), <S0::F as num_traits::Zero>::zero());
+            let g_x = as_f::<E, S0>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            // The three gradients are added in the arithmetic's type and rounded once.
+            S0::accumulate(g_x, |g_x| {
+                core.backward_v(&mut p, &go, &vs, &mut scratch, Accum::Replace);
+                unstack_add(g_x, cv, &scratch, heads, blk.t, blk.hv);
+                core.backward_q(&p, &ks, &mut scratch, Accum::Replace);
+                unstack_add(g_x, cq, &scratch, heads, blk.n, blk.hd);
+                core.backward_k(&p, &qs, &mut scratch, Accum::Replace);
+                unstack_add(g_x, ck, &scratch, heads, blk.t, blk.hd);
+            });
             Ok(())
         });
     }
@@ -448,9 +461,15 @@ struct Cols {
 
 /// The heads at `cols` of `(B, S, width)` as `(B, H, S, w)`, one head of one batch entry per
 /// task.
-fn stack<F: Real>(src: &[F], cols: Cols, heads: usize, rows: usize, w: usize) -> Vec<F> {
+fn stack<F: Copy + Default + Send + Sync>(
+    src: &[F],
+    cols: Cols,
+    heads: usize,
+    rows: usize,
+    w: usize,
+) -> Vec<F> {
     let batch = src.len() / (rows * cols.width);
-    let mut out = filled(batch * heads * rows * w, F::zero());
+    let mut out = filled(batch * heads * rows * w, F::default());
     for_chunks(&mut out, rows * w, |i, blk| {
         let (b, h) = (i / heads, i % heads);
         for (r, row) in blk.chunks_exact_mut(w).enumerate() {
@@ -626,5 +645,111 @@ mod tests {
             let composed = composition_only(|| run_heads(&q, &k, &v, &w, keep.clone()));
             assert_same(&format!("mask {}", keep.is_some()), &fused, &composed);
         }
+    }
+
+    /// The output and the gradients of `inputs` for the loss `Σ out ⊙ w`, in any element type,
+    /// as `f64`.
+    fn output_and_grads_in<E: crate::Elem, S: Shape, Si: Shape>(
+        out: Tensor<S, E, Cpu, OwnedTape<E, Cpu>>,
+        w: &Tensor<S, E, Cpu>,
+        inputs: &[&Tensor<Si, E, Cpu>],
+    ) -> Vec<Vec<f64>>
+    where
+        Cpu: Device<E>,
+    {
+        let f64s = |v: Vec<E>| v.iter().map(|x| x.to_f64().unwrap()).collect::<Vec<_>>();
+        let y = f64s(out.as_vec());
+        let g = (out * w.clone()).sum::<Rank0, _>().backward();
+        let mut all = vec![y];
+        all.extend(inputs.iter().map(|x| f64s(g.get(*x).as_vec())));
+        all
+    }
+
+    /// Fails unless every value of `got` is within one spacing of `want`'s, plus `1e-5` of the
+    /// largest magnitude of its vector: the f32 arithmetic's own error where values cancel.
+    fn assert_rounded_once(name: &str, got: &[Vec<f64>], want: &[Vec<f64>], spacing: f64) {
+        for (which, (got, want)) in got.iter().zip(want).enumerate() {
+            let size = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (j, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= spacing * w.abs() + 1e-5 * size,
+                    "{name}: value {j} of output/gradient {which}: {g}, the f64 kernel's {w}"
+                );
+            }
+        }
+    }
+
+    /// `f16` and `bf16`: each of the three kernels (blocks of heads with a causal mask, heads
+    /// side by side with flags, and GPT-2's packed projection) computes in `f32` from the half
+    /// inputs and rounds its output and each gradient once: within one spacing of the `f64`
+    /// kernel on the same values.
+    #[test]
+    fn half_kernels_compute_in_f32_and_round_once() {
+        half_rounds_once::<half::f16>(2f64.powi(-10));
+        half_rounds_once::<half::bf16>(2f64.powi(-7));
+    }
+
+    /// Samples in f64 outside [`half_rounds_once`], whose bounds on `H` would make the
+    /// sampler's element type ambiguous.
+    fn normal4(dev: &Cpu, shape: (usize, usize, usize, usize)) -> Q {
+        dev.sample_normal_like(&shape)
+    }
+
+    fn normal3(dev: &Cpu, shape: (usize, usize, usize)) -> X {
+        dev.sample_normal_like(&shape)
+    }
+
+    fn half_rounds_once<H: crate::Elem>(spacing: f64)
+    where
+        Cpu: Device<H>,
+        f64: num_traits::AsPrimitive<H>,
+        H: num_traits::AsPrimitive<f64>,
+    {
+        let dev = Cpu::seed_from_u64(13);
+        // Inputs rounded to `H`, so that the f64 reference sees the same values.
+        let rounded = |x: Q| x.to_dtype::<H>().to_dtype::<f64>();
+        let (b, g, n, t, hd) = (2, 3, 8, 6, 16);
+        let q = rounded(normal4(&dev, (b, g, n, hd)));
+        let k = rounded(normal4(&dev, (b, g, t, hd)));
+        let v = rounded(normal4(&dev, (b, g, t, hd)));
+        let w = rounded(normal4(&dev, (b, g, n, hd)));
+        let causal = || {
+            Some(Keep::Causal {
+                queries: 4,
+                past: 2,
+            })
+        };
+        let want = run(&q, &k, &v, &w, causal, false);
+        let [qh, kh, vh, wh] = [&q, &k, &v, &w].map(|x| x.clone().to_dtype::<H>());
+        let out = attend(qh.leaky_trace(), kh.leaky_trace(), vh.leaky_trace(), causal(), false);
+        let got = output_and_grads_in(out.unwrap(), &wh, &[&qh, &kh, &vh]);
+        assert_rounded_once("blocks of heads", &got, &want, spacing);
+
+        let rounded = |x: X| x.to_dtype::<H>().to_dtype::<f64>();
+        let (s, heads) = (5, 3);
+        let q = rounded(normal3(&dev, (b, s, heads * 8)));
+        let k = rounded(normal3(&dev, (b, t, heads * 8)));
+        let v = rounded(normal3(&dev, (b, t, heads * 8)));
+        let w = rounded(normal3(&dev, (b, s, heads * 8)));
+        let flags: Vec<bool> = (0..b * heads * s * t).map(|i| (i * 31) % 4 != 1).collect();
+        let flags = dev.tensor_from_vec(flags, (b, heads, s, t));
+        let want = run_heads(&q, &k, &v, &w, Some(flags.clone()));
+        let [qh, kh, vh, wh] = [&q, &k, &v, &w].map(|x| x.clone().to_dtype::<H>());
+        let (qt, kt, vt) = (qh.leaky_trace(), kh.leaky_trace(), vh.leaky_trace());
+        let out = attend_heads(qt, kt, vt, heads, Some(flags), true);
+        let got = output_and_grads_in(out.unwrap(), &wh, &[&qh, &kh, &vh]);
+        assert_rounded_once("heads side by side", &got, &want, spacing);
+
+        let qkv = rounded(normal3(&dev, (b, s, 3 * heads * 8)));
+        let w = rounded(normal3(&dev, (b, s, heads * 8)));
+        let packed = |qkv: &X, w: &X| {
+            let out = super::attend_packed_causal_cpu(qkv.leaky_trace(), heads, heads * 8);
+            output_and_grads_in::<f64, _, _>(out.unwrap(), w, &[qkv])
+        };
+        let want = packed(&qkv, &w);
+        let (qkvh, wh) = (qkv.to_dtype::<H>(), w.to_dtype::<H>());
+        let out = super::attend_packed_causal_cpu(qkvh.leaky_trace(), heads, heads * 8);
+        let got = output_and_grads_in(out.unwrap(), &wh, &[&qkvh]);
+        assert_rounded_once("packed projection", &got, &want, spacing);
     }
 }

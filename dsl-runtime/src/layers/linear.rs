@@ -8,7 +8,9 @@
 //! thread, for the shapes of the tiny presets). Other devices compose dfdx's `matmul` and a
 //! broadcast add.
 
-use super::cpu_fast::{cpu_vec, filled, fused_float, par_rows, read, take_param, CPU, TASK_ELEMS};
+use super::cpu_fast::{
+    cpu_vec, filled, fused_cpu, par_rows, read, take_param, Stored, CPU, TASK_ELEMS,
+};
 use super::{cast, LayerInfo};
 use crate::Elem;
 use dfdx::nn::{
@@ -17,6 +19,7 @@ use dfdx::nn::{
 use dfdx::shapes::{Axes2, Const, Dim, Dtype, HasShape, Rank1, Rank2, Shape};
 use dfdx::tensor::{PutTape, SplitTape, Storage, Tape, Tensor};
 use dfdx::tensor_ops::{BroadcastTo, Device, PermuteTo, ReshapeTo, TryAdd, TryMatMul};
+use half::{bf16, f16};
 use rand_distr::Uniform;
 use rayon::prelude::*;
 use std::any::{Any, TypeId};
@@ -195,12 +198,17 @@ pub fn linear<Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     bias: Option<&Tensor<(Ow,), E, D>>,
 ) -> Result<Rows<Ow, E, D, T>, D::Err> {
     let (n, i) = *x.shape();
-    if fused_float::<E, D>() && n > 0 && i.size() > 0 && weight.shape().0.size() > 0 {
-        return if TypeId::of::<E>() == TypeId::of::<f32>() {
-            linear_cpu::<f32, Iw, Ow, E, D, T>(x, weight, bias)
-        } else {
-            linear_cpu::<f64, Iw, Ow, E, D, T>(x, weight, bias)
-        };
+    if fused_cpu::<E, D>() && n > 0 && i.size() > 0 && weight.shape().0.size() > 0 {
+        let e = TypeId::of::<E>();
+        if e == TypeId::of::<f32>() {
+            return linear_cpu::<f32, Iw, Ow, E, D, T>(x, weight, bias);
+        } else if e == TypeId::of::<f64>() {
+            return linear_cpu::<f64, Iw, Ow, E, D, T>(x, weight, bias);
+        } else if e == TypeId::of::<f16>() {
+            return linear_cpu::<f16, Iw, Ow, E, D, T>(x, weight, bias);
+        } else if e == TypeId::of::<bf16>() {
+            return linear_cpu::<bf16, Iw, Ow, E, D, T>(x, weight, bias);
+        }
     }
     let y = x.try_matmul(weight.retaped::<T>().try_permute::<_, Axes2<1, 0>>()?)?;
     match bias {
@@ -240,39 +248,41 @@ pub(crate) fn par() -> faer::Par {
 /// [`linear`] on the CPU through `faer`: `y = b + x Wᵀ` (the bias written first, the product
 /// accumulated into it); backward `dx += dy W`, `dW += dyᵀ x`, `db += Σ_rows dy`, each a
 /// `faer` product or one pass. `x` and `W` are kept for the backward pass as copies in
-/// row-major order.
-fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+/// row-major order, in the element type `S` = `E`; `f16` and `bf16` are widened to `f32` for
+/// each product and every result (the output, and each gradient after its product is added)
+/// is rounded once (see [`Stored`]).
+fn linear_cpu<S: Stored, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<(usize, Iw), E, D, T>,
     weight: &Tensor<(Ow, Iw), E, D>,
     bias: Option<&Tensor<(Ow,), E, D>>,
 ) -> Result<Rows<Ow, E, D, T>, D::Err> {
     use faer::linalg::matmul::matmul;
     use faer::{Accum, MatMut, MatRef};
+    let one = <S::F as faer::traits::ComplexField>::one_impl;
+    let zero = <S::F as faer::traits::ComplexField>::zero_impl;
     let (n, iw) = *x.shape();
     let ow = weight.shape().0;
     let (i, o) = (iw.size(), ow.size());
     // Free for contiguous rows; a strided view is copied on the tape first.
     let (x, mut tape) = x.try_reshape_like(&(n, iw))?.split_tape();
-    let (w, ws): (_, Vec<F>) = take_param(weight, &mut tape);
-    let (b, bs): (_, Option<Vec<F>>) = match bias.map(|b| take_param(b, &mut tape)) {
+    let (w, ws): (_, Vec<S>) = take_param(weight, &mut tape);
+    let (b, bs): (_, Option<Vec<S>>) = match bias.map(|b| take_param(b, &mut tape)) {
         Some((b, bs)) => (Some(b), Some(bs)),
         None => (None, None),
     };
-    let xs: Vec<F> = read(&x);
-    let mut y: Vec<F> = match &bs {
-        Some(bs) => {
-            // Row copies on the pool: a `cycle()` iterator wrote one element at a time on the
-            // calling thread, a tenth of a BERT step's serial time.
-            let mut y = filled(n * o, F::zero_impl());
-            if o > 0 {
-                par_rows(&mut y, o, |_, rows| {
-                    rows.chunks_exact_mut(o).for_each(|r| r.copy_from_slice(bs));
-                });
-            }
-            y
+    let xs: Vec<S> = read(&x);
+    let mut y: Vec<S::F> = filled(n * o, zero());
+    if let Some(bs) = &bs {
+        let bs = S::compute(bs);
+        // Row copies on the pool: a `cycle()` iterator wrote one element at a time on the
+        // calling thread, a tenth of a BERT step's serial time.
+        if o > 0 {
+            par_rows(&mut y, o, |_, rows| {
+                rows.chunks_exact_mut(o)
+                    .for_each(|r| r.copy_from_slice(&bs));
+            });
         }
-        None => filled(n * o, F::zero_impl()),
-    };
+    }
     let accum = if b.is_some() {
         Accum::Add
     } else {
@@ -281,57 +291,65 @@ fn linear_cpu<F: Gemm, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     matmul(
         MatMut::from_row_major_slice_mut(&mut y, n, o),
         accum,
-        MatRef::from_row_major_slice(&xs, n, i),
-        MatRef::from_row_major_slice(&ws, o, i).transpose(),
-        F::one_impl(),
+        MatRef::from_row_major_slice(&S::compute(&xs), n, i),
+        MatRef::from_row_major_slice(&S::compute(&ws), o, i).transpose(),
+        one(),
         par(),
     );
-    let out = x.device().try_tensor_from_vec(cast::<F, E>(y), (n, ow))?;
+    let out = x
+        .device()
+        .try_tensor_from_vec(cast::<S, E>(S::stored(y)), (n, ow))?;
     if T::OWNS_TAPE {
         let (x, w, b, out_ghost) = (x.ghost(), w.ghost(), b.map(|b| b.ghost()), out.ghost());
         tape.add_backward_op(move |grads| {
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
             {
-                let g: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
-                let g = MatRef::from_row_major_slice(g, n, o);
-                let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
-                matmul(
-                    MatMut::from_row_major_slice_mut(g_x, n, i),
-                    Accum::Add,
-                    g,
-                    MatRef::from_row_major_slice(&ws, o, i),
-                    F::one_impl(),
-                    par(),
-                );
-                let g_w = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&w)?).expect(CPU));
-                matmul(
-                    MatMut::from_row_major_slice_mut(g_w, o, i),
-                    Accum::Add,
-                    g.transpose(),
-                    MatRef::from_row_major_slice(&xs, n, i),
-                    F::one_impl(),
-                    par(),
-                );
+                let g: &Vec<S> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+                let g = S::compute(g);
+                let gm = MatRef::from_row_major_slice(&g, n, o);
+                let g_x = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+                S::accumulate(g_x, |g_x| {
+                    matmul(
+                        MatMut::from_row_major_slice_mut(g_x, n, i),
+                        Accum::Add,
+                        gm,
+                        MatRef::from_row_major_slice(&S::compute(&ws), o, i),
+                        one(),
+                        par(),
+                    )
+                });
+                let g_w = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&w)?).expect(CPU));
+                S::accumulate(g_w, |g_w| {
+                    matmul(
+                        MatMut::from_row_major_slice_mut(g_w, o, i),
+                        Accum::Add,
+                        gm.transpose(),
+                        MatRef::from_row_major_slice(&S::compute(&xs), n, i),
+                        one(),
+                        par(),
+                    )
+                });
                 if let Some(b) = b.as_ref().filter(|_| o > 0) {
-                    let g_b = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
-                    let g: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+                    let g_b = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
                     // Partial column sums of fixed blocks of rows on the pool, added in order:
                     // the same bits whatever the number of threads.
                     let rows_per_task = (TASK_ELEMS / o).max(1);
-                    let partial: Vec<Vec<F>> = g
+                    let partial: Vec<Vec<S::F>> = g
                         .par_chunks(rows_per_task * o)
                         .map(|rows| {
-                            let mut sum = vec![F::zero_impl(); o];
+                            let mut sum = vec![zero(); o];
                             for row in rows.chunks_exact(o) {
                                 sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
                             }
                             sum
                         })
                         .collect();
-                    for sum in partial {
-                        g_b.iter_mut().zip(sum).for_each(|(gb, v)| *gb += v);
-                    }
+                    S::accumulate(g_b, |g_b| {
+                        for sum in partial {
+                            g_b.iter_mut().zip(sum).for_each(|(gb, v)| *gb += v);
+                        }
+                    });
                 }
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
@@ -425,5 +443,80 @@ mod tests {
         close(&fused.1, &composed.1, "weight gradient");
         close(&fused.2, &composed.2, "bias gradient");
         close(&fused.3, &composed.3, "input gradient");
+    }
+
+    /// `f16` and `bf16` on the CPU: the output and every gradient within one spacing of the
+    /// exact value from the same half inputs (computed in f64), plus the f32 accumulation's own
+    /// error; a size that the widening splits over several blocks.
+    #[test]
+    fn half_linear_computes_in_f32_and_rounds_once() {
+        half_linear_rounds_once::<half::f16>(2f64.powi(-10));
+        half_linear_rounds_once::<half::bf16>(2f64.powi(-7));
+    }
+
+    fn half_linear_rounds_once<H: crate::Elem>(spacing: f64)
+    where
+        Cpu: Device<H>,
+    {
+        let (n, i, o) = (300, 128, 96);
+        let dev = Cpu::seed_from_u64(3);
+        let fc = dev.build_module::<Linear<128, 96>, H>();
+        // Spread, sign-mixed values without a sampler (half types have none).
+        let wave = |len: usize, phase: f64| -> Vec<H> {
+            (0..len)
+                .map(|k| H::from_f64(2.0 * (0.7391 * k as f64 + phase).sin()).unwrap())
+                .collect()
+        };
+        let x = dev.tensor_from_vec(wave(n * i, 0.0), (n, Const::<128>));
+        // The output's gradient: the loss is Σ y ⊙ c.
+        let c = dev.tensor_from_vec(wave(n * o, 1.0), (n, Const::<96>));
+        let y = fc.forward(x.leaky_trace());
+        let values = y.as_vec();
+        let grads = (y * c.clone()).sum().backward();
+        let f = |v: &[H]| v.iter().map(|v| v.to_f64().unwrap()).collect::<Vec<f64>>();
+        let (xs, ws, bs, cs) = (
+            f(&x.as_vec()),
+            f(&fc.weight.as_vec()),
+            f(&fc.bias.as_vec()),
+            f(&c.as_vec()),
+        );
+        let check = |what: &str, got: H, terms: &mut dyn Iterator<Item = f64>| {
+            let (mut want, mut size) = (0.0, 0.0);
+            for t in terms {
+                want += t;
+                size += t.abs();
+            }
+            let got = got.to_f64().unwrap();
+            assert!(
+                (got - want).abs() <= spacing * want.abs() + 1e-6 * size,
+                "{what}: {got}, the exact {want}"
+            );
+        };
+        for r in 0..n {
+            for k in 0..o {
+                let mut terms = (0..i).map(|j| xs[r * i + j] * ws[k * i + j]);
+                let mut terms = terms.by_ref().chain([bs[k]]);
+                check(&format!("y[{r}][{k}]"), values[r * o + k], &mut terms);
+            }
+        }
+        let (g_x, g_w, g_b) = (
+            grads.get(&x).as_vec(),
+            grads.get(&fc.weight).as_vec(),
+            grads.get(&fc.bias).as_vec(),
+        );
+        for r in 0..n {
+            for j in 0..i {
+                let mut terms = (0..o).map(|k| cs[r * o + k] * ws[k * i + j]);
+                check(&format!("dx[{r}][{j}]"), g_x[r * i + j], &mut terms);
+            }
+        }
+        for k in 0..o {
+            for j in 0..i {
+                let mut terms = (0..n).map(|r| cs[r * o + k] * xs[r * i + j]);
+                check(&format!("dW[{k}][{j}]"), g_w[k * i + j], &mut terms);
+            }
+            let mut terms = (0..n).map(|r| cs[r * o + k]);
+            check(&format!("db[{k}]"), g_b[k], &mut terms);
+        }
     }
 }
