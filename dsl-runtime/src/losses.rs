@@ -12,17 +12,17 @@
 //! | [`bce_with_logits`] | `F.binary_cross_entropy_with_logits(logits, targets)` |
 //! | [`clip_loss`] | CLIP's symmetric InfoNCE (<https://arxiv.org/abs/2103.00020>, Figure 3) |
 
-use crate::layers::cpu_fast::{cpu_vec, filled, fused_cpu, fused_float, par_rows, sum8, CPU};
-use crate::layers::{cast, LogitScaleModule, Real};
+use crate::layers::cpu_fast::{
+    as_f, cpu_vec, fused_stored, par_rows, read, stored_call, sum8, Stored, CPU,
+};
+use crate::layers::{LogitScaleModule, Real};
 use crate::{Elem, Error};
-use dfdx::dtypes::{bf16, f16};
 use dfdx::shapes::{Axes2, Axis, Const, Dim, Dtype, HasShape, Rank0, Shape};
 use dfdx::tensor::{HasErr, Merge, PutTape, SplitTape, Storage, Tape, Tensor, WithEmptyTape};
 use dfdx::tensor_ops::{
     BroadcastTo, Device, MeanTo, PermuteTo, ReshapeTo, SelectTo, SumTo, TryAdd, TryDiv, TryMatMul,
     TryMul, TrySub,
 };
-use std::any::{Any, TypeId};
 
 /// `(rows, C)` logits or `(N, K)` embeddings.
 type Matrix<N, const C: usize, E, D, T> = Tensor<(N, Const<C>), E, D, T>;
@@ -138,16 +138,13 @@ where
         });
     }
     let counted = targets.iter().filter(|&&t| !ignored(t)).count();
-    let half =
-        TypeId::of::<E>() == TypeId::of::<f16>() || TypeId::of::<E>() == TypeId::of::<bf16>();
-    if fused_float::<E, D>() || (fused_cpu::<E, D>() && half) {
+    if fused_stored::<E, D>() {
         // Half-precision logits are computed on in f32: an f16 sum over a vocabulary stalls
         // at 2048, a bf16 one at 256.
-        return Ok(if TypeId::of::<E>() == TypeId::of::<f64>() {
-            cross_entropy_cpu::<f64, C, E, D, T>(x, targets, ignore_index, eps, counted)?
-        } else {
-            cross_entropy_cpu::<f32, C, E, D, T>(x, targets, ignore_index, eps, counted)?
-        });
+        return Ok(stored_call!(
+            E,
+            cross_entropy_cpu::<_, _, C, E, D, T>(x, targets, ignore_index, eps, counted)
+        )?);
     }
     let logp = x.try_log_softmax::<Axis<1>>()?;
     if counted == 0 {
@@ -185,26 +182,31 @@ where
     Ok(total.try_negate()?)
 }
 
-/// [`cross_entropy`] on the CPU in one kernel, for `F` = `E` = `f32` or `f64`, or `E` = `f16`
-/// or `bf16` computed in `F` = `f32` (row sums in `f64`): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
+/// [`cross_entropy`] on the CPU in one kernel, for `S` = `E` = `f32` or `f64`, or `f16` or
+/// `bf16` computed in `f32` (row sums in `f64`; see [`Stored`]): per row the maximum, `Σ exp(x − max)` and the loss, and, when training, the
 /// gradient `∂ℓ/∂x = p·(a + C·s) − s − a·[c = y]` (`a`, `s` the row's weights of the target
 /// and of the smoothing) written over a copy of the logits. Backward scales that by the loss's
 /// gradient. dfdx's `log_softmax`, `select` and `sum` make about a dozen passes over the
 /// `rows × C` logits, each into a new buffer; this makes four, into one, and for a language
 /// model's vocabulary those passes are most of the time outside the matrix products.
-fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+fn cross_entropy_cpu<S, F, const C: usize, E, D, T>(
     x: Tensor<(usize, Const<C>), E, D, T>,
     targets: &[usize],
     ignore_index: Option<usize>,
     eps: f64,
     counted: usize,
-) -> Result<Tensor<Rank0, E, D, T>, D::Err> {
+) -> Result<Tensor<Rank0, E, D, T>, D::Err>
+where
+    S: Stored<F = F>,
+    F: Real,
+    E: Dtype,
+    D: Device<E>,
+    T: Tape<E, D>,
+{
     let shape = *x.shape();
     // Free for contiguous logits; a strided view is copied on the tape first.
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
-    let mut d = filled(shape.num_elements(), E::default());
-    x.copy_into(&mut d);
-    let mut d: Vec<F> = to_real(d);
+    let mut d: Vec<F> = S::into_compute(read(&x));
     let denom = counted.max(1) as f64;
     let (nll_w, smooth_w) = ((1.0 - eps) / denom, eps / (C as f64 * denom));
     let f = |v: &F| v.to_f64().unwrap_or(f64::NAN);
@@ -245,37 +247,17 @@ fn cross_entropy_cpu<F: Real, const C: usize, E: Dtype, D: Device<E>, T: Tape<E,
         tape.add_backward_op(move |grads| {
             let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(&loss_ghost)?).expect(CPU)[0];
             let g = F::from(g.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
-            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
-            if let Some(g_x) = (g_x as &mut dyn Any).downcast_mut::<Vec<F>>() {
+            let g_x = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            S::accumulate(g_x, |g_x| {
                 par_rows(g_x, C, |row0, g_x| {
                     let d = &d[row0 * C..row0 * C + g_x.len()];
                     g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
                 });
-            } else {
-                // A half-precision gradient: accumulated in F, rounded once.
-                par_rows(g_x, C, |row0, g_x| {
-                    let d = &d[row0 * C..row0 * C + g_x.len()];
-                    g_x.iter_mut().zip(d).for_each(|(gx, d)| {
-                        let v = F::from(gx.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
-                        *gx = E::from_f64((v + g * *d).to_f64().unwrap_or(f64::NAN))
-                            .unwrap_or_default();
-                    });
-                });
-            }
+            });
             Ok(())
         });
     }
     Ok(loss.put_tape(tape))
-}
-
-/// `v` as `F`: the same vector when `E` is `F`, else converted element by element.
-fn to_real<E: Dtype, F: Real>(v: Vec<E>) -> Vec<F> {
-    if TypeId::of::<E>() == TypeId::of::<F>() {
-        return cast(v);
-    }
-    v.iter()
-        .map(|x| F::from(x.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan))
-        .collect()
 }
 
 /// Checks that two tensors a loss combines element-wise have the same (runtime) shape.
@@ -450,6 +432,7 @@ mod tests {
     use crate::layers::cpu_fast::{both_paths, composition_only};
     use crate::layers::LogitScale;
     use crate::prelude::*;
+    use dfdx::dtypes::f16;
     use serde_json::Value;
 
     fn reference() -> Value {

@@ -9,10 +9,11 @@
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
 use super::cast;
+use super::cpu_fast::as_f;
 use super::cpu_fast::{
     block, cpu_vec, filled, for_chunks, fused_cpu, fused_float, read, take_param, CPU,
 };
-use super::linear::{as_f, Gemm};
+use super::linear::Gemm;
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{

@@ -81,6 +81,15 @@ pub(crate) fn cpu_vec<E: Dtype, D: Storage<E>>(v: &mut D::Vec) -> Option<&mut Ve
         .map(|v| &mut **v)
 }
 
+/// A CPU buffer of `E` as the `Vec<F>` it is (`E` = `F`, checked by the caller).
+#[allow(
+    clippy::ptr_arg,
+    reason = "the downcast is from Vec<E>, the type of dfdx's CPU buffers"
+)]
+pub(crate) fn as_f<E: 'static, F: 'static>(v: &mut Vec<E>) -> &mut Vec<F> {
+    (v as &mut dyn std::any::Any).downcast_mut().expect(CPU)
+}
+
 /// A tensor as the CPU tensor it is, for reading it by index without a copy; `None` on any
 /// other device.
 pub(super) fn cpu_tensor<S: Shape, E: Dtype, D: Storage<E>>(
@@ -243,7 +252,29 @@ macro_rules! half_slice {
     };
 }
 half_slice!(half::f16);
-half_slice!(half::bf16);
+
+/// `half` converts `bf16` one element at a time with branches (it has no SIMD path for it);
+/// these are the same conversions written branch-free, which the compiler vectorises.
+impl HalfSlice for half::bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+    }
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let x = s.to_bits();
+            // Round to nearest, ties to even: adding 0x7fff plus the lowest kept bit carries
+            // into the kept bits exactly when the dropped half is above a tie, or a tie with an
+            // odd kept part. No finite value or infinity can wrap.
+            let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+            // A NaN stays a NaN (quiet), where rounding could carry it into an infinity.
+            let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+            let bits = if nan { (x >> 16) | 0x0040 } else { rounded };
+            *d = half::bf16::from_bits(bits as u16);
+        }
+    }
+}
 
 /// `src` widened to `f32`, a block per task of rayon's pool.
 pub(crate) fn widened<H: HalfSlice>(src: &[H]) -> Vec<f32> {
@@ -270,6 +301,8 @@ pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
     type F: super::linear::Gemm + super::Real;
     /// `v` in the arithmetic's type: borrowed when it already is.
     fn compute(v: &[Self]) -> std::borrow::Cow<'_, [Self::F]>;
+    /// `v` in the arithmetic's type: moved when it already is.
+    fn into_compute(v: Vec<Self>) -> Vec<Self::F>;
     /// A result, stored: moved when it already is, rounded once otherwise.
     fn stored(v: Vec<Self::F>) -> Vec<Self>;
     /// Runs `f` on `dst` in the arithmetic's type: `dst` itself, or a widened copy that is
@@ -283,6 +316,9 @@ macro_rules! stored_as_is {
             type F = $f;
             fn compute(v: &[Self]) -> std::borrow::Cow<'_, [Self]> {
                 std::borrow::Cow::Borrowed(v)
+            }
+            fn into_compute(v: Vec<Self>) -> Vec<Self> {
+                v
             }
             fn stored(v: Vec<Self>) -> Vec<Self> {
                 v
@@ -303,6 +339,9 @@ macro_rules! stored_widened {
             fn compute(v: &[Self]) -> std::borrow::Cow<'_, [f32]> {
                 std::borrow::Cow::Owned(widened(v))
             }
+            fn into_compute(v: Vec<Self>) -> Vec<f32> {
+                widened(&v)
+            }
             fn stored(v: Vec<f32>) -> Vec<Self> {
                 let mut out = vec![<$h>::default(); v.len()];
                 narrow_into(&v, &mut out);
@@ -318,3 +357,37 @@ macro_rules! stored_widened {
 }
 stored_widened!(half::f16);
 stored_widened!(half::bf16);
+
+#[cfg(test)]
+mod tests {
+    use super::HalfSlice;
+
+    /// The branch-free `bf16` conversions equal `half`'s, over a spread of bit patterns that
+    /// covers ties, both signs, subnormals, infinities and NaNs.
+    #[test]
+    fn bf16_conversions_equal_halfs() {
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(9973).collect();
+        for base in [
+            0u32,
+            0x3f80_0000,
+            0x7f7f_0000,
+            0x7f80_0000,
+            0x8000_0000,
+            0xff7f_0000,
+        ] {
+            bits.extend((0..0x2_0000).map(|lo| base.wrapping_add(lo)));
+        }
+        let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut ours = vec![half::bf16::ZERO; xs.len()];
+        half::bf16::narrow(&xs, &mut ours);
+        for (x, got) in xs.iter().zip(&ours) {
+            let want = half::bf16::from_f32(*x);
+            assert_eq!(got.to_bits(), want.to_bits(), "{x:?} ({:#x})", x.to_bits());
+        }
+        let mut back = vec![0.0f32; ours.len()];
+        half::bf16::widen(&ours, &mut back);
+        for (h, w) in ours.iter().zip(&back) {
+            assert_eq!(w.to_bits(), h.to_f32().to_bits());
+        }
+    }
+}

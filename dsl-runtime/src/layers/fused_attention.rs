@@ -12,10 +12,11 @@
 )]
 
 use super::activation::softmax_row;
+use super::cpu_fast::as_f;
 use super::cpu_fast::{
     block, cpu_vec, filled, for_chunks, for_chunks2, read, stored_call, sum8, Stored, CPU,
 };
-use super::linear::{as_f, Gemm};
+use super::linear::Gemm;
 use super::{cast, Mask, Real};
 use dfdx::shapes::{Dim, Dtype, HasShape};
 use dfdx::tensor::{PutTape, SplitTape, Tape, Tensor};
@@ -699,11 +700,11 @@ mod tests {
         dev.sample_normal_like(&shape)
     }
 
-    fn half_rounds_once<H: crate::Elem>(spacing: f64)
+    fn half_rounds_once<H>(spacing: f64)
     where
+        H: crate::Elem + num_traits::AsPrimitive<f64>,
         Cpu: Device<H>,
         f64: num_traits::AsPrimitive<H>,
-        H: num_traits::AsPrimitive<f64>,
     {
         let dev = Cpu::seed_from_u64(13);
         // Inputs rounded to `H`, so that the f64 reference sees the same values.
@@ -721,7 +722,13 @@ mod tests {
         };
         let want = run(&q, &k, &v, &w, causal, false);
         let [qh, kh, vh, wh] = [&q, &k, &v, &w].map(|x| x.clone().to_dtype::<H>());
-        let out = attend(qh.leaky_trace(), kh.leaky_trace(), vh.leaky_trace(), causal(), false);
+        let out = attend(
+            qh.leaky_trace(),
+            kh.leaky_trace(),
+            vh.leaky_trace(),
+            causal(),
+            false,
+        );
         let got = output_and_grads_in(out.unwrap(), &wh, &[&qh, &kh, &vh]);
         assert_rounded_once("blocks of heads", &got, &want, spacing);
 

@@ -9,7 +9,7 @@
 //! broadcast add.
 
 use super::cpu_fast::{
-    cpu_vec, filled, fused_cpu, par_rows, read, take_param, Stored, CPU, TASK_ELEMS,
+    as_f, cpu_vec, filled, fused_cpu, par_rows, read, take_param, Stored, CPU, TASK_ELEMS,
 };
 use super::{cast, LayerInfo};
 use crate::Elem;
@@ -227,15 +227,6 @@ pub(crate) trait Gemm:
 }
 impl Gemm for f32 {}
 impl Gemm for f64 {}
-
-/// A CPU buffer of `E` as the `Vec<F>` it is (`E` = `F`, checked by the caller).
-#[allow(
-    clippy::ptr_arg,
-    reason = "the downcast is from Vec<E>, the type of dfdx's CPU buffers"
-)]
-pub(crate) fn as_f<E: 'static, F: 'static>(v: &mut Vec<E>) -> &mut Vec<F> {
-    (v as &mut dyn Any).downcast_mut().expect(CPU)
-}
 
 /// `faer`'s threads: rayon's pool size (`RAYON_NUM_THREADS`), sequential for one.
 pub(crate) fn par() -> faer::Par {
