@@ -18,11 +18,13 @@
 //! advises, it trains without scaling (its [`GradScaler`] starts at, and never grows past, 1),
 //! and an overflowing step is still skipped and counted.
 //!
-//! The precision-sensitive parts run in `f32` or `f64` whatever the element type, on the CPU:
-//! the matrix products accumulate in `f32` (gemm converts `f16` panels; `bf16` operands are
-//! widened to `f32`), the norms'
-//! statistics and the cross-entropy's softmax and sums are computed in `f64`. Other devices
-//! compose dfdx ops in the element type.
+//! The precision-sensitive parts run in `f32` or `f64` whatever the element type, on the CPU,
+//! as PyTorch's CPU autocast computes them: the fully connected layers and the attention
+//! kernels widen their half inputs to `f32` for `faer`'s products, keep the softmax in `f32`,
+//! and round each output and each gradient once; the activations compute in `f32`; the norms'
+//! statistics and the cross-entropy's softmax and sums are computed in `f64`. Activations are
+//! kept for the backward pass in `H`, which is where the memory goes. Other devices compose
+//! dfdx ops in the element type.
 //!
 //! One difference from PyTorch: there the loss is an `f32` value and the scale multiplies it
 //! in `f32`. dfdx records a tape in a single element type, so here the loss is an `f16` tensor

@@ -782,8 +782,8 @@ fn as_padded(examples: &[Example]) -> (Padded, Vec<usize>) {
     (pad(&seqs), examples.iter().map(|(_, y)| *y).collect())
 }
 
-/// Accuracy and mean loss of `model` on `examples`.
-fn classify<D, M>(model: &M, dev: &D, examples: &[Example]) -> Result<(f64, f64), ModelError>
+/// The correct answers, the summed loss and the number of `examples`, for `model`.
+fn classify<D, M>(model: &M, dev: &D, examples: &[Example]) -> Result<[f64; 3], ModelError>
 where
     D: Device<f32> + TensorFromVec<bool>,
     M: Module<Input<D, NoneTape>, Output = ClassLogits<D, NoneTape>, Error = ModelError>,
@@ -803,8 +803,7 @@ where
         loss_sum +=
             cross_entropy(logits, &y, Default::default())?.as_vec()[0] as f64 * chunk.len() as f64;
     }
-    let n = examples.len().max(1) as f64;
-    Ok((correct as f64 / n, loss_sum / n))
+    Ok([correct as f64, loss_sum, examples.len() as f64])
 }
 
 impl<D, W, H> MixedTask<W, D, H> for SentimentTask<D>
@@ -864,22 +863,34 @@ where
     }
 
     fn evaluate(&mut self, model: &mut M) -> Result<Metrics, ModelError> {
-        let (acc, loss) = classify(model, &self.dev, &self.valid)?;
-        let mut m = Metrics::from([
-            ("eval_loss".to_string(), loss),
-            ("accuracy".to_string(), acc),
+        let sums = self.evaluate_shard(model, Shard::SINGLE)?;
+        Ok(ratios(&sums.unwrap_or_default()))
+    }
+
+    /// The held-out snippets and each site's sentences split into `world` contiguous parts as
+    /// equal as they come; every metric is a mean over sentences (`ood_accuracy` over all the
+    /// sites' together).
+    fn evaluate_shard(
+        &mut self,
+        model: &mut M,
+        shard: Shard,
+    ) -> Result<Option<MetricSums>, ModelError> {
+        let valid = &self.valid[shard.part(self.valid.len())];
+        let [correct, loss_sum, n] = classify(model, &self.dev, valid)?;
+        let mut sums = MetricSums::from([
+            ("eval_loss".to_string(), (loss_sum, n)),
+            ("accuracy".to_string(), (correct, n)),
         ]);
-        let (mut correct, mut total) = (0.0, 0usize);
+        let (mut ood_correct, mut ood_n) = (0.0, 0.0);
         for (site, ex) in &self.ood {
-            let (a, _) = classify(model, &self.dev, ex)?;
-            m.insert(format!("ood_accuracy_{site}"), a);
-            correct += a * ex.len() as f64;
-            total += ex.len();
+            let [correct, _, n] = classify(model, &self.dev, &ex[shard.part(ex.len())])?;
+            sums.insert(format!("ood_accuracy_{site}"), (correct, n));
+            (ood_correct, ood_n) = (ood_correct + correct, ood_n + n);
         }
-        if total > 0 {
-            m.insert("ood_accuracy".to_string(), correct / total as f64);
+        if !self.ood.is_empty() {
+            sums.insert("ood_accuracy".to_string(), (ood_correct, ood_n));
         }
-        Ok(m)
+        Ok(Some(sums))
     }
 }
 

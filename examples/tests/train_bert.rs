@@ -262,9 +262,23 @@ fn mixed_precision_trains_like_f32() {
     common::assert_mixed_precision_matches(BIN, Some(&data), &args, "bert-mixed");
 }
 
+/// Fails unless each of `keys` is the same in the two summaries, to `1e-5`.
+#[cfg(feature = "mpi")]
+fn assert_same_metrics(keys: &[&str], group: &Value, alone: &Value) {
+    for key in keys {
+        let (a, b) = (group[key].as_f64().unwrap(), alone[key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{key}: two ranks' shards {a}, rank 0's checkpoint alone {b}"
+        );
+    }
+}
+
 /// A group of two trains the masked LM (each rank pads and encodes its own shard of the batch),
 /// and its two ranks each evaluate half of the validation sequences with rank 0's model:
-/// together, what one process scores on rank 0's checkpoint.
+/// together, what one process scores on rank 0's checkpoint. The same for the sentiment
+/// fine-tuning that starts from it: the held-out snippets and each site's sentences are split
+/// between the ranks.
 #[cfg(feature = "mpi")]
 #[test]
 fn masked_lm_trains_in_a_group_of_two_and_evaluates_in_shards() {
@@ -281,12 +295,30 @@ fn masked_lm_trains_in_a_group_of_two_and_evaluates_in_shards() {
     assert_eq!(losses(&out).len(), 4);
     let (ok, stdout, stderr) = run(&data, &["--resume", out.to_str().unwrap(), "--eval-only"]);
     assert!(ok, "--eval-only failed:\n{stdout}\n{stderr}");
-    let alone = summary(&out);
-    for key in ["eval_loss", "masked_accuracy"] {
-        let (a, b) = (group[key].as_f64().unwrap(), alone[key].as_f64().unwrap());
-        assert!(
-            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-            "{key}: two ranks' shards {a}, rank 0's checkpoint alone {b}"
-        );
-    }
+    assert_same_metrics(&["eval_loss", "masked_accuracy"], &group, &summary(&out));
+
+    let tuned = dir.join("tuned");
+    let init = out.join("checkpoint").join("model.safetensors");
+    let args = [
+        "--task",
+        "sentiment",
+        "--init-from",
+        init.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--out",
+        tuned.to_str().unwrap(),
+    ];
+    let o = common::mpirun(2, BIN, &args, &dir, Some(&data));
+    assert!(common::succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    let group = summary(&tuned);
+    assert_eq!(group["steps"], 4);
+    let (ok, stdout, stderr) = run(&data, &["--resume", tuned.to_str().unwrap(), "--eval-only"]);
+    assert!(ok, "--eval-only failed:\n{stdout}\n{stderr}");
+    let keys = ["eval_loss", "accuracy", "ood_accuracy", "ood_accuracy_imdb"];
+    assert_same_metrics(&keys, &group, &summary(&tuned));
 }
