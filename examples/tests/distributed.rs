@@ -1,8 +1,8 @@
 //! Data-parallel training across processes (`--distributed`, the `mpi` feature), launched by
 //! Open MPI's `mpirun` as a user would: two processes compute what one does on the same global
-//! batch (CLIP's contrastive loss too, through an all-gather), a stopped group resumes exactly,
-//! SIGUSR1 stops a group with a checkpoint, and a rank that dies or hangs ends the job with an
-//! error instead of leaving the others waiting.
+//! batch (GPT-2, Llama, and CLIP's contrastive loss through an all-gather), a stopped group
+//! resumes exactly, SIGUSR1 stops a group with a checkpoint, and a rank that dies or hangs ends
+//! the job with an error instead of leaving the others waiting.
 //!
 //! Needs `mpirun` on the PATH (`bash tools/install-openmpi.sh`).
 #![cfg(feature = "mpi")]
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 const GPT2: &str = env!("CARGO_BIN_EXE_train-gpt2");
 const CLIP: &str = env!("CARGO_BIN_EXE_train-clip");
+const LLAMA: &str = env!("CARGO_BIN_EXE_train-llama");
 
 fn temp(name: &str) -> PathBuf {
     common::tmp(&format!("dist-{name}"))
@@ -104,6 +105,22 @@ fn two_processes_compute_what_one_does_and_resume_exactly() {
     let o = mpirun(2, GPT2, &["--resume", r], &resumed, None);
     assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
     assert_eq!(metrics(&resumed), metrics(&two));
+}
+
+/// Llama (RoPE, grouped-query attention, SwiGLU, RMSNorm) shares GPT-2's task code, but not its
+/// layers: two processes compute what one does, its sharded evaluation included.
+#[test]
+fn llama_in_a_group_computes_what_one_process_does() {
+    let (one, two) = (temp("llama-one"), temp("llama-two"));
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "4", "--out", one.to_str().unwrap()]);
+    let (ok, _, err) = common::run(LLAMA, None, &args);
+    assert!(ok, "{err}");
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "4", "--out", two.to_str().unwrap()]);
+    let o = mpirun(2, LLAMA, &args, &two, None);
+    assert!(succeeded(&o), "{}\n{}", o.stdout, o.stderr);
+    assert_same_numbers(&one, &two);
 }
 
 /// Small CLIP settings writing to `out`: a global batch of 8 pairs.
