@@ -9,9 +9,9 @@
 //! window arithmetic at the top are shared with the pooling layers and the patch embedding.
 
 use super::cast;
-use super::cpu_fast::as_f;
 use super::cpu_fast::{
-    block, cpu_vec, filled, for_chunks, fused_cpu, fused_float, read, take_param, CPU,
+    as_f, block, cpu_vec, filled, for_chunks, fused_cpu, fused_stored, read, stored_call,
+    take_param, Stored, CPU,
 };
 use super::linear::Gemm;
 use super::LayerInfo;
@@ -27,7 +27,7 @@ use dfdx::tensor_ops::{
 };
 use rand_distr::Uniform;
 use rayon::prelude::*;
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::marker::PhantomData;
 
 /// A sliding window along one axis: kernel size, stride, padding on each side, dilation.
@@ -734,7 +734,7 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 /// `Y_b = W_g · cols_b (+ bias)`. Backward from `dY_b`: `dW_g += Σ_b dY_b · cols_bᵀ` (partial
 /// sums over fixed blocks of entries, added in order: the same bits on any number of threads),
 /// `db += Σ dY`, and `W_gᵀ · dY_b` scattered back into entry `b`'s input gradient.
-fn conv_cpu<F, Sw, Sb, E, D, T>(
+fn conv_cpu<S, F, Sw, Sb, E, D, T>(
     x: Tensor<(usize,), E, D, T>,
     weight: &Tensor<Sw, E, D>,
     bias: Option<&Tensor<Sb, E, D>>,
@@ -743,6 +743,7 @@ fn conv_cpu<F, Sw, Sb, E, D, T>(
     co: usize,
 ) -> Result<Tensor<(usize,), E, D, T>, D::Err>
 where
+    S: Stored<F = F>,
     F: Gemm + Dtype,
     Sw: Shape,
     Sb: Shape,
@@ -761,12 +762,15 @@ where
     };
     let image = c * h * w;
     let (x, mut tape) = x.split_tape();
-    let (wt, ws): (_, Vec<F>) = take_param(weight, &mut tape);
+    // The weight and bias in the arithmetic's type (small); the input as it is stored, widened
+    // for each pass.
+    let (wt, ws): (_, Vec<S>) = take_param(weight, &mut tape);
+    let ws = S::into_compute(ws);
     let (b, bs): (_, Option<Vec<F>>) = match bias.map(|b| take_param(b, &mut tape)) {
-        Some((b, bs)) => (Some(b), Some(bs)),
+        Some((b, bs)) => (Some(b), Some(S::into_compute(bs))),
         None => (None, None),
     };
-    let xs: Vec<F> = read(&x);
+    let xs: Vec<S> = read(&x);
     // Entry `bi`'s columns into `cols`.
     let im2col = move |xs: &[F], bi: usize, cols: &mut [F]| {
         for (r, row) in cols.chunks_exact_mut(l).enumerate() {
@@ -778,9 +782,10 @@ where
         }
     };
     let mut out = filled(nb * co * l, F::zero_impl());
+    let xf = S::compute(&xs);
     for_chunks(&mut out, co * l, |bi, y| {
         let mut cols = vec![F::zero_impl(); c * k * k * l];
-        im2col(&xs, bi, &mut cols);
+        im2col(&xf, bi, &mut cols);
         for (g, y) in y.chunks_exact_mut(cog * l).enumerate() {
             let accum = match &bs {
                 Some(bs) => {
@@ -802,88 +807,97 @@ where
             );
         }
     });
+    drop(xf);
     let out = x
         .device()
-        .try_tensor_from_vec(cast::<F, E>(out), (nb * co * l,))?;
+        .try_tensor_from_vec(cast::<S, E>(S::stored(out)), (nb * co * l,))?;
     if T::OWNS_TAPE {
         let (x, wt, b, out_ghost) = (x.ghost(), wt.ghost(), b.map(|b| b.ghost()), out.ghost());
         tape.add_backward_op(move |grads| {
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
-            let gy: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            let gy: &Vec<S> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            let (gy, xs) = (S::compute(gy), S::compute(&xs));
             // The input's gradient, entry by entry, and partial sums of the weight's and the
             // bias's over fixed blocks of entries.
             const ENTRIES: usize = 4;
-            let g_x = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
-            let partial: Vec<(Vec<F>, Vec<F>)> = g_x
-                .par_chunks_mut(ENTRIES * image)
-                .enumerate()
-                .map(|(blk, g_x)| {
-                    let (mut g_w, mut g_b) =
-                        (vec![F::zero_impl(); co * rows], vec![F::zero_impl(); co]);
-                    let mut cols = vec![F::zero_impl(); c * k * k * l];
-                    let mut d_cols = vec![F::zero_impl(); c * k * k * l];
-                    for (j, g_x) in g_x.chunks_exact_mut(image).enumerate() {
-                        let bi = blk * ENTRIES + j;
-                        im2col(&xs, bi, &mut cols);
-                        let gy_b = &gy[bi * co * l..][..co * l];
-                        for g in 0..groups {
-                            let gy_g = MatRef::from_row_major_slice(
-                                &gy_b[g * cog * l..][..cog * l],
-                                cog,
-                                l,
-                            );
-                            let c_g = MatRef::from_row_major_slice(
-                                &cols[g * rows * l..][..rows * l],
-                                rows,
-                                l,
-                            );
-                            let g_w = MatMut::from_row_major_slice_mut(
-                                &mut g_w[g * cog * rows..][..cog * rows],
-                                cog,
-                                rows,
-                            );
-                            matmul(
-                                g_w,
-                                Accum::Add,
-                                gy_g,
-                                c_g.transpose(),
-                                F::one_impl(),
-                                Par::Seq,
-                            );
-                            let d_g = MatMut::from_row_major_slice_mut(
-                                &mut d_cols[g * rows * l..][..rows * l],
-                                rows,
-                                l,
-                            );
-                            matmul(
-                                d_g,
-                                Accum::Replace,
-                                block(&ws, g, cog, rows).transpose(),
-                                gy_g,
-                                F::one_impl(),
-                                Par::Seq,
-                            );
+            let g_x = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            let mut partial: Vec<(Vec<F>, Vec<F>)> = Vec::new();
+            S::accumulate(g_x, |g_x| {
+                partial = g_x
+                    .par_chunks_mut(ENTRIES * image)
+                    .enumerate()
+                    .map(|(blk, g_x)| {
+                        let (mut g_w, mut g_b) =
+                            (vec![F::zero_impl(); co * rows], vec![F::zero_impl(); co]);
+                        let mut cols = vec![F::zero_impl(); c * k * k * l];
+                        let mut d_cols = vec![F::zero_impl(); c * k * k * l];
+                        for (j, g_x) in g_x.chunks_exact_mut(image).enumerate() {
+                            let bi = blk * ENTRIES + j;
+                            im2col(&xs, bi, &mut cols);
+                            let gy_b = &gy[bi * co * l..][..co * l];
+                            for g in 0..groups {
+                                let gy_g = MatRef::from_row_major_slice(
+                                    &gy_b[g * cog * l..][..cog * l],
+                                    cog,
+                                    l,
+                                );
+                                let c_g = MatRef::from_row_major_slice(
+                                    &cols[g * rows * l..][..rows * l],
+                                    rows,
+                                    l,
+                                );
+                                let g_w = MatMut::from_row_major_slice_mut(
+                                    &mut g_w[g * cog * rows..][..cog * rows],
+                                    cog,
+                                    rows,
+                                );
+                                matmul(
+                                    g_w,
+                                    Accum::Add,
+                                    gy_g,
+                                    c_g.transpose(),
+                                    F::one_impl(),
+                                    Par::Seq,
+                                );
+                                let d_g = MatMut::from_row_major_slice_mut(
+                                    &mut d_cols[g * rows * l..][..rows * l],
+                                    rows,
+                                    l,
+                                );
+                                matmul(
+                                    d_g,
+                                    Accum::Replace,
+                                    block(&ws, g, cog, rows).transpose(),
+                                    gy_g,
+                                    F::one_impl(),
+                                    Par::Seq,
+                                );
+                            }
+                            for (gb, row) in g_b.iter_mut().zip(gy_b.chunks_exact(l)) {
+                                *gb += row.iter().fold(F::zero_impl(), |a, &v| a + v);
+                            }
+                            for ch in 0..c {
+                                one.add_channel_grad(&d_cols, ch, &mut g_x[ch * h * w..][..h * w]);
+                            }
                         }
-                        for (gb, row) in g_b.iter_mut().zip(gy_b.chunks_exact(l)) {
-                            *gb += row.iter().fold(F::zero_impl(), |a, &v| a + v);
-                        }
-                        for ch in 0..c {
-                            one.add_channel_grad(&d_cols, ch, &mut g_x[ch * h * w..][..h * w]);
-                        }
-                    }
-                    (g_w, g_b)
-                })
-                .collect();
-            let g_w = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&wt)?).expect(CPU));
-            for (pw, _) in &partial {
-                g_w.iter_mut().zip(pw).for_each(|(a, &v)| *a += v);
-            }
-            if let Some(b) = &b {
-                let g_b = as_f::<E, F>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
-                for (_, pb) in &partial {
-                    g_b.iter_mut().zip(pb).for_each(|(a, &v)| *a += v);
+                        (g_w, g_b)
+                    })
+                    .collect();
+            });
+            let g_w = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&wt)?).expect(CPU));
+            S::accumulate(g_w, |g_w| {
+                for (pw, _) in &partial {
+                    g_w.iter_mut().zip(pw).for_each(|(a, &v)| *a += v);
                 }
+            });
+            if let Some(b) = &b {
+                let g_b = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(b)?).expect(CPU));
+                S::accumulate(g_b, |g_b| {
+                    for (_, pb) in &partial {
+                        g_b.iter_mut().zip(pb).for_each(|(a, &v)| *a += v);
+                    }
+                });
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
@@ -946,7 +960,7 @@ where
         if x.shape().num_elements() == 0 {
             return Ok(empty_output(x, (b, Const::<CO>, oh, ow))?);
         }
-        if fused_float::<E, D>() {
+        if fused_stored::<E, D>() {
             let taps = ConvColumns {
                 input: (nb, CI, h.size(), w.size()),
                 out: (oh.size(), ow.size()),
@@ -954,11 +968,10 @@ where
             };
             let flat = x.try_reshape_like(&(taps.src_len(),))?;
             let bias = self.bias.as_ref();
-            let y = if TypeId::of::<E>() == TypeId::of::<f32>() {
-                conv_cpu::<f32, _, _, E, D, T>(flat, &self.weight, bias, taps, G, CO)?
-            } else {
-                conv_cpu::<f64, _, _, E, D, T>(flat, &self.weight, bias, taps, G, CO)?
-            };
+            let y = stored_call!(
+                E,
+                conv_cpu::<_, _, _, _, E, D, T>(flat, &self.weight, bias, taps, G, CO)
+            )?;
             return Ok(y.try_reshape_like(&(b, Const::<CO>, oh, ow))?);
         }
         let rows = CI / G * K * K;
@@ -1224,6 +1237,65 @@ mod tests {
         (b, h, w): (usize, usize, usize),
     ) -> Tensor<Img<C>, f64, Dev> {
         dev.sample_normal_like(&(b, Const, h, w))
+    }
+
+    /// `f16` and `bf16` take the fused path: computed in `f32` from the half values (the
+    /// input, weight and bias) and each result rounded once, within one spacing of the `f64`
+    /// path on the same values; grouped, so that the weight's blocks are widened in place.
+    #[test]
+    fn half_convolution_computes_in_f32_and_rounds_once() {
+        half_rounds_once::<half::f16>(2f64.powi(-10));
+        half_rounds_once::<half::bf16>(2f64.powi(-7));
+    }
+
+    fn half_rounds_once<H>(spacing: f64)
+    where
+        H: crate::Elem + num_traits::AsPrimitive<f64>,
+        Dev: Device<H>,
+        f64: num_traits::AsPrimitive<H>,
+    {
+        type C = Conv2d<4, 6, 3, 1, 1, 1, 2>;
+        let dev = Dev::seed_from_u64(4);
+        let mut wide = dev.build_module::<C, f64>();
+        wide.weight = wide.weight.clone().to_dtype::<H>().to_dtype::<f64>();
+        let bias = wide.bias.take().unwrap();
+        wide.bias = Some(bias.to_dtype::<H>().to_dtype::<f64>());
+        let mut narrow = dev.build_module::<C, H>();
+        narrow.weight = wide.weight.clone().to_dtype::<H>();
+        narrow.bias = wide.bias.clone().map(|b| b.to_dtype::<H>());
+        let x = image::<4>(&dev, (3, 7, 6))
+            .to_dtype::<H>()
+            .to_dtype::<f64>();
+        let c = image::<6>(&dev, (3, 7, 6))
+            .to_dtype::<H>()
+            .to_dtype::<f64>();
+        let want = {
+            let y = wide.forward(x.leaky_trace());
+            let values = y.as_vec();
+            let g = (y * c.clone()).sum::<Rank0, _>().backward();
+            let bias = wide.bias.as_ref().unwrap();
+            [
+                values,
+                g.get(&x).as_vec(),
+                g.get(&wide.weight).as_vec(),
+                g.get(bias).as_vec(),
+            ]
+        };
+        let (xh, ch) = (x.to_dtype::<H>(), c.to_dtype::<H>());
+        let f64s = |v: Vec<H>| v.iter().map(|x| x.as_()).collect::<Vec<f64>>();
+        let got = {
+            let y = narrow.forward(xh.leaky_trace());
+            let values = f64s(y.as_vec());
+            let g = (y * ch).sum::<Rank0, _>().backward();
+            let bias = narrow.bias.as_ref().unwrap();
+            [
+                values,
+                f64s(g.get(&xh).as_vec()),
+                f64s(g.get(&narrow.weight).as_vec()),
+                f64s(g.get(bias).as_vec()),
+            ]
+        };
+        super::super::cpu_fast::assert_rounded_once("convolution", &got, &want, spacing);
     }
 
     #[test]

@@ -358,6 +358,23 @@ macro_rules! stored_widened {
 stored_widened!(half::f16);
 stored_widened!(half::bf16);
 
+/// What the half-precision tests of the fused kernels hold them to, a kernel that computes in
+/// `f32` from the half inputs and rounds each result once: fails unless every value of `got`
+/// is within one spacing of `want`'s (the `f64` kernel's on the same values), plus `1e-5` of
+/// the largest magnitude of its vector, the f32 arithmetic's own error where values cancel.
+#[cfg(test)]
+pub(crate) fn assert_rounded_once(name: &str, got: &[Vec<f64>], want: &[Vec<f64>], spacing: f64) {
+    for (which, (got, want)) in got.iter().zip(want).enumerate() {
+        let size = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (j, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= spacing * w.abs() + 1e-5 * size,
+                "{name}: value {j} of output/gradient {which}: {g}, the f64 kernel's {w}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::HalfSlice;

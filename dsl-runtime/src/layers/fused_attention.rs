@@ -519,7 +519,7 @@ fn softmax_backward_row<F: Real>(y: &mut [F], dp: &[F], empty: bool) {
 #[cfg(test)]
 mod tests {
     use super::super::attention::{attend, attend_heads, Keep};
-    use super::super::cpu_fast::composition_only;
+    use super::super::cpu_fast::{assert_rounded_once, composition_only};
     use crate::prelude::*;
 
     type Q = Tensor<(usize, usize, usize, usize), f64, Cpu>;
@@ -664,20 +664,6 @@ mod tests {
         let mut all = vec![y];
         all.extend(inputs.iter().map(|x| f64s(g.get(*x).as_vec())));
         all
-    }
-
-    /// Fails unless every value of `got` is within one spacing of `want`'s, plus `1e-5` of the
-    /// largest magnitude of its vector: the f32 arithmetic's own error where values cancel.
-    fn assert_rounded_once(name: &str, got: &[Vec<f64>], want: &[Vec<f64>], spacing: f64) {
-        for (which, (got, want)) in got.iter().zip(want).enumerate() {
-            let size = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            for (j, (g, w)) in got.iter().zip(want).enumerate() {
-                assert!(
-                    (g - w).abs() <= spacing * w.abs() + 1e-5 * size,
-                    "{name}: value {j} of output/gradient {which}: {g}, the f64 kernel's {w}"
-                );
-            }
-        }
     }
 
     /// `f16` and `bf16`: each of the three kernels (blocks of heads with a causal mask, heads
