@@ -308,6 +308,18 @@ pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
     /// Runs `f` on `dst` in the arithmetic's type: `dst` itself, or a widened copy that is
     /// rounded back once, so that what `f` adds is accumulated in `f32`.
     fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [Self::F]));
+
+    /// `dst[i] += src[i]`, a block per task of rayon's pool. For the half types this is
+    /// exactly `half`'s `+=` (the `f32` sum of two half values is exact, then rounded once),
+    /// with the conversions done a block at a time rather than one value at a time.
+    fn add_assign_all(dst: &mut [Self], src: &[Self]) {
+        for_chunks(dst, TASK_ELEMS, |i, d| {
+            let s = Self::compute(&src[i * TASK_ELEMS..][..d.len()]);
+            Self::accumulate(d, |d| {
+                d.iter_mut().zip(s.iter()).for_each(|(d, &v)| *d += v)
+            });
+        });
+    }
 }
 
 macro_rules! stored_as_is {
