@@ -310,8 +310,8 @@ pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
     fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [Self::F]));
 
     /// `dst[i] += src[i]`, a block per task of rayon's pool. For the half types this is
-    /// exactly `half`'s `+=` (the `f32` sum of two half values is exact, then rounded once),
-    /// with the conversions done a block at a time rather than one value at a time.
+    /// exactly `half`'s `+=`, which also adds in `f32` and rounds once, with the conversions
+    /// done a block at a time rather than one value at a time.
     fn add_assign_all(dst: &mut [Self], src: &[Self]) {
         for_chunks(dst, TASK_ELEMS, |i, d| {
             let s = Self::compute(&src[i * TASK_ELEMS..][..d.len()]);
