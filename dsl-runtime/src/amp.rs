@@ -49,8 +49,8 @@ use std::marker::PhantomData;
 pub type Half = f16;
 
 /// A half-precision element type that mixed precision runs the forward and backward passes in:
-/// [`f16`] (10 bits of mantissa, largest value 65504: needs loss scaling) or [`bf16`] (7 bits
-/// of mantissa, `f32`'s range: needs none).
+/// [`f16`](struct@f16) (10 bits of mantissa, largest value 65504: needs loss scaling) or
+/// [`bf16`] (7 bits of mantissa, `f32`'s range: needs none).
 pub trait HalfFloat: crate::Elem {
     /// Its name, as `--dtype` takes it.
     const NAME: &'static str;

@@ -90,7 +90,7 @@ impl Shard {
 }
 
 /// The collective operations data-parallel training needs, implemented by an engine
-/// ([`MpiGroup`] with the `mpi` feature). Every rank must call the same operations in the same
+/// (`MpiGroup` with the `mpi` feature). Every rank must call the same operations in the same
 /// order with buffers of the same length; `what` names the operation in a timeout's error.
 pub trait Collective {
     /// This process's place in the group.

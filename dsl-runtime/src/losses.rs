@@ -3,7 +3,8 @@
 //! Each works with any tape (inference or training) and element type, on any device, is
 //! computed from dfdx ops (so it back-propagates to every tensor input), and returns
 //! [`Error`] for input that does not fit instead of panicking. [`cross_entropy`] has a fused
-//! kernel for `f32` and `f64` on the CPU, which the tests check against the composition.
+//! kernel for `f32`, `f64`, `f16` and `bf16` (the half types computed in `f32`) on the CPU,
+//! which the tests check against the composition.
 //!
 //! | here | PyTorch |
 //! | --- | --- |

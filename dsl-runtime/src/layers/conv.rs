@@ -722,7 +722,8 @@ fn conv_columns_cpu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     Ok(out.put_tape(tape))
 }
 
-/// The whole convolution on the CPU in `f32` or `f64` (the caller checks), from the flat input
+/// The whole convolution on the CPU in `f32` or `f64`, or `f16` or `bf16` computed in `f32`
+/// (the caller checks; see [`Stored`]), from the flat input
 /// `[B, C, H, W]` to the flat output `[B, CO, OH, OW]`, one batch entry per task: its columns
 /// (im2col) in a buffer of the task's, the product by the weight through `faer` straight into
 /// its NCHW output, and the bias. Neither dfdx's batched `matmul` (AVX2, one group at a time)

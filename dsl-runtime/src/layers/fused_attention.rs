@@ -26,9 +26,9 @@ use faer::{Accum, MatMut, MatRef, Par};
 use std::any::Any;
 
 /// `softmax(q kᵀ / √hd, mask) v` for `q` `(B, G, N, hd)`, `k` `(B, G, T, hd)` and `v`
-/// `(B, G, T, hv)`: `(B, G, N, hv)`, every size non-zero, on the CPU in `f32` or `f64` (the
-/// caller checks both). Row `i` of the scores, counted over `(B, G, N)`, is masked by
-/// `mask.row(i)`.
+/// `(B, G, T, hv)`: `(B, G, N, hv)`, every size non-zero, on the CPU in `f32`, `f64`, `f16` or
+/// `bf16` (the caller checks both; the half types are computed in `f32`, see [`Stored`]). Row
+/// `i` of the scores, counted over `(B, G, N)`, is masked by `mask.row(i)`.
 ///
 /// Forward, per block: `P = softmax(s·Q Kᵀ)`, `O = P V`, with `s = 1/√hd`. Backward, from `dO`:
 /// `dV += Pᵀ dO`; `dP = dO Vᵀ`; `dS = P ⊙ (dP − rowsum(dP ⊙ P))` (0 on a row with nothing

@@ -1,8 +1,9 @@
 //! Fully connected layers.
 //!
-//! On the CPU (`f32`, `f64`) the products run through `faer`'s matrix multiplication, with the
-//! bias added in the same pass (the output starts as the bias and the product accumulates into
-//! it) and its gradient summed straight from the output's: `faer` picks AVX-512 kernels at run
+//! On the CPU (`f32`, `f64`, and `f16`/`bf16` widened to `f32`, see [`Stored`]) the products
+//! run through `faer`'s matrix multiplication, with the bias added in the same pass (the output
+//! starts as the bias and the product accumulates into it) and its gradient summed straight
+//! from the output's: `faer` picks AVX-512 kernels at run
 //! time on stable Rust, where the `gemm` 0.15 that dfdx 0.13 uses has AVX2 only, and measured
 //! 1.6-2.7x dfdx's matmul on this project's 2-core Xeon (154 against 57-97 GFLOP/s on one
 //! thread, for the shapes of the tiny presets). Other devices compose dfdx's `matmul` and a
@@ -189,8 +190,8 @@ linear_rank!([B b, S s, U u]);
 type Rows<W, E, D, T> = Tensor<(usize, W), E, D, T>;
 
 /// `x Wᵀ (+ b)` for `x` as rows `[n, I]` and a weight `[O, I]` (PyTorch's layout): `[n, O]`.
-/// On the CPU in `f32` and `f64`, one fused `faer` product each way (see the module
-/// documentation); elsewhere dfdx's `matmul` and a broadcast add. What [`Linear`],
+/// On the CPU in `f32`, `f64`, `f16` and `bf16`, one fused `faer` product each way (see the
+/// module documentation); elsewhere dfdx's `matmul` and a broadcast add. What [`Linear`],
 /// [`LinearNoBias`], the attention projections and tied unembeddings run.
 pub fn linear<Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<(usize, Iw), E, D, T>,
