@@ -10,7 +10,7 @@
 //! 3.1 ms instead of 6.6 ms.
 
 use super::cpu_fast::{
-    cpu_vec, filled, for_chunks, for_chunks2, fused_cpu, fused_float, par_rows, sum8, HalfSlice,
+    cpu_vec, filled, for_chunks, for_chunks2, fused_float, fused_stored, par_rows, sum8, HalfSlice,
     CPU, TASK_ELEMS,
 };
 use super::LayerInfo;
@@ -218,9 +218,7 @@ fn fused_real<S: Shape, E: Dtype, D: Device<E>>(shape: &S) -> bool {
 /// a time, as PyTorch's CPU kernels compute them: `half` converts a slice with F16C, where its
 /// scalar `f16` arithmetic (what dfdx's composition runs) converts every operand on its own.
 fn fused_unary<S: Shape, E: Dtype, D: Device<E>>(shape: &S) -> bool {
-    let half =
-        TypeId::of::<E>() == TypeId::of::<f16>() || TypeId::of::<E>() == TypeId::of::<bf16>();
-    shape.num_elements() > 0 && (fused_float::<E, D>() || (half && fused_cpu::<E, D>()))
+    shape.num_elements() > 0 && fused_stored::<E, D>()
 }
 
 /// `v` as the `Vec<B>` it is, for `A` and `B` the same type (checked by the caller).
