@@ -292,6 +292,23 @@ pub(crate) fn narrow_into<H: HalfSlice>(src: &[f32], dst: &mut [H]) {
     });
 }
 
+/// `v` in `f64`, exactly (the arithmetic types are `f32` and `f64`).
+#[inline(always)]
+pub(crate) fn f64_of<F: super::Real>(v: F) -> f64 {
+    v.to_f64().unwrap_or(f64::NAN)
+}
+
+/// `v` rounded to the arithmetic type `F` (`as`, round to nearest).
+#[inline(always)]
+pub(crate) fn of_f64<F: super::Real>(v: f64) -> F {
+    F::from(v).unwrap_or_else(F::nan)
+}
+
+/// Stored values in `f64`, exactly: the parameters that norms keep in `f64`.
+pub(crate) fn in_f64<S: Stored>(v: &[S]) -> Vec<f64> {
+    S::compute(v).iter().map(|&v| f64_of(v)).collect()
+}
+
 /// How a fused kernel stores an element type and what it computes in: `f32` and `f64` are
 /// computed as they are; `f16` and `bf16` are kept as they are (half the memory of `f32` on the
 /// tape) and widened to `f32` for each product, whose result is rounded once, as PyTorch's

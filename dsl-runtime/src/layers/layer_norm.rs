@@ -1,6 +1,10 @@
 //! Layer normalisation over the last dimension.
 
-use super::cpu_fast::{cpu_vec, filled, fused_cpu, par_rows, sum8, CPU};
+use super::cast;
+use super::cpu_fast::{
+    as_f, cpu_vec, f64_of, fused_stored, in_f64, of_f64, par_rows, read, stored_call, sum8,
+    take_param, Stored, CPU,
+};
 use super::LayerInfo;
 use crate::Elem;
 use dfdx::nn::{
@@ -9,6 +13,7 @@ use dfdx::nn::{
 use dfdx::shapes::{Axis, Const, Dim, Dtype, HasShape, Rank1, Shape};
 use dfdx::tensor::{PutTape, SplitTape, Storage, Tape, Tensor};
 use dfdx::tensor_ops::{BroadcastTo, Device, ReshapeTo, TryAdd, TryMul};
+use std::any::Any;
 
 /// `y = (x - mean(x)) / √(var(x) + ε) · weight + bias` over the last dimension, with the
 /// biased variance and `ε = 10^-EPS_EXP`: `LayerNorm<M>` has PyTorch's default `ε = 1e-5`,
@@ -116,8 +121,9 @@ macro_rules! layer_norm_rank {
                 &self,
                 x: Tensor<($($d,)* Const<M>,), E, D, T>,
             ) -> Result<Self::Output, D::Err> {
-                if M > 0 && fused_cpu::<E, D>() {
-                    return layer_norm_cpu(x, &self.weight, &self.bias, self.eps);
+                if M > 0 && fused_stored::<E, D>() {
+                    let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+                    return stored_call!(E, layer_norm_cpu::<_, M, _, E, D, T>(x, w, b, eps));
                 }
                 let $shape = *x.shape();
                 let w = {
@@ -147,27 +153,22 @@ layer_norm_rank!(3, [B, S, U], |w, shape| w.try_broadcast_like(&shape)?);
 /// shared machine: forward 0.55 ms instead of 4.6 ms (PyTorch 0.18 ms); forward + backward of
 /// `sum(y·g)` 11 ms instead of 23 ms, of which dfdx's loss and gradient buffers alone take
 /// 5.4 ms (`examples/fused_cpu_bench.rs`).
-fn layer_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+fn layer_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
     weight: &Tensor<Rank1<M>, E, D>,
     bias: &Tensor<Rank1<M>, E, D>,
     eps: f64,
 ) -> Result<Tensor<S, E, D, T>, D::Err> {
     let shape = *x.shape();
-    let n = shape.num_elements();
     // Free for a contiguous tensor; a strided view (a permute, a broadcast) is copied, on the
     // tape, so that the raw buffers below are in row-major order.
-    let (x, tape) = x.try_reshape_like(&shape)?.split_tape();
-    let (w, w_tape) = weight.retaped::<T>().split_tape();
-    let (b, b_tape) = bias.retaped::<T>().split_tape();
-    let mut tape = tape.merge(w_tape).merge(b_tape);
-    let f = |v: &E| v.to_f64().unwrap();
-    let ws: Vec<f64> = w.as_vec().iter().map(f).collect();
-    let bs: Vec<f64> = b.as_vec().iter().map(f).collect();
+    let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
+    let (w, ws): (_, Vec<St>) = take_param(weight, &mut tape);
+    let (b, bs): (_, Vec<St>) = take_param(bias, &mut tape);
+    let (ws, bs) = (in_f64(&ws), in_f64(&bs));
     // Normalised in place in a copy of the input: one buffer less to allocate and fault in;
     // training keeps a second copy for the backward pass.
-    let mut out = filled(n, E::default());
-    x.copy_into(&mut out);
+    let mut out: Vec<St> = read(&x);
     let xs = if T::OWNS_TAPE {
         out.clone()
     } else {
@@ -175,18 +176,20 @@ fn layer_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
     };
     let stats: Vec<Vec<(f64, f64)>> = par_rows(&mut out, M, |_, out| {
         let mut stats = Vec::with_capacity(out.len() / M);
-        for y in out.chunks_exact_mut(M) {
-            let mu = sum8(y, y, |v, _| f(v)) / M as f64;
-            let var = sum8(y, y, |v, _| (f(v) - mu) * (f(v) - mu)) / M as f64;
-            let r = 1.0 / (var + eps).sqrt();
-            for ((y, w), b) in y.iter_mut().zip(&ws).zip(&bs) {
-                *y = E::from_f64((f(y) - mu) * r * w + b).unwrap();
+        St::accumulate(out, |out| {
+            for y in out.chunks_exact_mut(M) {
+                let mu = sum8(y, y, |v, _| f64_of(*v)) / M as f64;
+                let var = sum8(y, y, |v, _| (f64_of(*v) - mu) * (f64_of(*v) - mu)) / M as f64;
+                let r = 1.0 / (var + eps).sqrt();
+                for ((y, w), b) in y.iter_mut().zip(&ws).zip(&bs) {
+                    *y = of_f64((f64_of(*y) - mu) * r * w + b);
+                }
+                stats.push((mu, r));
             }
-            stats.push((mu, r));
-        }
+        });
         stats
     });
-    let out = x.device().try_tensor_from_vec(out, shape)?;
+    let out = x.device().try_tensor_from_vec(cast::<St, E>(out), shape)?;
     if T::OWNS_TAPE {
         let stats: Vec<(f64, f64)> = stats.into_iter().flatten().collect();
         let (x, w, b, out_ghost) = (x.ghost(), w.ghost(), b.ghost(), out.ghost());
@@ -195,29 +198,31 @@ fn layer_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
             // its slot and put it back afterwards; the parameters' are summed here first.
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
-            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
+            let g_o: &Vec<St> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            let g_x = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
             let partial = par_rows(g_x, M, |row0, g_x| {
                 let (mut g_w, mut g_b) = (vec![0.0f64; M], vec![0.0f64; M]);
                 let mut h = vec![0.0f64; M];
                 let span = row0 * M..row0 * M + g_x.len();
-                let rows = xs[span.clone()]
-                    .chunks_exact(M)
-                    .zip(g_out[span].chunks_exact(M));
-                let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&stats[row0..]);
-                for (((row, g), gx), &(mu, r)) in each {
-                    for ((h, g), w) in h.iter_mut().zip(g).zip(&ws) {
-                        *h = f(g) * w;
+                let (xs, g_o) = (St::compute(&xs[span.clone()]), St::compute(&g_o[span]));
+                St::accumulate(g_x, |g_x| {
+                    let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
+                    let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&stats[row0..]);
+                    for (((row, g), gx), &(mu, r)) in each {
+                        for ((h, g), w) in h.iter_mut().zip(g).zip(&ws) {
+                            *h = f64_of(*g) * w;
+                        }
+                        let h_mean = sum8(&h, &h, |h, _| *h) / M as f64;
+                        let hx_mean = sum8(&h, row, |h, v| h * (f64_of(*v) - mu) * r) / M as f64;
+                        let all = gx.iter_mut().zip(row).zip(g).zip(&h);
+                        for ((((gx, v), g), h), (gw, gb)) in all.zip(g_w.iter_mut().zip(&mut g_b)) {
+                            let x_hat = (f64_of(*v) - mu) * r;
+                            *gx += of_f64::<St::F>(r * (h - h_mean - x_hat * hx_mean));
+                            *gw += f64_of(*g) * x_hat;
+                            *gb += f64_of(*g);
+                        }
                     }
-                    let h_mean = sum8(&h, &h, |h, _| *h) / M as f64;
-                    let hx_mean = sum8(&h, row, |h, v| h * (f(v) - mu) * r) / M as f64;
-                    let all = gx.iter_mut().zip(row).zip(g).zip(&h);
-                    for ((((gx, v), g), h), (gw, gb)) in all.zip(g_w.iter_mut().zip(&mut g_b)) {
-                        let x_hat = (f(v) - mu) * r;
-                        *gx += E::from_f64(r * (h - h_mean - x_hat * hx_mean)).unwrap();
-                        *gw += f(g) * x_hat;
-                        *gb += f(g);
-                    }
-                }
+                });
                 (g_w, g_b)
             });
             let (mut g_w, mut g_b) = (vec![0.0f64; M], vec![0.0f64; M]);
@@ -226,10 +231,12 @@ fn layer_norm_cpu<const M: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
                 g_b.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
             }
             for (t, sum) in [(&w, g_w), (&b, g_b)] {
-                let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU);
-                for (a, s) in g.iter_mut().zip(sum) {
-                    *a += E::from_f64(s).unwrap();
-                }
+                let g = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU));
+                St::accumulate(g, |g| {
+                    g.iter_mut()
+                        .zip(sum)
+                        .for_each(|(a, s)| *a += of_f64::<St::F>(s))
+                });
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
@@ -243,6 +250,7 @@ mod tests {
     use super::super::activation::fused_reference::case;
     use super::super::cpu_fast::{both_paths, composition_only};
     use super::super::embedding::reference::{assert_close, floats};
+    use super::half_norm::{self, Rows};
     use crate::gradcheck::{check_input_grads, check_param_grads, named_values};
     use crate::prelude::*;
 
@@ -444,5 +452,128 @@ mod tests {
                 "{path}"
             );
         });
+    }
+
+    /// `f16` and `bf16` on the CPU: the output and every gradient within one spacing of the
+    /// `f64` kernel's on the same values, plus the f32 arithmetic's own error.
+    #[test]
+    fn half_layer_norm_computes_in_f32_and_rounds_once() {
+        let dev = Dev::seed_from_u64(21);
+        let mut ln = dev.build_module::<LayerNorm<64>, f64>();
+        ln.weight = dev.sample_normal();
+        ln.bias = dev.sample_normal();
+        half_norm::rounds_once::<half::f16, _>(&ln, 2f64.powi(-10));
+        half_norm::rounds_once::<half::bf16, _>(&ln, 2f64.powi(-7));
+    }
+
+    impl half_norm::Norm for LayerNormModule<64, f64, Dev> {
+        fn rounded_to<E: crate::Elem>(&self) -> Self
+        where
+            Dev: Device<E>,
+        {
+            self.clone().to_dtype::<E>().to_dtype::<f64>()
+        }
+        fn output_and_grads<E: crate::Elem>(
+            &self,
+            x: &Rows<E>,
+            g: &Rows<E>,
+            d: &Rows<E>,
+        ) -> Vec<Vec<f64>>
+        where
+            Dev: Device<E>,
+        {
+            let ln = self.clone().to_dtype::<E>();
+            let (y, grads) = half_norm::run(|x| ln.forward(x), x, g, d);
+            vec![
+                y,
+                half_norm::f64s(grads.get(x)),
+                half_norm::f64s(grads.get(&ln.weight)),
+                half_norm::f64s(grads.get(&ln.bias)),
+            ]
+        }
+    }
+}
+
+/// The half-precision test that LayerNorm and RMSNorm share.
+#[cfg(test)]
+pub(crate) mod half_norm {
+    use super::super::cpu_fast::assert_rounded_once;
+    use crate::prelude::*;
+
+    /// Rows of the width the test normalises.
+    pub(crate) type Rows<E, T = NoneTape> = Tensor<(usize, Const<64>), E, Cpu, T>;
+
+    /// A norm built in f64: its output and the gradients of the input and its parameters when
+    /// run in `E` on `x`, with [`run`]'s loss.
+    pub(crate) trait Norm: Sized {
+        /// The norm with its parameters rounded to `E`.
+        fn rounded_to<E: crate::Elem>(&self) -> Self
+        where
+            Cpu: Device<E>;
+        fn output_and_grads<E: crate::Elem>(
+            &self,
+            x: &Rows<E>,
+            g: &Rows<E>,
+            d: &Rows<E>,
+        ) -> Vec<Vec<f64>>
+        where
+            Cpu: Device<E>;
+    }
+
+    /// A tensor's values in f64.
+    pub(crate) fn f64s<E: crate::Elem, S: Shape>(t: Tensor<S, E, Cpu>) -> Vec<f64>
+    where
+        Cpu: Device<E>,
+    {
+        t.as_vec().iter().map(|v| v.to_f64().unwrap()).collect()
+    }
+
+    /// The output of `norm` on `x`, and the gradients of `Σ norm(x)·g + Σ x·d`. The second term
+    /// is recorded after the norm, so its gradient reaches `x` first and the norm's backward
+    /// adds to a gradient that is not zero: the addition is checked to round once.
+    pub(crate) fn run<E: crate::Elem>(
+        norm: impl Fn(Rows<E, OwnedTape<E, Cpu>>) -> Rows<E, OwnedTape<E, Cpu>>,
+        x: &Rows<E>,
+        g: &Rows<E>,
+        d: &Rows<E>,
+    ) -> (Vec<f64>, Gradients<E, Cpu>)
+    where
+        Cpu: Device<E>,
+    {
+        let y = norm(x.leaky_trace());
+        let values = y.as_vec().iter().map(|v| v.to_f64().unwrap()).collect();
+        let loss = (y * g.clone()).sum::<Rank0, _>() + (x.leaky_trace() * d.clone()).sum();
+        (values, loss.backward())
+    }
+
+    /// Samples in f64 outside [`rounds_once`], whose bounds on `H` would make the sampler's
+    /// element type ambiguous.
+    fn sampled(dev: &Cpu, rows: usize, scale: f64, offset: f64) -> Rows<f64> {
+        let x: Rows<f64> = dev.sample_normal_like(&(rows, Const));
+        x * scale + offset
+    }
+
+    /// Runs `norm` in `H` and, on the same values, in f64, and holds the output and every
+    /// gradient to one spacing of the f64 results ([`assert_rounded_once`]). The rows are
+    /// offset from zero, and there are enough of them for several rayon tasks and widened
+    /// blocks.
+    pub(crate) fn rounds_once<H: crate::Elem, N: Norm>(norm: &N, spacing: f64)
+    where
+        Cpu: Device<H>,
+    {
+        let dev = Cpu::seed_from_u64(22);
+        let rows = 1500;
+        let rounded = |x: Rows<f64>| x.to_dtype::<H>();
+        let x = rounded(sampled(&dev, rows, 2.0, 3.0));
+        let g = rounded(sampled(&dev, rows, 1.0, 0.0));
+        let d = rounded(sampled(&dev, rows, 1.0, 0.0));
+        let norm = norm.rounded_to::<H>();
+        let want = norm.output_and_grads::<f64>(
+            &x.clone().to_dtype(),
+            &g.clone().to_dtype(),
+            &d.clone().to_dtype(),
+        );
+        let got = norm.output_and_grads::<H>(&x, &g, &d);
+        assert_rounded_once(std::any::type_name::<H>(), &got, &want, spacing);
     }
 }
