@@ -7,7 +7,7 @@
 //! It matches Hugging Face `transformers`' `GPT2LMHeadModel` (and nanoGPT's `GPT`): the same
 //! tensors under the same keys (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`,
 //! ...), so a `model.safetensors` from the Hub loads with [`Gpt2LMHeadModelModule::load_safetensors`]
-//! and gives the same logits (`tests/parity_gpt2.rs` checks logits, loss and every gradient
+//! and gives the same logits (`tests/parity/gpt2.rs` checks logits, loss and every gradient
 //! against `transformers`). Differences in storage, handled when loading: HF's `Conv1D` keeps
 //! weights as `[in, out]`, ours as `[out, in]` (PyTorch's `nn.Linear` layout); the tied
 //! `lm_head.weight` is not a separate tensor here; the causal-mask buffers `attn.bias` and
@@ -71,7 +71,7 @@ pub type Gpt2Medium = Gpt2LMHeadModel<50257, 1024, 1024, 24, 16, 4096>;
 /// A GPT-2 that trains on two CPU cores in minutes (1.85M parameters): a trainer's 8000-token
 /// vocabulary, 256 positions, width 128, 4 blocks of 4 heads, MLP 512.
 pub type Gpt2Tiny = Gpt2LMHeadModel<8000, 256, 128, 4, 4, 512>;
-/// The configuration of the parity test (`tests/parity_gpt2.rs`): 64 tokens, 16 positions,
+/// The configuration of the parity test (`tests/parity/gpt2.rs`): 64 tokens, 16 positions,
 /// width 32, 2 blocks of 2 heads, MLP 128.
 pub type Gpt2Parity = Gpt2LMHeadModel<64, 16, 32, 2, 2, 128>;
 

@@ -9,7 +9,7 @@
 //! `lm_head.weight`), in the same `[out, in]` layout, so a `model.safetensors` from the Hub (for
 //! instance TinyLlama-1.1B, [`TinyLlama`]) loads with [`LlamaForCausalLMModule::load_safetensors`]
 //! and gives the same logits once its `rms_norm_eps` is set
-//! ([`LlamaForCausalLMModule::set_rms_norm_eps`]). `tests/parity_llama.rs` checks logits, loss and
+//! ([`LlamaForCausalLMModule::set_rms_norm_eps`]). `tests/parity/llama.rs` checks logits, loss and
 //! every gradient against `transformers`. RoPE rotates the halves of each head
 //! (HF's `rotate_half`), which is the layout of HF checkpoints (Meta's original files
 //! interleave pairs; HF's conversion script permutes `q_proj`/`k_proj` rows to this layout).
@@ -79,7 +79,7 @@ pub type TinyLlama = LlamaForCausalLM<32000, 2048, 22, 32, 4, 64, 5632, 10000>;
 /// embedding table, so it is narrower): a trainer's 8000-token vocabulary, width 96, 4 layers
 /// of 4 query heads sharing 2 key/value heads of width 24, SwiGLU 256 (`8/3·D`).
 pub type LlamaTiny = LlamaForCausalLM<8000, 96, 4, 4, 2, 24, 256, 10000>;
-/// The configuration of the parity test (`tests/parity_llama.rs`): 64 tokens, width 32,
+/// The configuration of the parity test (`tests/parity/llama.rs`): 64 tokens, width 32,
 /// 2 layers of 4 query heads sharing 2 key/value heads of width 8, SwiGLU 64.
 pub type LlamaParity = LlamaForCausalLM<64, 32, 2, 4, 2, 8, 64, 10000>;
 

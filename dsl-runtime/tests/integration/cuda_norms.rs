@@ -7,8 +7,7 @@
 use neural_arch::prelude::*;
 use neural_arch::Error;
 
-mod common;
-use common::close;
+use crate::common::close;
 
 #[test]
 fn embeddings_match_the_cpu() {

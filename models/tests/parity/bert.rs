@@ -2,9 +2,7 @@
 //! (`tools/reference/arch_bert.py` writes them), then logits, loss and every gradient side by
 //! side. The batch pads one sequence through the attention mask and ignores some labels (-100).
 
-mod common;
-
-use common::{safetensors_view, write_f32_file};
+use crate::common::{safetensors_view, write_f32_file};
 use neural_arch::checkpoint::tensor_names;
 use neural_arch::parity::{check_abs, check_rel, grads_by_name, Reference};
 use neural_arch::prelude::*;

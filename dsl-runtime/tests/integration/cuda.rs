@@ -31,8 +31,7 @@ model! {
     }
 }
 
-mod common;
-use common::close;
+use crate::common::close;
 
 #[test]
 fn cuda_matches_cpu_forward_backward_and_step() {

@@ -7,8 +7,7 @@ use neural_arch::prelude::*;
 use neural_arch_models::llama::{LlamaForCausalLM, LlamaParity, LLAMA2_RMS_NORM_EPS};
 use std::collections::BTreeSet;
 
-mod common;
-use common::{safetensors_view, write_f32_file};
+use crate::common::{safetensors_view, write_f32_file};
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {

@@ -7,8 +7,7 @@
 use neural_arch::optim::{Optim, OptimizerState};
 use neural_arch::prelude::*;
 
-mod common;
-use common::close;
+use crate::common::close;
 
 #[test]
 fn losses_match_the_cpu() {

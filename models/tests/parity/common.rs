@@ -1,6 +1,5 @@
 //! Reading and writing safetensors files by hand, to make the broken or upstream-shaped
 //! checkpoints the load tests need.
-#![allow(dead_code, reason = "each test file uses some of the helpers")]
 
 /// A stored tensor: its shape and its raw little-endian bytes.
 pub type Raw = (Vec<usize>, Vec<u8>);

@@ -8,8 +8,7 @@ use neural_arch::Built;
 use neural_arch_models::gpt2::{Gpt2LMHeadModel, Gpt2Parity};
 use std::collections::BTreeSet;
 
-mod common;
-use common::{safetensors_view, write_f32_file};
+use crate::common::{safetensors_view, write_f32_file};
 use std::path::PathBuf;
 
 type Gpt2ParityModule = Built<Gpt2Parity, f32, Cpu>;
@@ -143,7 +142,7 @@ fn a_gpt2model_file_with_mask_buffers_loads() {
     let st = safetensors_view(&bytes);
     let mask = vec![0u8; 4 * 16 * 16];
     let scalar = vec![0u8; 4];
-    let mut views: Vec<(String, common::Raw)> = st
+    let mut views: Vec<(String, crate::common::Raw)> = st
         .into_iter()
         .map(|(k, v)| (k.strip_prefix("transformer.").unwrap_or(&k).to_string(), v))
         .collect();

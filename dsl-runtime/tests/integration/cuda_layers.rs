@@ -7,8 +7,7 @@ use neural_arch::amp::{mixed_step, GradScaler, Half};
 use neural_arch::dfdx::nn::{RecursiveWalker, TensorOptions, TensorVisitor, ViewTensorRef};
 use neural_arch::prelude::*;
 
-mod common;
-use common::close;
+use crate::common::close;
 
 model! {
     /// Every element-wise activation, a softmax and a log-softmax, each after a product.

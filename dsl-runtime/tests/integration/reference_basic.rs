@@ -11,7 +11,7 @@ const TOL: f64 = 1e-12;
 
 /// The case called `name`.
 fn case(name: &str) -> Value {
-    let file: Value = serde_json::from_str(include_str!("reference/basic_layers.json"))
+    let file: Value = serde_json::from_str(include_str!("../reference/basic_layers.json"))
         .expect("basic_layers.json parses");
     file["cases"]
         .as_array()

@@ -8,8 +8,7 @@ use neural_arch::dfdx::nn::tensor_collection::{
 };
 use neural_arch::prelude::*;
 
-mod common;
-use common::close;
+use crate::common::close;
 
 /// Every parameter's gradient, by name.
 fn grads_by_name<M: TensorCollection<f32, D>, D: Device<f32>>(

@@ -2,9 +2,7 @@
 //! weights and images (`tools/reference/arch_vit.py` writes them), then logits, loss and every
 //! gradient side by side.
 
-mod common;
-
-use common::{safetensors_view, write_f32_file};
+use crate::common::{safetensors_view, write_f32_file};
 use neural_arch::checkpoint::tensor_names;
 use neural_arch::parity::{check_abs, check_rel, grads_by_name, Reference};
 use neural_arch::prelude::*;
