@@ -1,12 +1,17 @@
 //! Batch normalisation of images, per channel.
 
-use super::cpu_fast::{cpu_vec, filled, fused_cpu, sum8, CPU};
+use super::cast;
+use super::cpu_fast::{
+    as_f, cpu_vec, f64_of, fused_stored, in_f64, of_f64, read, stored_call, sum8, take_param,
+    Stored, CPU,
+};
 use super::LayerInfo;
 use crate::{Elem, Error};
 use dfdx::nn::{BuildOnDevice, Module, ModuleMut, ModuleVisitor, TensorCollection, TensorOptions};
 use dfdx::shapes::{Const, Dim, Dtype, HasShape, Rank1, Shape};
 use dfdx::tensor::{HasErr, PutTape, SplitTape, Storage, Tape, Tensor};
 use dfdx::tensor_ops::{BroadcastTo, Device, MeanTo, ReshapeTo, TryAdd, TryDiv, TryMul, TrySub};
+use std::any::Any;
 
 /// `y = (x - mean) / √(var + ε) · weight + bias` per channel (Ioffe & Szegedy,
 /// <https://arxiv.org/abs/1502.03167>), with PyTorch's semantics:
@@ -145,9 +150,9 @@ where
 
     fn try_forward(&self, x: Tensor<(B, Const<C>, H, W), E, D, T>) -> Result<Self::Output, Error> {
         let shape = *x.shape();
-        if shape.num_elements() > 0 && fused_cpu::<E, D>() {
+        if shape.num_elements() > 0 && fused_stored::<E, D>() {
             let hw = shape.2.size() * shape.3.size();
-            return Ok(batch_norm_cpu(self, x, hw, None)?.0);
+            return Ok(stored_call!(E, batch_norm_cpu::<_, C, _, E, D, T>(self, x, hw, None))?.0);
         }
         // Folded into `x · scale + shift` per channel, so that the image-sized tensor sees two
         // operations instead of three.
@@ -190,9 +195,10 @@ where
         }
         let m = self.momentum;
         let unbias = n as f64 / (n - 1) as f64;
-        if fused_cpu::<E, D>() {
+        if fused_stored::<E, D>() {
             let hw = shape.2.size() * shape.3.size();
-            let (y, stats) = batch_norm_cpu(self, x, hw, Some(n))?;
+            let (y, stats) =
+                stored_call!(E, batch_norm_cpu::<_, C, _, E, D, T>(self, x, hw, Some(n)))?;
             let (mean, var) = stats.expect("training returns the batch statistics");
             self.running_mean.try_axpy(1.0 - m, &mean, m)?;
             self.running_var.try_axpy(1.0 - m, &var, m * unbias)?;
@@ -225,14 +231,15 @@ type Normalised<S, const C: usize, E, D, T> = (Tensor<S, E, D, T>, Option<Stats<
 
 /// Batch normalisation on the CPU (measured on `[8, 32, 28, 28]` in f32 on one core: training
 /// forward and backward 0.45 ms instead of 2.70 ms, evaluation forward 0.06 ms instead of
-/// 0.20 ms; PyTorch 0.59 ms and 0.03 ms), in `f64` whatever the element type: one pass for each
-/// statistic, one for the output, and a two-pass backward. `batch` is `Some(B·H·W)` in training
+/// 0.20 ms; PyTorch 0.59 ms and 0.03 ms), with the statistics in `f64` whatever the element
+/// type (`f16` and `bf16` are widened to `f32` and each output and gradient rounded once): one
+/// pass for each statistic, one for the output, and a two-pass backward. `batch` is `Some(B·H·W)` in training
 /// (normalise with the batch's statistics, and return them: mean and biased variance) and
 /// `None` in evaluation (the running statistics). With `x̂ = (x - mean) / √(var + ε)`:
 /// `dbias = Σ g`, `dweight = Σ g·x̂`, and
 /// `dx = weight / √(var + ε) · (g - dbias / n - x̂ · dweight / n)` in training (the statistics
 /// depend on `x`), `weight / √(var + ε) · g` in evaluation.
-fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+fn batch_norm_cpu<St: Stored, const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     bn: &BatchNorm2dModule<C, E, D>,
     x: Tensor<S, E, D, T>,
     hw: usize,
@@ -241,62 +248,56 @@ fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
     let shape = *x.shape();
     // Free for contiguous tensors; strided views are copied, on the tape, so that the raw
     // buffers below are in NCHW order.
-    let (x, tape) = x.try_reshape_like(&shape)?.split_tape();
-    let (w, w_tape) = bn
-        .weight
-        .retaped::<T>()
-        .try_reshape_like(&(Const::<C>,))?
-        .split_tape();
-    let (b, b_tape) = bn
-        .bias
-        .retaped::<T>()
-        .try_reshape_like(&(Const::<C>,))?
-        .split_tape();
-    let mut tape = tape.merge(w_tape).merge(b_tape);
-    let mut xs = filled(shape.num_elements(), E::default());
-    x.copy_into(&mut xs);
-    let f = |v: &E| v.to_f64().unwrap();
-    let host = |t: &Tensor<Rank1<C>, E, D>| t.as_vec().iter().map(f).collect::<Vec<f64>>();
-    let (ws, bs) = (host(&w), host(&b));
+    let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
+    let (w, ws): (_, Vec<St>) = take_param(&bn.weight, &mut tape);
+    let (b, bs): (_, Vec<St>) = take_param(&bn.bias, &mut tape);
+    let (ws, bs) = (in_f64(&ws), in_f64(&bs));
+    let xs: Vec<St> = read(&x);
     // `xs` is a sequence of `hw`-long runs, one per (example, channel), channel `i % C`.
-    let per_channel = |v: &[E], g: &dyn Fn(usize, &[E]) -> f64| {
+    let per_channel = |v: &[St::F], g: &dyn Fn(usize, &[St::F]) -> f64| {
         let mut sums = [0.0f64; C];
         for (i, run) in v.chunks_exact(hw).enumerate() {
             sums[i % C] += g(i % C, run);
         }
         sums
     };
-    let (mean, var) = match batch {
-        Some(n) => {
-            let n = n as f64;
-            let mean = per_channel(&xs, &|_, r| sum8(r, r, |v, _| f(v))).map(|s| s / n);
-            let var = per_channel(&xs, &|c, r| {
-                sum8(r, r, |v, _| (f(v) - mean[c]) * (f(v) - mean[c]))
-            })
-            .map(|s| s / n);
-            (mean.to_vec(), var.to_vec())
+    let (mean, var) = {
+        let xc = St::compute(&xs);
+        match batch {
+            Some(n) => {
+                let n = n as f64;
+                let mean = per_channel(&xc, &|_, r| sum8(r, r, |v, _| f64_of(*v))).map(|s| s / n);
+                let var = per_channel(&xc, &|c, r| {
+                    sum8(r, r, |v, _| (f64_of(*v) - mean[c]) * (f64_of(*v) - mean[c]))
+                })
+                .map(|s| s / n);
+                (mean.to_vec(), var.to_vec())
+            }
+            None => (
+                in_f64::<St>(&read(&bn.running_mean)),
+                in_f64::<St>(&read(&bn.running_var)),
+            ),
         }
-        None => (host(&bn.running_mean), host(&bn.running_var)),
     };
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-    let mut out = filled(xs.len(), E::default());
-    for (i, (o, run)) in out
-        .chunks_exact_mut(hw)
-        .zip(xs.chunks_exact(hw))
-        .enumerate()
-    {
-        let c = i % C;
-        let scale = ws[c] * inv_std[c];
-        let shift = bs[c] - mean[c] * scale;
-        for (o, v) in o.iter_mut().zip(run) {
-            *o = E::from_f64(f(v) * scale + shift).unwrap();
+    // Normalised in place in a copy of the input, in the arithmetic's type.
+    let mut out: Vec<St> = xs.clone();
+    St::accumulate(&mut out, |out| {
+        for (i, o) in out.chunks_exact_mut(hw).enumerate() {
+            let c = i % C;
+            let scale = ws[c] * inv_std[c];
+            let shift = bs[c] - mean[c] * scale;
+            for o in o.iter_mut() {
+                *o = of_f64(f64_of(*o) * scale + shift);
+            }
         }
-    }
+    });
     let dev = x.device().clone();
-    let out = dev.try_tensor_from_vec(out, shape)?;
+    let out = dev.try_tensor_from_vec(cast::<St, E>(out), shape)?;
     let stats = match batch {
         Some(_) => {
-            let to_e = |v: &[f64]| v.iter().map(|v| E::from_f64(*v).unwrap()).collect();
+            let to_e =
+                |v: &[f64]| cast::<St, E>(St::stored(v.iter().map(|&v| of_f64(v)).collect()));
             let mean_t = dev.try_tensor_from_vec(to_e(&mean), (Const::<C>,))?;
             Some((mean_t, dev.try_tensor_from_vec(to_e(&var), (Const::<C>,))?))
         }
@@ -309,32 +310,38 @@ fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
             // its slot and put it back afterwards; the parameters' are summed here first.
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
+            let g_o: &Vec<St> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
+            let (g_o, xs) = (St::compute(g_o), St::compute(&xs));
             let (mut db, mut dw) = ([0.0f64; C], [0.0f64; C]);
-            let runs = g_out.chunks_exact(hw).zip(xs.chunks_exact(hw));
+            let runs = g_o.chunks_exact(hw).zip(xs.chunks_exact(hw));
             for (i, (g, run)) in runs.enumerate() {
                 let c = i % C;
-                db[c] += sum8(g, g, |g, _| f(g));
-                dw[c] += sum8(g, run, |g, v| f(g) * (f(v) - mean[c])) * inv_std[c];
+                db[c] += sum8(g, g, |g, _| f64_of(*g));
+                dw[c] += sum8(g, run, |g, v| f64_of(*g) * (f64_of(*v) - mean[c])) * inv_std[c];
             }
-            let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
-            let runs = g_x.chunks_exact_mut(hw).zip(g_out.chunks_exact(hw));
-            for (i, ((gx, g), run)) in runs.zip(xs.chunks_exact(hw)).enumerate() {
-                let c = i % C;
-                let k = ws[c] * inv_std[c];
-                let (a, s) = match batch {
-                    Some(n) => (db[c] / n as f64, dw[c] / n as f64),
-                    None => (0.0, 0.0),
-                };
-                for ((gx, g), v) in gx.iter_mut().zip(g).zip(run) {
-                    let x_hat = (f(v) - mean[c]) * inv_std[c];
-                    *gx += E::from_f64(k * (f(g) - a - x_hat * s)).unwrap();
+            let g_x = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
+            St::accumulate(g_x, |g_x| {
+                let runs = g_x.chunks_exact_mut(hw).zip(g_o.chunks_exact(hw));
+                for (i, ((gx, g), run)) in runs.zip(xs.chunks_exact(hw)).enumerate() {
+                    let c = i % C;
+                    let k = ws[c] * inv_std[c];
+                    let (a, s) = match batch {
+                        Some(n) => (db[c] / n as f64, dw[c] / n as f64),
+                        None => (0.0, 0.0),
+                    };
+                    for ((gx, g), v) in gx.iter_mut().zip(g).zip(run) {
+                        let x_hat = (f64_of(*v) - mean[c]) * inv_std[c];
+                        *gx += of_f64::<St::F>(k * (f64_of(*g) - a - x_hat * s));
+                    }
                 }
-            }
+            });
             for (t, sums) in [(&w, dw), (&b, db)] {
-                let g = cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU);
-                for (g, s) in g.iter_mut().zip(sums) {
-                    *g += E::from_f64(s).unwrap();
-                }
+                let g = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU));
+                St::accumulate(g, |g| {
+                    g.iter_mut()
+                        .zip(sums)
+                        .for_each(|(g, s)| *g += of_f64::<St::F>(s))
+                });
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
@@ -345,8 +352,10 @@ fn batch_norm_cpu<const C: usize, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_fast::assert_rounded_once;
     use super::super::cpu_fast::both_paths;
     use super::super::embedding::reference::{assert_close, case, floats, ints};
+    use super::BatchNorm2dModule;
     use crate::gradcheck::{check_input_grads, check_param_grads, named_values};
     use crate::prelude::*;
     use crate::Error;
@@ -540,5 +549,78 @@ mod tests {
             assert_eq!(a.array(), b.array());
         }
         assert_eq!(fresh.forward(x.clone()).array(), bn.forward(x).array());
+    }
+
+    /// `f16` and `bf16` on the CPU, in training (the batch's statistics) and in evaluation: the
+    /// output and every gradient within one spacing of the `f64` kernel's on the same values,
+    /// plus the f32 arithmetic's own error. The input's gradient receives another term first,
+    /// so that the kernel's addition to it is checked to round once.
+    #[test]
+    fn half_batch_norm_computes_in_f32_and_rounds_once() {
+        let dev = Dev::seed_from_u64(24);
+        let mut bn = dev.build_module::<BatchNorm2d<4>, f64>();
+        bn.weight = dev.sample_normal();
+        bn.bias = dev.sample_normal();
+        bn.running_mean = dev.sample_normal();
+        bn.running_var = dev.sample_uniform::<Rank1<4>>() + 0.5;
+        let x: Tensor<Img4, f64, Dev> = dev.sample_normal_like(&(6, Const, 30, 40));
+        let x = x * 2.0 + 3.0;
+        let g: Tensor<Img4, f64, Dev> = dev.sample_normal_like(&(6, Const, 30, 40));
+        let d: Tensor<Img4, f64, Dev> = dev.sample_normal_like(&(6, Const, 30, 40));
+        half_rounds_once::<half::f16>(&bn, [&x, &g, &d], 2f64.powi(-10));
+        half_rounds_once::<half::bf16>(&bn, [&x, &g, &d], 2f64.powi(-7));
+    }
+
+    type Img4 = Img<4>;
+
+    fn half_rounds_once<H: crate::Elem>(
+        bn: &BatchNorm2dModule<4, f64, Dev>,
+        [x, g, d]: [&Tensor<Img4, f64, Dev>; 3],
+        spacing: f64,
+    ) where
+        Dev: Device<H>,
+    {
+        let rounded = |t: &Tensor<Img4, f64, Dev>| t.clone().to_dtype::<H>();
+        let (x, g, d) = (rounded(x), rounded(g), rounded(d));
+        let bn = bn.clone().to_dtype::<H>();
+        for training in [true, false] {
+            let want = run::<f64>(
+                &bn.clone().to_dtype::<f64>(),
+                training,
+                [&x, &g, &d].map(|t| t.clone().to_dtype::<f64>()),
+            );
+            let got = run::<H>(&bn, training, [x.clone(), g.clone(), d.clone()]);
+            let what = format!("{} training {training}", std::any::type_name::<H>());
+            assert_rounded_once(&what, &got, &want, spacing);
+        }
+    }
+
+    /// The output of `bn` on `x` and the gradients of `Σ bn(x)·g + Σ x·d` for the input, the
+    /// weight and the bias, in f64. The second term is recorded last, so its gradient reaches
+    /// `x` before batch norm's.
+    fn run<E: crate::Elem>(
+        bn: &BatchNorm2dModule<4, E, Dev>,
+        training: bool,
+        [x, g, d]: [Tensor<Img4, E, Dev>; 3],
+    ) -> Vec<Vec<f64>>
+    where
+        Dev: Device<E>,
+    {
+        let mut bn = bn.clone();
+        let y = if training {
+            bn.try_forward_mut(x.leaky_trace()).unwrap()
+        } else {
+            bn.forward(x.leaky_trace())
+        };
+        let f64s = |v: Vec<E>| v.iter().map(|v| v.to_f64().unwrap()).collect::<Vec<f64>>();
+        let values = f64s(y.as_vec());
+        let loss = (y * g).sum::<Rank0, _>() + (x.leaky_trace() * d).sum();
+        let grads = loss.backward();
+        vec![
+            values,
+            f64s(grads.get(&x).as_vec()),
+            f64s(grads.get(&bn.weight).as_vec()),
+            f64s(grads.get(&bn.bias).as_vec()),
+        ]
     }
 }
