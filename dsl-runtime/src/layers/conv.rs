@@ -10,7 +10,7 @@
 
 use super::cast;
 use super::cpu_fast::{
-    as_f, block, cpu_vec, filled, for_chunks, fused_cpu, fused_stored, read, stored_call,
+    as_f, block, cpu_vec, filled, for_chunks_with, fused_cpu, fused_stored, read, stored_call,
     take_param, Stored, CPU,
 };
 use super::linear::Gemm;
@@ -606,26 +606,55 @@ impl ConvColumns {
         Some((lo, hi, lo + v - p.min(lo + v)))
     }
 
+    /// Whether the columns are the input itself: a 1×1 kernel with stride 1 and no padding.
+    fn identity(&self) -> bool {
+        self.win.k == 1 && self.win.s == 1 && self.win.p == 0
+    }
+
+    /// Entry `bi`'s columns `[C·K·K, OH·OW]`, for a one-entry `self` over the batch `xs`: the
+    /// entry's own images when [`Self::identity`] (no copy), else written into `scratch`.
+    fn entry<'a, E: Dtype>(&self, xs: &'a [E], bi: usize, scratch: &'a mut Vec<E>) -> &'a [E] {
+        let ((_, c, h, w), (oh, ow), k) = (self.input, self.out, self.win.k);
+        let image = &xs[bi * c * h * w..][..c * h * w];
+        if self.identity() {
+            return image;
+        }
+        let l = oh * ow;
+        scratch.resize(c * k * k * l, E::default());
+        for (r, row) in scratch.chunks_exact_mut(l).enumerate() {
+            self.fill_row(image, (r / (k * k), r / k % k, r % k), row);
+        }
+        scratch
+    }
+
     /// Row `(ch, u, v)` of the columns (`B·OH·OW` long) from the input `src`.
     fn fill_row<E: Dtype>(&self, src: &[E], (ch, u, v): (usize, usize, usize), row: &mut [E]) {
         let ((_, c, h, w), (oh, ow)) = (self.input, self.out);
-        let (cols, run) = (self.sources(v), self.run(v));
-        for (k, dst) in row.chunks_exact_mut(ow).enumerate() {
-            let (bi, i) = (k / oh, k % oh);
-            let Some(y) = self.win.source(i, u, h) else {
-                dst.fill(E::default());
-                continue;
-            };
-            let line = &src[((bi * c + ch) * h + y) * w..][..w];
-            match run {
-                Some((lo, hi, x0)) => {
-                    dst[..lo].fill(E::default());
-                    dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
-                    dst[hi..].fill(E::default());
-                }
-                None => {
-                    for (d, x) in dst.iter_mut().zip(&cols) {
-                        *d = x.map_or(E::default(), |x| line[x]);
+        // The per-element sources only where a row is not one contiguous run: this runs once
+        // per row of every entry's columns, and an allocation each time showed in profiles.
+        let run = self.run(v);
+        let cols = match run {
+            Some(_) => Vec::new(),
+            None => self.sources(v),
+        };
+        for (bi, image) in row.chunks_exact_mut(oh * ow).enumerate() {
+            let plane = &src[(bi * c + ch) * h * w..][..h * w];
+            for (i, dst) in image.chunks_exact_mut(ow).enumerate() {
+                let Some(y) = self.win.source(i, u, h) else {
+                    dst.fill(E::default());
+                    continue;
+                };
+                let line = &plane[y * w..][..w];
+                match run {
+                    Some((lo, hi, x0)) => {
+                        dst[..lo].fill(E::default());
+                        dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
+                        dst[hi..].fill(E::default());
+                    }
+                    None => {
+                        for (d, x) in dst.iter_mut().zip(&cols) {
+                            *d = x.map_or(E::default(), |x| line[x]);
+                        }
                     }
                 }
             }
@@ -643,28 +672,33 @@ impl ConvColumns {
 
     /// [`Self::channel_grad`] added into `acc`, that channel's images `[B, H, W]`.
     fn add_channel_grad<E: Dtype>(&self, g: &[E], ch: usize, acc: &mut [E]) {
-        let ((b, _, h, w), (oh, ow), k) = (self.input, self.out, self.win.k);
-        let len = b * oh * ow;
+        let ((_, _, h, w), (oh, ow), k) = (self.input, self.out, self.win.k);
+        let len = self.input.0 * oh * ow;
         for u in 0..k {
             for v in 0..k {
                 let row = &g[((ch * k + u) * k + v) * len..][..len];
-                let (cols, run) = (self.sources(v), self.run(v));
-                for (r, gs) in row.chunks_exact(ow).enumerate() {
-                    let (bi, i) = (r / oh, r % oh);
-                    let Some(y) = self.win.source(i, u, h) else {
-                        continue;
-                    };
-                    let line = &mut acc[(bi * h + y) * w..][..w];
-                    match run {
-                        Some((lo, hi, x0)) => {
-                            for (a, g) in line[x0..x0 + hi - lo].iter_mut().zip(&gs[lo..hi]) {
-                                *a += *g;
+                let run = self.run(v);
+                let cols = match run {
+                    Some(_) => Vec::new(),
+                    None => self.sources(v),
+                };
+                for (image, acc) in row.chunks_exact(oh * ow).zip(acc.chunks_exact_mut(h * w)) {
+                    for (i, gs) in image.chunks_exact(ow).enumerate() {
+                        let Some(y) = self.win.source(i, u, h) else {
+                            continue;
+                        };
+                        let line = &mut acc[y * w..][..w];
+                        match run {
+                            Some((lo, hi, x0)) => {
+                                for (a, g) in line[x0..x0 + hi - lo].iter_mut().zip(&gs[lo..hi]) {
+                                    *a += *g;
+                                }
                             }
-                        }
-                        None => {
-                            for (x, g) in cols.iter().zip(gs) {
-                                if let Some(x) = x {
-                                    line[*x] += *g;
+                            None => {
+                                for (x, g) in cols.iter().zip(gs) {
+                                    if let Some(x) = x {
+                                        line[*x] += *g;
+                                    }
                                 }
                             }
                         }
@@ -772,21 +806,11 @@ where
         None => (None, None),
     };
     let xs: Vec<S> = read(&x);
-    // Entry `bi`'s columns into `cols`.
-    let im2col = move |xs: &[F], bi: usize, cols: &mut [F]| {
-        for (r, row) in cols.chunks_exact_mut(l).enumerate() {
-            one.fill_row(
-                &xs[bi * image..][..image],
-                (r / (k * k), r / k % k, r % k),
-                row,
-            );
-        }
-    };
     let mut out = filled(nb * co * l, F::zero_impl());
     let xf = S::compute(&xs);
-    for_chunks(&mut out, co * l, |bi, y| {
-        let mut cols = vec![F::zero_impl(); c * k * k * l];
-        im2col(&xf, bi, &mut cols);
+    // One columns buffer per task, not per entry: a fresh one is zeroed (or faulted in) first.
+    for_chunks_with(&mut out, co * l, Vec::new, |cols, bi, y| {
+        let cols = one.entry(&xf, bi, cols);
         for (g, y) in y.chunks_exact_mut(cog * l).enumerate() {
             let accum = match &bs {
                 Some(bs) => {
@@ -824,18 +848,24 @@ where
             const ENTRIES: usize = 4;
             let g_x = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
             let mut partial: Vec<(Vec<F>, Vec<F>)> = Vec::new();
+            let identity = one.identity();
             S::accumulate(g_x, |g_x| {
+                let scratch = || {
+                    let d_cols = match identity {
+                        true => Vec::new(),
+                        false => vec![F::zero_impl(); c * k * k * l],
+                    };
+                    (Vec::new(), d_cols)
+                };
                 partial = g_x
                     .par_chunks_mut(ENTRIES * image)
                     .enumerate()
-                    .map(|(blk, g_x)| {
+                    .map_init(scratch, |(cols, d_cols), (blk, g_x)| {
                         let (mut g_w, mut g_b) =
                             (vec![F::zero_impl(); co * rows], vec![F::zero_impl(); co]);
-                        let mut cols = vec![F::zero_impl(); c * k * k * l];
-                        let mut d_cols = vec![F::zero_impl(); c * k * k * l];
                         for (j, g_x) in g_x.chunks_exact_mut(image).enumerate() {
                             let bi = blk * ENTRIES + j;
-                            im2col(&xs, bi, &mut cols);
+                            let cols = one.entry(&xs, bi, cols);
                             let gy_b = &gy[bi * co * l..][..co * l];
                             for g in 0..groups {
                                 let gy_g = MatRef::from_row_major_slice(
@@ -861,14 +891,17 @@ where
                                     F::one_impl(),
                                     Par::Seq,
                                 );
-                                let d_g = MatMut::from_row_major_slice_mut(
-                                    &mut d_cols[g * rows * l..][..rows * l],
-                                    rows,
-                                    l,
-                                );
+                                // The columns' gradient, or for a 1×1 kernel the input's
+                                // directly.
+                                let (d_g, accum) = match identity {
+                                    true => (&mut g_x[g * rows * l..][..rows * l], Accum::Add),
+                                    false => {
+                                        (&mut d_cols[g * rows * l..][..rows * l], Accum::Replace)
+                                    }
+                                };
                                 matmul(
-                                    d_g,
-                                    Accum::Replace,
+                                    MatMut::from_row_major_slice_mut(d_g, rows, l),
+                                    accum,
                                     block(&ws, g, cog, rows).transpose(),
                                     gy_g,
                                     F::one_impl(),
@@ -878,8 +911,11 @@ where
                             for (gb, row) in g_b.iter_mut().zip(gy_b.chunks_exact(l)) {
                                 *gb += row.iter().fold(F::zero_impl(), |a, &v| a + v);
                             }
-                            for ch in 0..c {
-                                one.add_channel_grad(&d_cols, ch, &mut g_x[ch * h * w..][..h * w]);
+                            if !identity {
+                                for ch in 0..c {
+                                    let g_x = &mut g_x[ch * h * w..][..h * w];
+                                    one.add_channel_grad(d_cols, ch, g_x);
+                                }
                             }
                         }
                         (g_w, g_b)
@@ -1092,6 +1128,7 @@ pub(super) mod reference {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_fast::composition_only;
     use super::reference::{assert_close, both_paths, case};
     use crate::gradcheck::{check_input_grads, check_param_grads, named_values};
     use crate::prelude::*;
@@ -1332,6 +1369,60 @@ mod tests {
         both_paths("dilated, strided", |name| {
             gradcheck(&mut conv.clone(), x.clone(), name)
         });
+    }
+
+    /// A 1×1 kernel with stride 1 and no padding multiplies the input itself (no columns) and
+    /// adds the input's gradient straight from the product.
+    #[test]
+    fn gradients_match_central_differences_pointwise() {
+        let dev = Dev::seed_from_u64(5);
+        let conv = dev.build_module::<Conv2d<4, 6, 1, 1, 0, 1, 2>, f64>();
+        let x = image(&dev, (2, 3, 5));
+        both_paths("pointwise, grouped", |name| {
+            gradcheck(&mut conv.clone(), x.clone(), name)
+        });
+    }
+
+    /// The fused path against the composition on batches that fill several tasks and blocks
+    /// of entries (whose columns buffers are reused from entry to entry), for each way the
+    /// columns are built: contiguous runs, per element (stride 2), none (1×1).
+    #[test]
+    fn the_fused_path_agrees_with_the_composition_on_many_entries() {
+        fn agree<const K: usize, const S: usize, const P: usize>(seed: u64) {
+            let dev = Dev::seed_from_u64(seed);
+            let conv = dev.build_module::<Conv2d<3, 4, K, S, P>, f64>();
+            let x = image::<3>(&dev, (11, 6, 7));
+            let c = dev.sample_normal_like(conv.forward(x.clone()).shape());
+            let d = dev.sample_normal_like(x.shape());
+            let run = || {
+                let y = conv.forward(x.leaky_trace());
+                let values = y.as_vec();
+                // `x·d` is recorded last, so its gradient is in `x`'s before the convolution
+                // adds to it.
+                let loss = (y * c.clone()).sum::<Rank0, _>()
+                    + (x.leaky_trace() * d.clone()).sum::<Rank0, _>();
+                let g = loss.backward();
+                let bias = conv.bias.as_ref().unwrap();
+                [
+                    values,
+                    g.get(&x).as_vec(),
+                    g.get(&conv.weight).as_vec(),
+                    g.get(bias).as_vec(),
+                ]
+            };
+            let fused = run();
+            let composed = composition_only(run);
+            for (what, (a, b)) in ["output", "input", "weight", "bias"]
+                .iter()
+                .zip(fused.iter().zip(&composed))
+            {
+                assert_close(&format!("K={K} S={S} P={P} {what}"), a, b, 1e-12);
+            }
+        }
+        agree::<3, 1, 1>(6);
+        agree::<3, 2, 1>(7);
+        agree::<1, 1, 0>(8);
+        agree::<1, 2, 0>(9);
     }
 
     #[test]

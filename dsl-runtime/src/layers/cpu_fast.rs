@@ -162,6 +162,27 @@ pub(crate) fn for_chunks<A: Send>(a: &mut [A], len: usize, f: impl Fn(usize, &mu
     }
 }
 
+/// [`for_chunks`] with scratch space: `f(scratch, i, chunk)`, each `scratch` made by `init`
+/// once per task rayon runs (a few per thread, rayon's `for_each_init`), not once per chunk.
+pub(crate) fn for_chunks_with<A: Send, S>(
+    a: &mut [A],
+    len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [A]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 {
+        a.par_chunks_mut(len)
+            .enumerate()
+            .for_each_init(init, |s, (i, c)| f(s, i, c));
+    } else {
+        let mut s = init();
+        a.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(&mut s, i, c));
+    }
+}
+
 /// [`for_chunks`] over two buffers in step: `f(i, a_chunk, b_chunk)`.
 pub(crate) fn for_chunks2<A: Send, B: Send>(
     a: &mut [A],
