@@ -1,5 +1,5 @@
 """Reference values for the fused CPU kernels: LayerNorm, Softmax, LogSoftmax, GELU (exact and
-tanh) and SiLU — outputs and the gradients of sum(y * g), in float64.
+tanh), SiLU and ReLU — outputs and the gradients of sum(y * g), in float64.
 
 Rerun: /opt/torch-venv/bin/python tools/reference/fused_cpu.py
 Writes: dsl-runtime/tests/reference/fused_cpu.json
@@ -47,6 +47,7 @@ fns = {
     "gelu": (small, lambda t: torch.nn.functional.gelu(t)),
     "gelu_tanh": (small, lambda t: torch.nn.functional.gelu(t, approximate="tanh")),
     "silu": (small, lambda t: torch.nn.functional.silu(t)),
+    "relu": (small, torch.relu),
 }
 for name, (inp, fn) in fns.items():
     x = inp.clone().requires_grad_(True)

@@ -1,9 +1,9 @@
 //! Element-wise activations and the softmax family. All are parameter-free and accept any shape.
 //!
-//! GELU (exact and tanh), SiLU, Softmax and LogSoftmax have fused kernels on the CPU for `f32`
-//! and `f64` (computed in the element type, as PyTorch does), split over rayon's pool
-//! (`RAYON_NUM_THREADS`) for large inputs; GELU, SiLU and QuickGELU also for `f16` and `bf16`
-//! (computed in `f32` and rounded once, as PyTorch's CPU kernels do). Other devices and element
+//! ReLU, GELU (exact and tanh), SiLU, Softmax and LogSoftmax have fused kernels on the CPU for
+//! `f32` and `f64` (computed in the element type, as PyTorch does), split over rayon's pool
+//! (`RAYON_NUM_THREADS`) for large inputs; ReLU, GELU, SiLU and QuickGELU also for `f16` and
+//! `bf16` (computed in `f32` and rounded once, as PyTorch's CPU kernels do). Other devices and element
 //! types compose dfdx ops.
 //! Measured in f32 on one thread (release, shared machine; `examples/fused_cpu_bench.rs`):
 //! GELU forward on `[8, 128, 3072]` 7.1 ms instead of 20 ms, softmax on `[8, 12, 128, 128]`
@@ -43,8 +43,17 @@ macro_rules! activation {
 }
 
 activation!(
-    /// `max(0, x)`. PyTorch: `torch.nn.ReLU()`.
-    ReLU, |x| x.try_relu()
+    /// `max(0, x)`, with gradient 0 where `x ≤ 0` and 1 elsewhere. PyTorch: `torch.nn.ReLU()`.
+    ///
+    /// The fused CPU kernel keeps a NaN input NaN and passes the gradient through it, as PyTorch
+    /// does (so that a mixed-precision step sees the NaN and is skipped); dfdx's composition,
+    /// which other devices run, computes `x.max(0)`, which is 0 for NaN.
+    ReLU, |x| {
+        if fused_unary::<S, E, D>(x.shape()) {
+            return unary_cpu::<ReluOp, S, E, D, T>(x);
+        }
+        x.try_relu()
+    }
 );
 activation!(
     /// Exact GELU, `x·Φ(x) = x/2·(1 + erf(x/√2))`. PyTorch: `torch.nn.GELU()`.
@@ -237,6 +246,28 @@ trait Unary: 'static {
 #[inline(always)]
 fn c<F: Real>(v: f64) -> F {
     F::from(v).unwrap()
+}
+
+/// `x ≤ 0 ? 0 : x`: NaN stays NaN, and its derivative is 1 (PyTorch's `threshold_backward`
+/// tests the output `≤ 0`).
+struct ReluOp;
+impl Unary for ReluOp {
+    #[inline(always)]
+    fn f<F: Real>(x: F) -> F {
+        if x <= F::zero() {
+            F::zero()
+        } else {
+            x
+        }
+    }
+    #[inline(always)]
+    fn df<F: Real>(x: F) -> F {
+        if x <= F::zero() {
+            F::zero()
+        } else {
+            F::one()
+        }
+    }
 }
 
 struct GeluExact;
@@ -722,7 +753,11 @@ mod tests {
             .map(|i| H::from_f64(-7.0 + 14.0 * i as f64 / (n - 1) as f64).unwrap())
             .collect();
         type Pair = (fn(f64) -> f64, fn(f64) -> f64);
-        let cases: [(&str, Pair); 4] = [
+        let cases: [(&str, Pair); 5] = [
+            (
+                "relu",
+                (|v| v.max(0.0), |v| if v > 0.0 { 1.0 } else { 0.0 }),
+            ),
             (
                 "gelu",
                 (
@@ -775,6 +810,7 @@ mod tests {
                 "gelu" => Gelu.forward(x.leaky_trace()),
                 "gelu_tanh" => GeluTanh.forward(x.leaky_trace()),
                 "silu" => SiLU.forward(x.leaky_trace()),
+                "relu" => ReLU.forward(x.leaky_trace()),
                 _ => QuickGelu.forward(x.leaky_trace()),
             };
             let values = y.as_vec();
@@ -810,11 +846,19 @@ mod tests {
             "gelu" => Gelu.forward(x),
             "gelu_tanh" => GeluTanh.forward(x),
             "silu" => SiLU.forward(x),
+            "relu" => ReLU.forward(x),
             _ => unreachable!("{name}"),
         }
     }
 
-    const FUSED: [&str; 5] = ["softmax", "log_softmax", "gelu", "gelu_tanh", "silu"];
+    const FUSED: [&str; 6] = [
+        "softmax",
+        "log_softmax",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "relu",
+    ];
 
     #[test]
     fn fused_activations_match_pytorch() {
@@ -887,7 +931,8 @@ mod tests {
                     "log_softmax" => LogSoftmax.forward(x),
                     "gelu" => Gelu.forward(x),
                     "gelu_tanh" => GeluTanh.forward(x),
-                    _ => SiLU.forward(x),
+                    "silu" => SiLU.forward(x),
+                    _ => ReLU.forward(x),
                 };
                 let value = y.as_vec();
                 let grads = (y * g.clone()).sum::<Rank0, _>().backward();
@@ -917,9 +962,37 @@ mod tests {
         );
     }
 
+    /// NaN in, NaN out, and the gradient passes through it, in every type the fused kernel
+    /// takes, as in PyTorch (`torch.relu` on `[nan, -1, 0, 2]` gives `[nan, 0, 0, 2]`, and the
+    /// gradient of `3·Σ y` is `[3, 0, 0, 3]`).
+    #[test]
+    fn relu_keeps_nan_as_pytorch_does() {
+        fn check<H: Dtype + num_traits::Float>()
+        where
+            Cpu: Device<H>,
+        {
+            let dev = Cpu::default();
+            let v = |x: f64| H::from_f64(x).unwrap();
+            let x = dev.tensor([v(f64::NAN), v(-1.0), v(0.0), v(2.0)]);
+            let y = ReLU.forward(x.leaky_trace());
+            let values = y.array();
+            let g = (y * v(3.0)).sum::<Rank0, _>().backward().get(&x).array();
+            let name = std::any::type_name::<H>();
+            assert!(values[0].is_nan(), "{name}: relu(NaN) = {:?}", values[0]);
+            let rest: Vec<f64> = values[1..].iter().map(|y| y.to_f64().unwrap()).collect();
+            assert_eq!(rest, [0.0, 0.0, 2.0], "{name}");
+            let g: Vec<f64> = g.iter().map(|g| g.to_f64().unwrap()).collect();
+            assert_eq!(g, [3.0, 0.0, 0.0, 3.0], "{name}");
+        }
+        check::<f32>();
+        check::<f64>();
+        check::<half::f16>();
+        check::<half::bf16>();
+    }
+
     #[test]
     fn params_are_zero() {
         assert_eq!(Softmax::PARAMS + LogSoftmax::PARAMS + Gelu::PARAMS, 0);
-        assert_eq!(GeluTanh::PARAMS + SiLU::PARAMS, 0);
+        assert_eq!(GeluTanh::PARAMS + SiLU::PARAMS + ReLU::PARAMS, 0);
     }
 }
