@@ -14,7 +14,7 @@
 //! | [`clip_loss`] | CLIP's symmetric InfoNCE (<https://arxiv.org/abs/2103.00020>, Figure 3) |
 
 use crate::layers::cpu_fast::{
-    as_f, cpu_vec, fused_stored, par_rows, read, stored_call, sum8, Stored, CPU,
+    as_f, cpu_vec, fused_stored, max8, par_rows, read, stored_call, sum8, Stored, CPU,
 };
 use crate::layers::{LogitScaleModule, Real};
 use crate::{Elem, Error};
@@ -212,34 +212,39 @@ where
     let (nll_w, smooth_w) = ((1.0 - eps) / denom, eps / (C as f64 * denom));
     let f = |v: &F| v.to_f64().unwrap_or(f64::NAN);
     let grad = T::OWNS_TAPE;
-    let partial = par_rows(&mut d, C, |row0, chunk| {
-        let mut total = 0.0f64;
-        for (row, t) in chunk.chunks_exact_mut(C).zip(&targets[row0..]) {
-            if ignore_index == Some(*t) {
-                row.iter_mut().for_each(|v| *v = F::zero());
-                continue;
+    let partial = par_rows(
+        &mut d,
+        C,
+        #[inline(always)]
+        |row0, chunk| {
+            let mut total = 0.0f64;
+            for (row, t) in chunk.chunks_exact_mut(C).zip(&targets[row0..]) {
+                if ignore_index == Some(*t) {
+                    row.iter_mut().for_each(|v| *v = F::zero());
+                    continue;
+                }
+                let (a, s) = (nll_w, smooth_w);
+                let max = max8(row);
+                let x_t = f(&row[*t]);
+                let x_sum = if s > 0.0 {
+                    sum8(row, row, |v, _| f(v))
+                } else {
+                    0.0
+                };
+                row.iter_mut().for_each(|v| *v = (*v - max).exp_());
+                let sum = sum8(row, row, |e, _| f(e));
+                let lse = f(&max) + sum.ln();
+                total += a * (lse - x_t) + s * (C as f64 * lse - x_sum);
+                if grad {
+                    let scale = F::from((a + C as f64 * s) / sum).unwrap_or_else(F::nan);
+                    let s = F::from(s).unwrap_or_else(F::nan);
+                    row.iter_mut().for_each(|v| *v = *v * scale - s);
+                    row[*t] = row[*t] - F::from(a).unwrap_or_else(F::nan);
+                }
             }
-            let (a, s) = (nll_w, smooth_w);
-            let max = row.iter().fold(F::neg_infinity(), |m, &v| m.max(v));
-            let x_t = f(&row[*t]);
-            let x_sum = if s > 0.0 {
-                sum8(row, row, |v, _| f(v))
-            } else {
-                0.0
-            };
-            row.iter_mut().for_each(|v| *v = (*v - max).exp_());
-            let sum = sum8(row, row, |e, _| f(e));
-            let lse = f(&max) + sum.ln();
-            total += a * (lse - x_t) + s * (C as f64 * lse - x_sum);
-            if grad {
-                let scale = F::from((a + C as f64 * s) / sum).unwrap_or_else(F::nan);
-                let s = F::from(s).unwrap_or_else(F::nan);
-                row.iter_mut().for_each(|v| *v = *v * scale - s);
-                row[*t] = row[*t] - F::from(a).unwrap_or_else(F::nan);
-            }
-        }
-        total
-    });
+            total
+        },
+    );
     let total: f64 = partial.into_iter().sum();
     let dev = x.device().clone();
     let loss = dev.try_tensor_from_vec(vec![E::from_f64(total).unwrap_or_default()], ())?;
@@ -250,10 +255,15 @@ where
             let g = F::from(g.to_f64().unwrap_or(f64::NAN)).unwrap_or_else(F::nan);
             let g_x = as_f::<E, S>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
             S::accumulate(g_x, |g_x| {
-                par_rows(g_x, C, |row0, g_x| {
-                    let d = &d[row0 * C..row0 * C + g_x.len()];
-                    g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
-                });
+                par_rows(
+                    g_x,
+                    C,
+                    #[inline(always)]
+                    |row0, g_x| {
+                        let d = &d[row0 * C..row0 * C + g_x.len()];
+                        g_x.iter_mut().zip(d).for_each(|(gx, d)| *gx = *gx + g * *d);
+                    },
+                );
             });
             Ok(())
         });

@@ -10,8 +10,8 @@
 //! 3.1 ms instead of 6.6 ms.
 
 use super::cpu_fast::{
-    cpu_vec, filled, for_chunks, for_chunks2, fused_float, fused_stored, par_rows, sum8, HalfSlice,
-    CPU, TASK_ELEMS,
+    cpu_vec, filled, for_chunks, for_chunks2, fused_float, fused_stored, max8, par_rows, sum8,
+    HalfSlice, CPU, TASK_ELEMS,
 };
 use super::LayerInfo;
 use dfdx::nn::{Module, NonMutableModule, ZeroSizedModule};
@@ -388,7 +388,12 @@ fn unary_half<K: Unary, H: HalfSlice, S: Shape, E: Dtype, D: Device<E>, T: Tape<
     if T::OWNS_TAPE {
         for_chunks2(&mut out, TASK_ELEMS, &mut dfs, TASK_ELEMS, block);
     } else {
-        for_chunks(&mut out, TASK_ELEMS, |i, out| block(i, out, &mut []));
+        for_chunks(
+            &mut out,
+            TASK_ELEMS,
+            #[inline(always)]
+            |i, out| block(i, out, &mut []),
+        );
     }
     let out = x.device().try_tensor_from_vec(cast::<H, E>(out), shape)?;
     if T::OWNS_TAPE {
@@ -400,18 +405,23 @@ fn unary_half<K: Unary, H: HalfSlice, S: Shape, E: Dtype, D: Device<E>, T: Tape<
                 let g: &Vec<H> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
                 let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
                 let g_x: &mut Vec<H> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
-                for_chunks(g_x, TASK_ELEMS, |i, g_x| {
-                    let (at, len) = (i * TASK_ELEMS, g_x.len());
-                    let (mut acc, mut gw, mut dw) =
-                        (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
-                    H::widen(g_x, &mut acc);
-                    H::widen(&g[at..at + len], &mut gw);
-                    H::widen(&dfs[at..at + len], &mut dw);
-                    for ((a, g), d) in acc.iter_mut().zip(&gw).zip(&dw) {
-                        *a += g * d;
-                    }
-                    H::narrow(&acc, g_x);
-                });
+                for_chunks(
+                    g_x,
+                    TASK_ELEMS,
+                    #[inline(always)]
+                    |i, g_x| {
+                        let (at, len) = (i * TASK_ELEMS, g_x.len());
+                        let (mut acc, mut gw, mut dw) =
+                            (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
+                        H::widen(g_x, &mut acc);
+                        H::widen(&g[at..at + len], &mut gw);
+                        H::widen(&dfs[at..at + len], &mut dw);
+                        for ((a, g), d) in acc.iter_mut().zip(&gw).zip(&dw) {
+                            *a += g * d;
+                        }
+                        H::narrow(&acc, g_x);
+                    },
+                );
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
@@ -437,18 +447,30 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
     let mut dfs = Vec::new();
     if T::OWNS_TAPE {
         dfs = filled(n, F::zero());
-        for_chunks2(&mut out, TASK_ELEMS, &mut dfs, TASK_ELEMS, |_, out, dfs| {
-            for (y, d) in out.iter_mut().zip(dfs) {
-                let x = *y;
-                (*y, *d) = (K::f(x), K::df(x));
-            }
-        });
+        for_chunks2(
+            &mut out,
+            TASK_ELEMS,
+            &mut dfs,
+            TASK_ELEMS,
+            #[inline(always)]
+            |_, out, dfs| {
+                for (y, d) in out.iter_mut().zip(dfs) {
+                    let x = *y;
+                    (*y, *d) = (K::f(x), K::df(x));
+                }
+            },
+        );
     } else {
-        par_rows(&mut out, 1, |_, out| {
-            for y in out.iter_mut() {
-                *y = K::f(*y);
-            }
-        });
+        par_rows(
+            &mut out,
+            1,
+            #[inline(always)]
+            |_, out| {
+                for y in out.iter_mut() {
+                    *y = K::f(*y);
+                }
+            },
+        );
     }
     let out = x.device().try_tensor_from_vec(cast::<F, E>(out), shape)?;
     if T::OWNS_TAPE {
@@ -462,11 +484,16 @@ fn unary_real<K: Unary, F: Real, S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>
                 let g: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
                 let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
                 let g_x: &mut Vec<F> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
-                par_rows(g_x, 1, |i0, g_x| {
-                    for ((gx, &d), &g) in g_x.iter_mut().zip(&dfs[i0..]).zip(&g[i0..]) {
-                        *gx = *gx + g * d;
-                    }
-                });
+                par_rows(
+                    g_x,
+                    1,
+                    #[inline(always)]
+                    |i0, g_x| {
+                        for ((gx, &d), &g) in g_x.iter_mut().zip(&dfs[i0..]).zip(&g[i0..]) {
+                            *gx = *gx + g * d;
+                        }
+                    },
+                );
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
@@ -527,6 +554,7 @@ pub(crate) fn softmax_cpu<const LOG: bool, S: Shape, E: Dtype, D: Device<E>, T: 
 /// The masked softmax of one row in place: `keep` is the row's flags (`Ok`) or the number of
 /// leading scores it keeps (`Err`), as [`Mask::row`] gives them. Masked scores become exactly 0;
 /// a row with nothing kept becomes all zeros when `empty_zero`, else uniform.
+#[inline(always)]
 pub(crate) fn softmax_row<F: Real>(y: &mut [F], keep: Result<&[bool], usize>, empty_zero: bool) {
     let kept = match keep {
         Ok(k) if !k.iter().any(|&k| k) => {
@@ -550,7 +578,7 @@ pub(crate) fn softmax_row<F: Real>(y: &mut [F], keep: Result<&[bool], usize>, em
         Err(len) => {
             let (kept, rest) = y.split_at_mut(len);
             rest.iter_mut().for_each(|y| *y = F::zero());
-            let max = kept.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+            let max = max8(kept);
             kept.iter_mut().for_each(|y| *y = (*y - max).exp_());
             kept
         }
@@ -579,24 +607,29 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
             ..
         })
     );
-    par_rows(&mut out, m, |row0, out| {
-        for (i, y) in out.chunks_exact_mut(m).enumerate() {
-            if let Some(mask) = &mask {
-                softmax_row(y, mask.row(row0 + i, m), empty_zero);
-                continue;
+    par_rows(
+        &mut out,
+        m,
+        #[inline(always)]
+        |row0, out| {
+            for (i, y) in out.chunks_exact_mut(m).enumerate() {
+                if let Some(mask) = &mask {
+                    softmax_row(y, mask.row(row0 + i, m), empty_zero);
+                    continue;
+                }
+                let max = max8(y);
+                if LOG {
+                    let sum = sum8(y, y, |v, _| f64_(&(*v - max).exp_()));
+                    let shift = max + F::from(sum.ln()).unwrap();
+                    y.iter_mut().for_each(|y| *y = *y - shift);
+                } else {
+                    y.iter_mut().for_each(|y| *y = (*y - max).exp_());
+                    let inv = F::from(1.0 / sum8(y, y, |e, _| f64_(e))).unwrap();
+                    y.iter_mut().for_each(|y| *y = *y * inv);
+                }
             }
-            let max = y.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
-            if LOG {
-                let sum = sum8(y, y, |v, _| f64_(&(*v - max).exp_()));
-                let shift = max + F::from(sum.ln()).unwrap();
-                y.iter_mut().for_each(|y| *y = *y - shift);
-            } else {
-                y.iter_mut().for_each(|y| *y = (*y - max).exp_());
-                let inv = F::from(1.0 / sum8(y, y, |e, _| f64_(e))).unwrap();
-                y.iter_mut().for_each(|y| *y = *y * inv);
-            }
-        }
-    });
+        },
+    );
     let saved = T::OWNS_TAPE.then(|| out.clone());
     let out = x.device().try_tensor_from_vec(cast::<F, E>(out), shape)?;
     if let Some(ys) = saved {
@@ -608,41 +641,48 @@ fn softmax_real<const LOG: bool, F: Real, S: Shape, E: Dtype, D: Device<E>, T: T
                 let g: &Vec<F> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
                 let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
                 let g_x: &mut Vec<F> = (g_x as &mut dyn Any).downcast_mut().expect(CPU);
-                par_rows(g_x, m, |i0, g_x| {
-                    let span = i0 * m..i0 * m + g_x.len();
-                    let rows = ys[span.clone()]
-                        .chunks_exact(m)
-                        .zip(g[span.clone()].chunks_exact(m));
-                    for (j, ((y, g), gx)) in rows.zip(g_x.chunks_exact_mut(m)).enumerate() {
-                        if LOG {
-                            let s = F::from(sum8(g, g, |g, _| f64_(g))).unwrap();
-                            for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
-                                *gx = *gx + g - y.exp_() * s;
-                            }
-                        } else if let Some(mask) = &mask {
-                            let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();
-                            match mask.row(i0 + j, m) {
-                                Ok(k) => {
-                                    for (((gx, &y), &g), &k) in gx.iter_mut().zip(y).zip(g).zip(k) {
-                                        if k {
+                par_rows(
+                    g_x,
+                    m,
+                    #[inline(always)]
+                    |i0, g_x| {
+                        let span = i0 * m..i0 * m + g_x.len();
+                        let rows = ys[span.clone()]
+                            .chunks_exact(m)
+                            .zip(g[span.clone()].chunks_exact(m));
+                        for (j, ((y, g), gx)) in rows.zip(g_x.chunks_exact_mut(m)).enumerate() {
+                            if LOG {
+                                let s = F::from(sum8(g, g, |g, _| f64_(g))).unwrap();
+                                for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
+                                    *gx = *gx + g - y.exp_() * s;
+                                }
+                            } else if let Some(mask) = &mask {
+                                let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();
+                                match mask.row(i0 + j, m) {
+                                    Ok(k) => {
+                                        for (((gx, &y), &g), &k) in
+                                            gx.iter_mut().zip(y).zip(g).zip(k)
+                                        {
+                                            if k {
+                                                *gx = *gx + y * (g - s);
+                                            }
+                                        }
+                                    }
+                                    Err(len) => {
+                                        for ((gx, &y), &g) in gx[..len].iter_mut().zip(y).zip(g) {
                                             *gx = *gx + y * (g - s);
                                         }
                                     }
                                 }
-                                Err(len) => {
-                                    for ((gx, &y), &g) in gx[..len].iter_mut().zip(y).zip(g) {
-                                        *gx = *gx + y * (g - s);
-                                    }
+                            } else {
+                                let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();
+                                for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
+                                    *gx = *gx + y * (g - s);
                                 }
                             }
-                        } else {
-                            let s = F::from(sum8(g, y, |g, y| f64_(g) * f64_(y))).unwrap();
-                            for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
-                                *gx = *gx + y * (g - s);
-                            }
                         }
-                    }
-                });
+                    },
+                );
             }
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())

@@ -290,16 +290,21 @@ fn batch_norm_cpu<St: Stored, const C: usize, S: Shape, E: Dtype, D: Device<E>, 
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
     // Normalised in place in the widened input (a copy of it for `f32` and `f64`).
     let mut out: Vec<St::F> = xc.into_owned();
-    par_rows(&mut out, hw, |i0, rows| {
-        for (i, o) in rows.chunks_exact_mut(hw).enumerate() {
-            let c = (i0 + i) % C;
-            let scale = ws[c] * inv_std[c];
-            let shift = bs[c] - mean[c] * scale;
-            for o in o.iter_mut() {
-                *o = of_f64(f64_of(*o) * scale + shift);
+    par_rows(
+        &mut out,
+        hw,
+        #[inline(always)]
+        |i0, rows| {
+            for (i, o) in rows.chunks_exact_mut(hw).enumerate() {
+                let c = (i0 + i) % C;
+                let scale = ws[c] * inv_std[c];
+                let shift = bs[c] - mean[c] * scale;
+                for o in o.iter_mut() {
+                    *o = of_f64(f64_of(*o) * scale + shift);
+                }
             }
-        }
-    });
+        },
+    );
     let dev = x.device().clone();
     let out = dev.try_tensor_from_vec(cast::<St, E>(St::stored(out)), shape)?;
     let stats = match batch {
@@ -336,21 +341,26 @@ fn batch_norm_cpu<St: Stored, const C: usize, S: Shape, E: Dtype, D: Device<E>, 
             .unzip();
             let g_x = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
             St::accumulate(g_x, |g_x| {
-                par_rows(g_x, hw, |i0, rows| {
-                    for (i, gx) in rows.chunks_exact_mut(hw).enumerate() {
-                        let (i, c) = (i0 + i, (i0 + i) % C);
-                        let (g, run) = (&g_o[i * hw..][..hw], &xs[i * hw..][..hw]);
-                        let k = ws[c] * inv_std[c];
-                        let (a, s) = match batch {
-                            Some(n) => (db[c] / n as f64, dw[c] / n as f64),
-                            None => (0.0, 0.0),
-                        };
-                        for ((gx, g), v) in gx.iter_mut().zip(g).zip(run) {
-                            let x_hat = (f64_of(*v) - mean[c]) * inv_std[c];
-                            *gx += of_f64::<St::F>(k * (f64_of(*g) - a - x_hat * s));
+                par_rows(
+                    g_x,
+                    hw,
+                    #[inline(always)]
+                    |i0, rows| {
+                        for (i, gx) in rows.chunks_exact_mut(hw).enumerate() {
+                            let (i, c) = (i0 + i, (i0 + i) % C);
+                            let (g, run) = (&g_o[i * hw..][..hw], &xs[i * hw..][..hw]);
+                            let k = ws[c] * inv_std[c];
+                            let (a, s) = match batch {
+                                Some(n) => (db[c] / n as f64, dw[c] / n as f64),
+                                None => (0.0, 0.0),
+                            };
+                            for ((gx, g), v) in gx.iter_mut().zip(g).zip(run) {
+                                let x_hat = (f64_of(*v) - mean[c]) * inv_std[c];
+                                *gx += of_f64::<St::F>(k * (f64_of(*g) - a - x_hat * s));
+                            }
                         }
-                    }
-                });
+                    },
+                );
             });
             for (t, sums) in [(&w, dw), (&b, db)] {
                 let g = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(t)?).expect(CPU));

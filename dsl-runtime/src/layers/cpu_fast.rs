@@ -109,6 +109,7 @@ pub(crate) fn both_paths(mut f: impl FnMut(&str)) {
 
 /// `Σ f(a[i], b[i])` in `f64`, in eight independent partial sums: one running sum is a chain
 /// of dependent additions that the compiler may not reorder; eight of them vectorise.
+#[inline(always)]
 pub(crate) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -123,6 +124,22 @@ pub(crate) fn sum8<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// The largest value of `v` (NaN ignored, as `Float::max` ignores it; −∞ when `v` is empty),
+/// in eight independent running maxima, for the reason [`sum8`] keeps eight sums. A maximum is
+/// exact, so the grouping does not change the result.
+#[inline(always)]
+pub(crate) fn max8<F: num_traits::Float>(v: &[F]) -> F {
+    let mut acc = [F::neg_infinity(); 8];
+    let chunks = v.chunks_exact(8);
+    let tail = (chunks.remainder().iter()).fold(F::neg_infinity(), |a, &b| a.max(b));
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] = acc[k].max(x[k]);
+        }
+    }
+    acc.iter().fold(tail, |a, &b| a.max(b))
+}
+
 /// Elements one rayon task of a fused kernel works on: below this, handing rows to another
 /// thread costs more than it saves, and the whole tensor runs on the calling thread.
 pub(crate) const TASK_ELEMS: usize = 1 << 15;
@@ -131,7 +148,7 @@ pub(crate) const TASK_ELEMS: usize = 1 << 15;
 /// `row_len` elements), on rayon's pool (sized by `RAYON_NUM_THREADS`) when there is more than
 /// one chunk, and returns what each chunk returned, in row order. The chunks depend only on the
 /// sizes, never on the number of threads, so sums over the results are the same bits whatever
-/// the pool.
+/// the pool. Each chunk runs under [`simd`], as in [`for_chunks`] and [`for_chunks2`].
 pub(crate) fn par_rows<B: Send, R: Send>(
     out: &mut [B],
     row_len: usize,
@@ -142,11 +159,19 @@ pub(crate) fn par_rows<B: Send, R: Send>(
     let rows_per_task = (TASK_ELEMS / row_len).max(1);
     let chunk = rows_per_task * row_len;
     if out.len() <= chunk {
-        return vec![f(0, out)];
+        return vec![simd(
+            #[inline(always)]
+            || f(0, out),
+        )];
     }
     out.par_chunks_mut(chunk)
         .enumerate()
-        .map(|(i, c)| f(i * rows_per_task, c))
+        .map(|(i, c)| {
+            simd(
+                #[inline(always)]
+                || f(i * rows_per_task, c),
+            )
+        })
         .collect()
 }
 
@@ -156,10 +181,32 @@ pub(crate) fn par_rows<B: Send, R: Send>(
 pub(crate) fn for_chunks<A: Send>(a: &mut [A], len: usize, f: impl Fn(usize, &mut [A]) + Sync) {
     use rayon::prelude::*;
     if rayon::current_num_threads() > 1 {
-        a.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+        a.par_chunks_mut(len).enumerate().for_each(|(i, c)| {
+            simd(
+                #[inline(always)]
+                || f(i, c),
+            )
+        });
     } else {
-        a.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+        a.chunks_mut(len).enumerate().for_each(|(i, c)| {
+            simd(
+                #[inline(always)]
+                || f(i, c),
+            )
+        });
     }
+}
+
+/// `f()` compiled again for AVX-512 and for AVX2 (with FMA), and run as the best this CPU has
+/// (`pulp`'s run-time dispatch; the binary itself targets plain x86-64, SSE2). The loops
+/// inlined into `f` are then vectorised 16 or 8 `f32` wide instead of 4: GELU on one thread
+/// ran 2.1× faster, softmax 1.5×. Only what is inlined gains, so the kernels mark the
+/// closures they pass to [`par_rows`] and the `for_chunks` family `#[inline(always)]`. The
+/// results are the same bits: Rust never contracts a product and a sum into an FMA, and the
+/// sums keep their order.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
 }
 
 /// [`for_chunks`] with scratch space: `f(scratch, i, chunk)`, each `scratch` made by `init`
@@ -195,11 +242,21 @@ pub(crate) fn for_chunks2<A: Send, B: Send>(
     if rayon::current_num_threads() > 1 {
         (a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)))
             .enumerate()
-            .for_each(|(i, (a, b))| f(i, a, b));
+            .for_each(|(i, (a, b))| {
+                simd(
+                    #[inline(always)]
+                    || f(i, a, b),
+                )
+            });
     } else {
         (a.chunks_mut(a_len).zip(b.chunks_mut(b_len)))
             .enumerate()
-            .for_each(|(i, (a, b))| f(i, a, b));
+            .for_each(|(i, (a, b))| {
+                simd(
+                    #[inline(always)]
+                    || f(i, a, b),
+                )
+            });
     }
 }
 
@@ -300,17 +357,23 @@ impl HalfSlice for half::bf16 {
 /// `src` widened to `f32`, a block per task of rayon's pool.
 pub(crate) fn widened<H: HalfSlice>(src: &[H]) -> Vec<f32> {
     let mut out = vec![0.0f32; src.len()];
-    for_chunks(&mut out, TASK_ELEMS, |i, o| {
-        H::widen(&src[i * TASK_ELEMS..][..o.len()], o)
-    });
+    for_chunks(
+        &mut out,
+        TASK_ELEMS,
+        #[inline(always)]
+        |i, o| H::widen(&src[i * TASK_ELEMS..][..o.len()], o),
+    );
     out
 }
 
 /// `dst[i] = src[i]` rounded to nearest, a block per task of rayon's pool.
 pub(crate) fn narrow_into<H: HalfSlice>(src: &[f32], dst: &mut [H]) {
-    for_chunks(dst, TASK_ELEMS, |i, d| {
-        H::narrow(&src[i * TASK_ELEMS..][..d.len()], d)
-    });
+    for_chunks(
+        dst,
+        TASK_ELEMS,
+        #[inline(always)]
+        |i, d| H::narrow(&src[i * TASK_ELEMS..][..d.len()], d),
+    );
 }
 
 /// `v` in `f64`, exactly (the arithmetic types are `f32` and `f64`).
@@ -351,12 +414,17 @@ pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
     /// exactly `half`'s `+=`, which also adds in `f32` and rounds once, with the conversions
     /// done a block at a time rather than one value at a time.
     fn add_assign_all(dst: &mut [Self], src: &[Self]) {
-        for_chunks(dst, TASK_ELEMS, |i, d| {
-            let s = Self::compute(&src[i * TASK_ELEMS..][..d.len()]);
-            Self::accumulate(d, |d| {
-                d.iter_mut().zip(s.iter()).for_each(|(d, &v)| *d += v)
-            });
-        });
+        for_chunks(
+            dst,
+            TASK_ELEMS,
+            #[inline(always)]
+            |i, d| {
+                let s = Self::compute(&src[i * TASK_ELEMS..][..d.len()]);
+                Self::accumulate(d, |d| {
+                    d.iter_mut().zip(s.iter()).for_each(|(d, &v)| *d += v)
+                });
+            },
+        );
     }
 }
 
@@ -428,6 +496,48 @@ pub(crate) fn assert_rounded_once(name: &str, got: &[Vec<f64>], want: &[Vec<f64>
 #[cfg(test)]
 mod tests {
     use super::HalfSlice;
+
+    /// `max8` is the maximum `fold` gives, for every length around its blocks of eight, with
+    /// NaNs ignored and −∞ for nothing.
+    #[test]
+    fn max8_is_the_maximum_ignoring_nan() {
+        let values: Vec<f32> = (0..40).map(|i| ((i * 37) % 23) as f32 - 11.5).collect();
+        for n in 0..values.len() {
+            let v = &values[..n];
+            let want = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(super::max8(v).to_bits(), want.to_bits(), "length {n}");
+        }
+        let mut v = values.clone();
+        v[3] = f32::NAN;
+        v[17] = f32::NAN;
+        let want = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        assert!(!want.is_nan() && want > 10.0);
+        assert_eq!(super::max8(&v), want);
+        assert_eq!(super::max8::<f64>(&[]), f64::NEG_INFINITY);
+    }
+
+    /// A loop run under `simd` (AVX-512 or AVX2 where the CPU has them) gives the same bits as
+    /// the same arithmetic outside it: wider vectors, no fused multiply-adds.
+    #[test]
+    fn simd_changes_no_bits() {
+        use crate::layers::Real;
+        let x: Vec<f32> = (0..10_000).map(|i| (i as f32 - 5000.0) * 1.7e-3).collect();
+        #[inline(always)]
+        fn f(v: f32) -> f32 {
+            0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh_())
+        }
+        let plain: Vec<u32> = x
+            .iter()
+            .map(|&v| std::hint::black_box(f(v)).to_bits())
+            .collect();
+        let mut wide = x.clone();
+        super::simd(
+            #[inline(always)]
+            || wide.iter_mut().for_each(|v| *v = f(*v)),
+        );
+        let wide: Vec<u32> = wide.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(plain, wide);
+    }
 
     /// The branch-free `bf16` conversions equal `half`'s, over a spread of bit patterns that
     /// covers ties, both signs, subnormals, infinities and NaNs.

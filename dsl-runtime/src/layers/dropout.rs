@@ -106,18 +106,23 @@ impl<const P: usize, S: Shape, E: Dtype, D: Device<E> + TensorFromVec<E>, T: Tap
 fn mask_values<E: Dtype>(n: usize, seed: u64, p: f64, keep: E) -> Vec<E> {
     let below = (p * 4_294_967_296.0).round() as u64;
     let mut mask = filled(n, E::default());
-    for_chunks(&mut mask, TASK_ELEMS, |i, block| {
-        let mut rng =
-            SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for pair in block.chunks_mut(2) {
-            let bits = rng.next_u64();
-            for (m, half) in pair.iter_mut().zip([bits & 0xFFFF_FFFF, bits >> 32]) {
-                if half >= below {
-                    *m = keep;
+    for_chunks(
+        &mut mask,
+        TASK_ELEMS,
+        #[inline(always)]
+        |i, block| {
+            let mut rng =
+                SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for pair in block.chunks_mut(2) {
+                let bits = rng.next_u64();
+                for (m, half) in pair.iter_mut().zip([bits & 0xFFFF_FFFF, bits >> 32]) {
+                    if half >= below {
+                        *m = keep;
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     mask
 }
 
@@ -132,9 +137,14 @@ fn dropout_cpu<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let (x, mut tape) = x.try_reshape_like(&shape)?.split_tape();
     let mut out = filled(shape.num_elements(), E::default());
     x.copy_into(&mut out);
-    par_rows(&mut out, 1, |i0, out| {
-        out.iter_mut().zip(&mask[i0..]).for_each(|(y, &m)| *y *= m);
-    });
+    par_rows(
+        &mut out,
+        1,
+        #[inline(always)]
+        |i0, out| {
+            out.iter_mut().zip(&mask[i0..]).for_each(|(y, &m)| *y *= m);
+        },
+    );
     let out = x.device().try_tensor_from_vec(out, shape)?;
     if T::OWNS_TAPE {
         let (x, out_ghost) = (x.ghost(), out.ghost());
@@ -142,10 +152,15 @@ fn dropout_cpu<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
             let g_out =
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
             let g_x = cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU);
-            par_rows(g_x, 1, |i0, g_x| {
-                let each = g_x.iter_mut().zip(&g_out[i0..]).zip(&mask[i0..]);
-                each.for_each(|((gx, &g), &m)| *gx += g * m);
-            });
+            par_rows(
+                g_x,
+                1,
+                #[inline(always)]
+                |i0, g_x| {
+                    let each = g_x.iter_mut().zip(&g_out[i0..]).zip(&mask[i0..]);
+                    each.for_each(|((gx, &g), &m)| *gx += g * m);
+                },
+            );
             *cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU) = g_out;
             Ok(())
         });

@@ -171,6 +171,7 @@ impl<F: Real + Gemm> Core<F> {
             blk.n * blk.t,
             &mut out,
             blk.n * blk.hv,
+            #[inline(always)]
             |i, p, o| {
                 let scores = MatMut::from_row_major_slice_mut(p, blk.n, blk.t);
                 let (qb, kb) = (block(qs, i, blk.n, blk.hd), block(ks, i, blk.t, blk.hd));
@@ -197,41 +198,58 @@ impl<F: Real + Gemm> Core<F> {
     /// becomes `dS` in place.
     fn backward_v(&self, p: &mut [F], go: &[F], vs: &[F], g_v: &mut [F], accum: Accum) {
         let blk = self.blk;
-        for_chunks2(g_v, blk.t * blk.hv, p, blk.n * blk.t, |i, gv, p| {
-            let gob = block(go, i, blk.n, blk.hv);
-            let weights = MatRef::from_row_major_slice(p, blk.n, blk.t);
-            let gv = MatMut::from_row_major_slice_mut(gv, blk.t, blk.hv);
-            matmul(gv, accum, weights.transpose(), gob, F::one_impl(), Par::Seq);
-            let mut dp = vec![F::zero(); blk.n * blk.t];
-            let dpm = MatMut::from_row_major_slice_mut(&mut dp, blk.n, blk.t);
-            let vb = block(vs, i, blk.t, blk.hv);
-            let replace = Accum::Replace;
-            matmul(dpm, replace, gob, vb.transpose(), F::one_impl(), Par::Seq);
-            let rows = p.chunks_exact_mut(blk.t).zip(dp.chunks_exact(blk.t));
-            for (r, (y, dp)) in rows.enumerate() {
-                softmax_backward_row(y, dp, self.empty(i, r));
-            }
-        });
+        for_chunks2(
+            g_v,
+            blk.t * blk.hv,
+            p,
+            blk.n * blk.t,
+            #[inline(always)]
+            |i, gv, p| {
+                let gob = block(go, i, blk.n, blk.hv);
+                let weights = MatRef::from_row_major_slice(p, blk.n, blk.t);
+                let gv = MatMut::from_row_major_slice_mut(gv, blk.t, blk.hv);
+                matmul(gv, accum, weights.transpose(), gob, F::one_impl(), Par::Seq);
+                let mut dp = vec![F::zero(); blk.n * blk.t];
+                let dpm = MatMut::from_row_major_slice_mut(&mut dp, blk.n, blk.t);
+                let vb = block(vs, i, blk.t, blk.hv);
+                let replace = Accum::Replace;
+                matmul(dpm, replace, gob, vb.transpose(), F::one_impl(), Par::Seq);
+                let rows = p.chunks_exact_mut(blk.t).zip(dp.chunks_exact(blk.t));
+                for (r, (y, dp)) in rows.enumerate() {
+                    softmax_backward_row(y, dp, self.empty(i, r));
+                }
+            },
+        );
     }
 
     /// `dQ (accum) s·dS K` into `g_q`.
     fn backward_q(&self, ds: &[F], ks: &[F], g_q: &mut [F], accum: Accum) {
         let blk = self.blk;
-        for_chunks(g_q, blk.n * blk.hd, |i, gq| {
-            let gq = MatMut::from_row_major_slice_mut(gq, blk.n, blk.hd);
-            let (dsb, kb) = (block(ds, i, blk.n, blk.t), block(ks, i, blk.t, blk.hd));
-            matmul(gq, accum, dsb, kb, self.scale, Par::Seq);
-        });
+        for_chunks(
+            g_q,
+            blk.n * blk.hd,
+            #[inline(always)]
+            |i, gq| {
+                let gq = MatMut::from_row_major_slice_mut(gq, blk.n, blk.hd);
+                let (dsb, kb) = (block(ds, i, blk.n, blk.t), block(ks, i, blk.t, blk.hd));
+                matmul(gq, accum, dsb, kb, self.scale, Par::Seq);
+            },
+        );
     }
 
     /// `dK (accum) s·dSᵀ Q` into `g_k`.
     fn backward_k(&self, ds: &[F], qs: &[F], g_k: &mut [F], accum: Accum) {
         let blk = self.blk;
-        for_chunks(g_k, blk.t * blk.hd, |i, gk| {
-            let gk = MatMut::from_row_major_slice_mut(gk, blk.t, blk.hd);
-            let (dsb, qb) = (block(ds, i, blk.n, blk.t), block(qs, i, blk.n, blk.hd));
-            matmul(gk, accum, dsb.transpose(), qb, self.scale, Par::Seq);
-        });
+        for_chunks(
+            g_k,
+            blk.t * blk.hd,
+            #[inline(always)]
+            |i, gk| {
+                let gk = MatMut::from_row_major_slice_mut(gk, blk.t, blk.hd);
+                let (dsb, qb) = (block(ds, i, blk.n, blk.t), block(qs, i, blk.n, blk.hd));
+                matmul(gk, accum, dsb.transpose(), qb, self.scale, Par::Seq);
+            },
+        );
     }
 }
 
@@ -471,13 +489,18 @@ fn stack<F: Copy + Default + Send + Sync>(
 ) -> Vec<F> {
     let batch = src.len() / (rows * cols.width);
     let mut out = filled(batch * heads * rows * w, F::default());
-    for_chunks(&mut out, rows * w, |i, blk| {
-        let (b, h) = (i / heads, i % heads);
-        for (r, row) in blk.chunks_exact_mut(w).enumerate() {
-            let at = (b * rows + r) * cols.width + cols.offset + h * w;
-            row.copy_from_slice(&src[at..][..w]);
-        }
-    });
+    for_chunks(
+        &mut out,
+        rows * w,
+        #[inline(always)]
+        |i, blk| {
+            let (b, h) = (i / heads, i % heads);
+            for (r, row) in blk.chunks_exact_mut(w).enumerate() {
+                let at = (b * rows + r) * cols.width + cols.offset + h * w;
+                row.copy_from_slice(&src[at..][..w]);
+            }
+        },
+    );
     out
 }
 
@@ -490,15 +513,20 @@ fn unstack_add<F: Real>(
     rows: usize,
     w: usize,
 ) {
-    for_chunks(dst, rows * cols.width, |b, m| {
-        for (r, row) in m.chunks_exact_mut(cols.width).enumerate() {
-            let row = &mut row[cols.offset..][..heads * w];
-            for (h, dst) in row.chunks_exact_mut(w).enumerate() {
-                let src = &stacked[((b * heads + h) * rows + r) * w..][..w];
-                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + s);
+    for_chunks(
+        dst,
+        rows * cols.width,
+        #[inline(always)]
+        |b, m| {
+            for (r, row) in m.chunks_exact_mut(cols.width).enumerate() {
+                let row = &mut row[cols.offset..][..heads * w];
+                for (h, dst) in row.chunks_exact_mut(w).enumerate() {
+                    let src = &stacked[((b * heads + h) * rows + r) * w..][..w];
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + s);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// One row of the softmax's backward pass, in place over the weights `y`:

@@ -269,10 +269,15 @@ fn linear_cpu<S: Stored, Iw: Dim, Ow: Dim, E: Dtype, D: Device<E>, T: Tape<E, D>
         // Row copies on the pool: a `cycle()` iterator wrote one element at a time on the
         // calling thread, a tenth of a BERT step's serial time.
         if o > 0 {
-            par_rows(&mut y, o, |_, rows| {
-                rows.chunks_exact_mut(o)
-                    .for_each(|r| r.copy_from_slice(&bs));
-            });
+            par_rows(
+                &mut y,
+                o,
+                #[inline(always)]
+                |_, rows| {
+                    rows.chunks_exact_mut(o)
+                        .for_each(|r| r.copy_from_slice(&bs));
+                },
+            );
         }
     }
     let accum = if b.is_some() {

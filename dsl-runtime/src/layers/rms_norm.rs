@@ -156,19 +156,25 @@ fn rms_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, T:
     } else {
         Vec::new()
     };
-    let inv_rms: Vec<Vec<f64>> = par_rows(&mut out, M, |_, out| {
-        let mut inv_rms = Vec::with_capacity(out.len() / M);
-        St::accumulate(out, |out| {
-            for y in out.chunks_exact_mut(M) {
-                let r = 1.0 / (sum8(y, y, |a, b| f64_of(*a) * f64_of(*b)) / M as f64 + eps).sqrt();
-                for (y, w) in y.iter_mut().zip(&ws) {
-                    *y = of_f64(f64_of(*y) * r * w);
+    let inv_rms: Vec<Vec<f64>> = par_rows(
+        &mut out,
+        M,
+        #[inline(always)]
+        |_, out| {
+            let mut inv_rms = Vec::with_capacity(out.len() / M);
+            St::accumulate(out, |out| {
+                for y in out.chunks_exact_mut(M) {
+                    let r =
+                        1.0 / (sum8(y, y, |a, b| f64_of(*a) * f64_of(*b)) / M as f64 + eps).sqrt();
+                    for (y, w) in y.iter_mut().zip(&ws) {
+                        *y = of_f64(f64_of(*y) * r * w);
+                    }
+                    inv_rms.push(r);
                 }
-                inv_rms.push(r);
-            }
-        });
-        inv_rms
-    });
+            });
+            inv_rms
+        },
+    );
     let out = x.device().try_tensor_from_vec(cast::<St, E>(out), shape)?;
     if T::OWNS_TAPE {
         let inv_rms: Vec<f64> = inv_rms.into_iter().flatten().collect();
@@ -180,26 +186,31 @@ fn rms_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, T:
                 std::mem::take(cpu_vec::<E, D>(grads.get_or_alloc_mut(&out_ghost)?).expect(CPU));
             let g_o: &Vec<St> = (&g_out as &dyn Any).downcast_ref().expect(CPU);
             let g_x = as_f::<E, St>(cpu_vec::<E, D>(grads.get_or_alloc_mut(&x)?).expect(CPU));
-            let partial = par_rows(g_x, M, |row0, g_x| {
-                let mut g_w = vec![0.0f64; M];
-                let span = row0 * M..row0 * M + g_x.len();
-                let (xs, g_o) = (St::compute(&xs[span.clone()]), St::compute(&g_o[span]));
-                St::accumulate(g_x, |g_x| {
-                    let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
-                    let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&inv_rms[row0..]);
-                    for (((row, g), gx), &r) in each {
-                        let dot = sum3(row, g, &ws);
-                        let c = r * r * r * dot / M as f64;
-                        let each = gx.iter_mut().zip(row).zip(g).zip(&ws).zip(g_w.iter_mut());
-                        for ((((gx, v), g), w), gw) in each {
-                            let (v, g) = (f64_of(*v), f64_of(*g));
-                            *gx += of_f64::<St::F>(r * g * w - v * c);
-                            *gw += g * v * r;
+            let partial = par_rows(
+                g_x,
+                M,
+                #[inline(always)]
+                |row0, g_x| {
+                    let mut g_w = vec![0.0f64; M];
+                    let span = row0 * M..row0 * M + g_x.len();
+                    let (xs, g_o) = (St::compute(&xs[span.clone()]), St::compute(&g_o[span]));
+                    St::accumulate(g_x, |g_x| {
+                        let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
+                        let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&inv_rms[row0..]);
+                        for (((row, g), gx), &r) in each {
+                            let dot = sum3(row, g, &ws);
+                            let c = r * r * r * dot / M as f64;
+                            let each = gx.iter_mut().zip(row).zip(g).zip(&ws).zip(g_w.iter_mut());
+                            for ((((gx, v), g), w), gw) in each {
+                                let (v, g) = (f64_of(*v), f64_of(*g));
+                                *gx += of_f64::<St::F>(r * g * w - v * c);
+                                *gw += g * v * r;
+                            }
                         }
-                    }
-                });
-                g_w
-            });
+                    });
+                    g_w
+                },
+            );
             let mut g_w = vec![0.0f64; M];
             for p in partial {
                 g_w.iter_mut().zip(p).for_each(|(a, b)| *a += b);
