@@ -441,6 +441,7 @@ macro_rules! stored_as_is {
             fn stored(v: Vec<Self>) -> Vec<Self> {
                 v
             }
+            #[inline(always)]
             fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [Self])) {
                 f(dst)
             }
@@ -465,6 +466,7 @@ macro_rules! stored_widened {
                 narrow_into(&v, &mut out);
                 out
             }
+            #[inline(always)]
             fn accumulate(dst: &mut [Self], f: impl FnOnce(&mut [f32])) {
                 let mut acc = widened(dst);
                 f(&mut acc);

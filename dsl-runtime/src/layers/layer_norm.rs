@@ -180,17 +180,22 @@ fn layer_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, 
         #[inline(always)]
         |_, out| {
             let mut stats = Vec::with_capacity(out.len() / M);
-            St::accumulate(out, |out| {
-                for y in out.chunks_exact_mut(M) {
-                    let mu = sum8(y, y, |v, _| f64_of(*v)) / M as f64;
-                    let var = sum8(y, y, |v, _| (f64_of(*v) - mu) * (f64_of(*v) - mu)) / M as f64;
-                    let r = 1.0 / (var + eps).sqrt();
-                    for ((y, w), b) in y.iter_mut().zip(&ws).zip(&bs) {
-                        *y = of_f64((f64_of(*y) - mu) * r * w + b);
+            St::accumulate(
+                out,
+                #[inline(always)]
+                |out| {
+                    for y in out.chunks_exact_mut(M) {
+                        let mu = sum8(y, y, |v, _| f64_of(*v)) / M as f64;
+                        let var =
+                            sum8(y, y, |v, _| (f64_of(*v) - mu) * (f64_of(*v) - mu)) / M as f64;
+                        let r = 1.0 / (var + eps).sqrt();
+                        for ((y, w), b) in y.iter_mut().zip(&ws).zip(&bs) {
+                            *y = of_f64((f64_of(*y) - mu) * r * w + b);
+                        }
+                        stats.push((mu, r));
                     }
-                    stats.push((mu, r));
-                }
-            });
+                },
+            );
             stats
         },
     );
@@ -214,27 +219,31 @@ fn layer_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, 
                     let mut h = vec![0.0f64; M];
                     let span = row0 * M..row0 * M + g_x.len();
                     let (xs, g_o) = (St::compute(&xs[span.clone()]), St::compute(&g_o[span]));
-                    St::accumulate(g_x, |g_x| {
-                        let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
-                        let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&stats[row0..]);
-                        for (((row, g), gx), &(mu, r)) in each {
-                            for ((h, g), w) in h.iter_mut().zip(g).zip(&ws) {
-                                *h = f64_of(*g) * w;
+                    St::accumulate(
+                        g_x,
+                        #[inline(always)]
+                        |g_x| {
+                            let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
+                            let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&stats[row0..]);
+                            for (((row, g), gx), &(mu, r)) in each {
+                                for ((h, g), w) in h.iter_mut().zip(g).zip(&ws) {
+                                    *h = f64_of(*g) * w;
+                                }
+                                let h_mean = sum8(&h, &h, |h, _| *h) / M as f64;
+                                let hx_mean =
+                                    sum8(&h, row, |h, v| h * (f64_of(*v) - mu) * r) / M as f64;
+                                let all = gx.iter_mut().zip(row).zip(g).zip(&h);
+                                for ((((gx, v), g), h), (gw, gb)) in
+                                    all.zip(g_w.iter_mut().zip(&mut g_b))
+                                {
+                                    let x_hat = (f64_of(*v) - mu) * r;
+                                    *gx += of_f64::<St::F>(r * (h - h_mean - x_hat * hx_mean));
+                                    *gw += f64_of(*g) * x_hat;
+                                    *gb += f64_of(*g);
+                                }
                             }
-                            let h_mean = sum8(&h, &h, |h, _| *h) / M as f64;
-                            let hx_mean =
-                                sum8(&h, row, |h, v| h * (f64_of(*v) - mu) * r) / M as f64;
-                            let all = gx.iter_mut().zip(row).zip(g).zip(&h);
-                            for ((((gx, v), g), h), (gw, gb)) in
-                                all.zip(g_w.iter_mut().zip(&mut g_b))
-                            {
-                                let x_hat = (f64_of(*v) - mu) * r;
-                                *gx += of_f64::<St::F>(r * (h - h_mean - x_hat * hx_mean));
-                                *gw += f64_of(*g) * x_hat;
-                                *gb += f64_of(*g);
-                            }
-                        }
-                    });
+                        },
+                    );
                     (g_w, g_b)
                 },
             );

@@ -162,16 +162,20 @@ fn rms_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, T:
         #[inline(always)]
         |_, out| {
             let mut inv_rms = Vec::with_capacity(out.len() / M);
-            St::accumulate(out, |out| {
-                for y in out.chunks_exact_mut(M) {
-                    let r =
-                        1.0 / (sum8(y, y, |a, b| f64_of(*a) * f64_of(*b)) / M as f64 + eps).sqrt();
-                    for (y, w) in y.iter_mut().zip(&ws) {
-                        *y = of_f64(f64_of(*y) * r * w);
+            St::accumulate(
+                out,
+                #[inline(always)]
+                |out| {
+                    for y in out.chunks_exact_mut(M) {
+                        let r = 1.0
+                            / (sum8(y, y, |a, b| f64_of(*a) * f64_of(*b)) / M as f64 + eps).sqrt();
+                        for (y, w) in y.iter_mut().zip(&ws) {
+                            *y = of_f64(f64_of(*y) * r * w);
+                        }
+                        inv_rms.push(r);
                     }
-                    inv_rms.push(r);
-                }
-            });
+                },
+            );
             inv_rms
         },
     );
@@ -194,20 +198,25 @@ fn rms_norm_cpu<St: Stored, const M: usize, S: Shape, E: Dtype, D: Device<E>, T:
                     let mut g_w = vec![0.0f64; M];
                     let span = row0 * M..row0 * M + g_x.len();
                     let (xs, g_o) = (St::compute(&xs[span.clone()]), St::compute(&g_o[span]));
-                    St::accumulate(g_x, |g_x| {
-                        let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
-                        let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&inv_rms[row0..]);
-                        for (((row, g), gx), &r) in each {
-                            let dot = sum3(row, g, &ws);
-                            let c = r * r * r * dot / M as f64;
-                            let each = gx.iter_mut().zip(row).zip(g).zip(&ws).zip(g_w.iter_mut());
-                            for ((((gx, v), g), w), gw) in each {
-                                let (v, g) = (f64_of(*v), f64_of(*g));
-                                *gx += of_f64::<St::F>(r * g * w - v * c);
-                                *gw += g * v * r;
+                    St::accumulate(
+                        g_x,
+                        #[inline(always)]
+                        |g_x| {
+                            let rows = xs.chunks_exact(M).zip(g_o.chunks_exact(M));
+                            let each = rows.zip(g_x.chunks_exact_mut(M)).zip(&inv_rms[row0..]);
+                            for (((row, g), gx), &r) in each {
+                                let dot = sum3(row, g, &ws);
+                                let c = r * r * r * dot / M as f64;
+                                let each =
+                                    gx.iter_mut().zip(row).zip(g).zip(&ws).zip(g_w.iter_mut());
+                                for ((((gx, v), g), w), gw) in each {
+                                    let (v, g) = (f64_of(*v), f64_of(*g));
+                                    *gx += of_f64::<St::F>(r * g * w - v * c);
+                                    *gw += g * v * r;
+                                }
                             }
-                        }
-                    });
+                        },
+                    );
                     g_w
                 },
             );
