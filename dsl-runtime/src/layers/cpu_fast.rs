@@ -204,9 +204,23 @@ pub(crate) fn for_chunks<A: Send>(a: &mut [A], len: usize, f: impl Fn(usize, &mu
 /// closures they pass to [`par_rows`] and the `for_chunks` family `#[inline(always)]`. The
 /// results are the same bits: Rust never contracts a product and a sum into an FMA, and the
 /// sums keep their order.
+///
+/// Builds with debug assertions (the dev and test profiles) call `f` directly: every marked
+/// closure is otherwise compiled three times in every crate that instantiates the kernel, and
+/// the test build of the workspace took 3 minutes longer for a speed no test needs. Release
+/// and bench builds dispatch; `simd_changes_no_bits` checks the dispatched arithmetic in any
+/// profile.
+#[cfg(not(debug_assertions))]
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
+}
+
+/// [`simd`] in builds with debug assertions: `f()`.
+#[cfg(debug_assertions)]
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// [`for_chunks`] with scratch space: `f(scratch, i, chunk)`, each `scratch` made by `init`
@@ -518,8 +532,9 @@ mod tests {
         assert_eq!(super::max8::<f64>(&[]), f64::NEG_INFINITY);
     }
 
-    /// A loop run under `simd` (AVX-512 or AVX2 where the CPU has them) gives the same bits as
-    /// the same arithmetic outside it: wider vectors, no fused multiply-adds.
+    /// A loop run under pulp's dispatch (AVX-512 or AVX2 where the CPU has them), as `simd`
+    /// runs the kernels in release builds, gives the same bits as the same arithmetic outside
+    /// it: wider vectors, no fused multiply-adds.
     #[test]
     fn simd_changes_no_bits() {
         use crate::layers::Real;
@@ -533,7 +548,8 @@ mod tests {
             .map(|&v| std::hint::black_box(f(v)).to_bits())
             .collect();
         let mut wide = x.clone();
-        super::simd(
+        // pulp itself, not `simd`: that dispatches only in release builds.
+        pulp::Arch::new().dispatch(
             #[inline(always)]
             || wide.iter_mut().for_each(|v| *v = f(*v)),
         );

@@ -225,31 +225,21 @@ impl<F: Real + Gemm> Core<F> {
     /// `dQ (accum) s·dS K` into `g_q`.
     fn backward_q(&self, ds: &[F], ks: &[F], g_q: &mut [F], accum: Accum) {
         let blk = self.blk;
-        for_chunks(
-            g_q,
-            blk.n * blk.hd,
-            #[inline(always)]
-            |i, gq| {
-                let gq = MatMut::from_row_major_slice_mut(gq, blk.n, blk.hd);
-                let (dsb, kb) = (block(ds, i, blk.n, blk.t), block(ks, i, blk.t, blk.hd));
-                matmul(gq, accum, dsb, kb, self.scale, Par::Seq);
-            },
-        );
+        for_chunks(g_q, blk.n * blk.hd, |i, gq| {
+            let gq = MatMut::from_row_major_slice_mut(gq, blk.n, blk.hd);
+            let (dsb, kb) = (block(ds, i, blk.n, blk.t), block(ks, i, blk.t, blk.hd));
+            matmul(gq, accum, dsb, kb, self.scale, Par::Seq);
+        });
     }
 
     /// `dK (accum) s·dSᵀ Q` into `g_k`.
     fn backward_k(&self, ds: &[F], qs: &[F], g_k: &mut [F], accum: Accum) {
         let blk = self.blk;
-        for_chunks(
-            g_k,
-            blk.t * blk.hd,
-            #[inline(always)]
-            |i, gk| {
-                let gk = MatMut::from_row_major_slice_mut(gk, blk.t, blk.hd);
-                let (dsb, qb) = (block(ds, i, blk.n, blk.t), block(qs, i, blk.n, blk.hd));
-                matmul(gk, accum, dsb.transpose(), qb, self.scale, Par::Seq);
-            },
-        );
+        for_chunks(g_k, blk.t * blk.hd, |i, gk| {
+            let gk = MatMut::from_row_major_slice_mut(gk, blk.t, blk.hd);
+            let (dsb, qb) = (block(ds, i, blk.n, blk.t), block(qs, i, blk.n, blk.hd));
+            matmul(gk, accum, dsb.transpose(), qb, self.scale, Par::Seq);
+        });
     }
 }
 
