@@ -1567,28 +1567,31 @@ mod tests {
     /// `f16` and `bf16` take the fused path: computed in `f32` from the half values (the
     /// input, weight and bias) and each result rounded once, within one spacing of the `f64`
     /// path on the same values; grouped, so that the weight's blocks are widened in place.
+    /// With 4 input channels through the columns, with 16 (8 per group) through the shifted
+    /// products.
     #[test]
     fn half_convolution_computes_in_f32_and_rounds_once() {
-        half_rounds_once::<half::f16>(2f64.powi(-10));
-        half_rounds_once::<half::bf16>(2f64.powi(-7));
+        half_rounds_once::<half::f16, 4>(2f64.powi(-10));
+        half_rounds_once::<half::bf16, 4>(2f64.powi(-7));
+        half_rounds_once::<half::f16, 16>(2f64.powi(-10));
+        half_rounds_once::<half::bf16, 16>(2f64.powi(-7));
     }
 
-    fn half_rounds_once<H>(spacing: f64)
+    fn half_rounds_once<H, const CI: usize>(spacing: f64)
     where
         H: crate::Elem + num_traits::AsPrimitive<f64>,
         Dev: Device<H>,
         f64: num_traits::AsPrimitive<H>,
     {
-        type C = Conv2d<4, 6, 3, 1, 1, 1, 2>;
         let dev = Dev::seed_from_u64(4);
-        let mut wide = dev.build_module::<C, f64>();
+        let mut wide = dev.build_module::<Conv2d<CI, 6, 3, 1, 1, 1, 2>, f64>();
         wide.weight = wide.weight.clone().to_dtype::<H>().to_dtype::<f64>();
         let bias = wide.bias.take().unwrap();
         wide.bias = Some(bias.to_dtype::<H>().to_dtype::<f64>());
-        let mut narrow = dev.build_module::<C, H>();
+        let mut narrow = dev.build_module::<Conv2d<CI, 6, 3, 1, 1, 1, 2>, H>();
         narrow.weight = wide.weight.clone().to_dtype::<H>();
         narrow.bias = wide.bias.clone().map(|b| b.to_dtype::<H>());
-        let x = image::<4>(&dev, (3, 7, 6))
+        let x = image::<CI>(&dev, (3, 7, 6))
             .to_dtype::<H>()
             .to_dtype::<f64>();
         let c = image::<6>(&dev, (3, 7, 6))
