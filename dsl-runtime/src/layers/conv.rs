@@ -592,22 +592,20 @@ impl Taps for ConvColumns {
 }
 
 impl ConvColumns {
-    /// The source column of each output column for kernel column `v`, `None` in the padding.
-    fn sources(&self, v: usize) -> Vec<Option<usize>> {
-        let w = self.input.3;
-        (0..self.out.1).map(|j| self.win.source(j, v, w)).collect()
-    }
-
-    /// For stride 1 and dilation 1, the output columns `lo..hi` whose sources are inside the
-    /// input, and the source of `lo`: one contiguous copy per output row.
-    fn run(&self, v: usize) -> Option<(usize, usize, usize)> {
-        let (w, ow, p) = (self.input.3, self.out.1, self.win.p);
-        if self.win.s != 1 || self.win.dil != 1 {
-            return None;
-        }
-        let lo = p.saturating_sub(v).min(ow);
-        let hi = (w + p).saturating_sub(v).clamp(lo, ow);
-        Some((lo, hi, lo + v - p.min(lo + v)))
+    /// For kernel column `v`, the output columns `lo..hi` whose sources are inside the input
+    /// (the others are in the padding), and the source of `lo`: output column `lo + j` reads
+    /// input column `x0 + j·S`, one contiguous copy per output row for stride 1.
+    fn run(&self, v: usize) -> (usize, usize, usize) {
+        let (w, ow, win) = (self.input.3, self.out.1, self.win);
+        // Output column `j` reads `j·S + v·DIL − P`: inside from `j·S ≥ P − v·DIL` to
+        // `j·S < W + P − v·DIL`.
+        let reach = v * win.dil;
+        let lo = win.p.saturating_sub(reach).div_ceil(win.s).min(ow);
+        let hi = (w + win.p)
+            .saturating_sub(reach)
+            .div_ceil(win.s)
+            .clamp(lo, ow);
+        (lo, hi, (lo * win.s + reach).saturating_sub(win.p))
     }
 
     /// Whether the columns are the input itself: a 1×1 kernel with stride 1 and no padding.
@@ -633,14 +631,8 @@ impl ConvColumns {
 
     /// Row `(ch, u, v)` of the columns (`B·OH·OW` long) from the input `src`.
     fn fill_row<E: Dtype>(&self, src: &[E], (ch, u, v): (usize, usize, usize), row: &mut [E]) {
-        let ((_, c, h, w), (oh, ow)) = (self.input, self.out);
-        // The per-element sources only where a row is not one contiguous run: this runs once
-        // per row of every entry's columns, and an allocation each time showed in profiles.
-        let run = self.run(v);
-        let cols = match run {
-            Some(_) => Vec::new(),
-            None => self.sources(v),
-        };
+        let ((_, c, h, w), (oh, ow), s) = (self.input, self.out, self.win.s);
+        let (lo, hi, x0) = self.run(v);
         for (bi, image) in row.chunks_exact_mut(oh * ow).enumerate() {
             let plane = &src[(bi * c + ch) * h * w..][..h * w];
             for (i, dst) in image.chunks_exact_mut(ow).enumerate() {
@@ -649,18 +641,14 @@ impl ConvColumns {
                     continue;
                 };
                 let line = &plane[y * w..][..w];
-                match run {
-                    Some((lo, hi, x0)) => {
-                        dst[..lo].fill(E::default());
-                        dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
-                        dst[hi..].fill(E::default());
-                    }
-                    None => {
-                        for (d, x) in dst.iter_mut().zip(&cols) {
-                            *d = x.map_or(E::default(), |x| line[x]);
-                        }
-                    }
+                dst[..lo].fill(E::default());
+                if lo < hi && s == 1 {
+                    dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
+                } else if lo < hi {
+                    let src = line[x0..].iter().step_by(s);
+                    dst[lo..hi].iter_mut().zip(src).for_each(|(d, &x)| *d = x);
                 }
+                dst[hi..].fill(E::default());
             }
         }
     }
@@ -681,30 +669,18 @@ impl ConvColumns {
         for u in 0..k {
             for v in 0..k {
                 let row = &g[((ch * k + u) * k + v) * len..][..len];
-                let run = self.run(v);
-                let cols = match run {
-                    Some(_) => Vec::new(),
-                    None => self.sources(v),
-                };
+                let (lo, hi, x0) = self.run(v);
+                if lo == hi {
+                    continue;
+                }
                 for (image, acc) in row.chunks_exact(oh * ow).zip(acc.chunks_exact_mut(h * w)) {
                     for (i, gs) in image.chunks_exact(ow).enumerate() {
                         let Some(y) = self.win.source(i, u, h) else {
                             continue;
                         };
-                        let line = &mut acc[y * w..][..w];
-                        match run {
-                            Some((lo, hi, x0)) => {
-                                for (a, g) in line[x0..x0 + hi - lo].iter_mut().zip(&gs[lo..hi]) {
-                                    *a += *g;
-                                }
-                            }
-                            None => {
-                                for (x, g) in cols.iter().zip(gs) {
-                                    if let Some(x) = x {
-                                        line[*x] += *g;
-                                    }
-                                }
-                            }
+                        let line = acc[y * w..][..w][x0..].iter_mut().step_by(self.win.s);
+                        for (a, g) in line.zip(&gs[lo..hi]) {
+                            *a += *g;
                         }
                     }
                 }
