@@ -248,4 +248,43 @@ mod tests {
         );
         Ok(())
     }
+
+    /// A rule on generic sizes cannot be decided here: it becomes a const assertion, which the
+    /// compiler evaluates (and reports with this message) when the model is instantiated. The
+    /// build-time failure itself is `ui-tests`' `compile_fail` doctests.
+    #[test]
+    fn generic_size_rules_are_left_for_the_build() -> syn::Result<()> {
+        fn checks(src: &str) -> syn::Result<Vec<(String, String, String)>> {
+            let model: crate::ast::Model = syn::parse_str(src)?;
+            let mut cx = Ctxt::default();
+            let a = crate::check::check(&model, &mut cx);
+            cx.into_result()?;
+            Ok(a.const_checks
+                .iter()
+                .map(|c| (c.lhs.to_string(), c.rhs.to_string(), c.message.clone()))
+                .collect())
+        }
+        assert_eq!(
+            checks(
+                "struct Encoder<const D: usize, const H: usize> {
+                     proj: Linear<D, D>,
+                     attn: SelfAttention<D, H>,
+                 }
+                 forward(x: [B, S, D]) -> [B, S, D];"
+            )?,
+            [(
+                "D".to_string(),
+                "H".to_string(),
+                "layer `attn`: the number of heads `H` must divide the width `D`".to_string()
+            )]
+        );
+        // Known sizes are decided by the macro: nothing is left for the compiler.
+        assert_eq!(
+            checks(
+                "struct E { attn: SelfAttention<12, 4>, } forward(x: [B, S, 12]) -> [B, S, 12];"
+            )?,
+            []
+        );
+        Ok(())
+    }
 }

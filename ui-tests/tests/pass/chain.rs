@@ -10,7 +10,7 @@ model! {
     forward(x: [B, 784]) -> [B, 10];
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let mlp = dev.build_module::<Mlp<32>, f32>();
     let x: Tensor<(usize, Const<784>), f32, _> = dev.zeros_like(&(4, Const));

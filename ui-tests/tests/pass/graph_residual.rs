@@ -14,7 +14,7 @@ model! {
     }
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let block = dev.build_module::<Block<8, 16>, f32>();
     let x: Tensor<(usize, usize, Const<8>), f32, _> = dev.zeros_like(&(2, 5, Const));

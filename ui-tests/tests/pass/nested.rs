@@ -20,7 +20,7 @@ model! {
     }
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let net = dev.build_module::<Net<4>, f32>();
     let x: Tensor<Rank3<2, 7, 3>, f32, _> = dev.zeros();

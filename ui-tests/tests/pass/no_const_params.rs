@@ -13,7 +13,7 @@ model! {
     forward(x: [B, 4, 4]) -> [B, 10];
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let cnn = dev.build_module::<Cnn, f32>();
     let x: Tensor<Rank3<3, 4, 4>, f32, _> = dev.zeros();

@@ -21,11 +21,14 @@ model! {
     forward(x: [B, 3]) -> [B, 2];
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let net = dev.build_module::<Deep<6>, f32>();
     let x: Tensor<Rank2<5, 3>, f32, _> = dev.zeros();
     let y = net.forward(x);
     assert_eq!(y.shape().1, Const::<2>);
-    assert_eq!(Deep::<6>::PARAMS, 3 * 6 + 6 + 4 * (12 + 36 + 6) + 2 * 12 + 6 * 2 + 2);
+    assert_eq!(
+        Deep::<6>::PARAMS,
+        3 * 6 + 6 + 4 * (12 + 36 + 6) + 2 * 12 + 6 * 2 + 2
+    );
 }

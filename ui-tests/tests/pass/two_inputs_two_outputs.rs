@@ -15,7 +15,7 @@ model! {
     }
 }
 
-fn main() {
+pub fn check() {
     let dev = Cpu::default();
     let tt = dev.build_module::<TwoTower, f32>();
     let a: Tensor<(usize, Const<4>), f32, _> = dev.zeros_like(&(6, Const));
