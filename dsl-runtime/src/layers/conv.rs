@@ -642,11 +642,14 @@ impl ConvColumns {
                 };
                 let line = &plane[y * w..][..w];
                 dst[..lo].fill(E::default());
-                if lo < hi && s == 1 {
-                    dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
-                } else if lo < hi {
-                    let src = line[x0..].iter().step_by(s);
-                    dst[lo..hi].iter_mut().zip(src).for_each(|(d, &x)| *d = x);
+                // With no valid column, `x0` may lie past the row.
+                if lo < hi {
+                    if s == 1 {
+                        dst[lo..hi].copy_from_slice(&line[x0..x0 + hi - lo]);
+                    } else {
+                        let src = line[x0..].iter().step_by(s);
+                        dst[lo..hi].iter_mut().zip(src).for_each(|(d, &x)| *d = x);
+                    }
                 }
                 dst[hi..].fill(E::default());
             }
